@@ -1,0 +1,45 @@
+"""dorafit: exact, fast LoRA and DoRA (Weight-Decomposed Low-Rank Adaptation) for any PyTorch model.
+
+    import dorafit
+    cfg = dorafit.AdapterConfig(method="dora", r=8, alpha=16, targets=["q_proj", "v_proj"])
+    dorafit.apply(model, cfg)
+    ...train...
+    dorafit.save_adapter(model, "out/adapter")
+    plain = dorafit.merge_and_unload(model)
+"""
+
+__version__ = "0.1.0"
+
+from .config import AdapterConfig  # noqa: E402
+from .inject import (  # noqa: E402
+    adapted_modules,
+    adapter_state_dict,
+    apply,
+    disabled,
+    get_config,
+    merge,
+    merge_and_unload,
+    trainable_parameter_count,
+    unload,
+    unmerge,
+)
+from .io import AdapterFileError, load_adapter, read_adapter, save_adapter, set_adapter_state_dict  # noqa: E402
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterFileError",
+    "adapted_modules",
+    "adapter_state_dict",
+    "apply",
+    "disabled",
+    "get_config",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "read_adapter",
+    "save_adapter",
+    "set_adapter_state_dict",
+    "trainable_parameter_count",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,214 @@
+"""An adapted layer: the base layer itself, given adapter tensors and a forward that uses them.
+
+:func:`adapt_module` changes the module's class in place to a subclass of its own class (the way
+``torch.nn.utils.parametrize`` does), so ``weight`` and ``bias`` keep their state-dict keys, hooks and
+attributes stay, ``isinstance(module, nn.Linear)`` still holds, and the adapter tensors sit beside them:
+
+    P.weight, P.bias                  the frozen base tensors, unchanged keys
+    P.lora_A, P.lora_B                LoRA factors (shapes as the PEFT library stores them)
+    P.vera_lambda_d, P.vera_lambda_b  VeRA's trainable vectors (its shared A, B are non-persistent buffers)
+    P.magnitude                       DoRA's m, one per output unit, float32
+
+Forward, for a layer with weight W0 [out, in] and the update dW = P Q (see :mod:`dorafit.functional`):
+
+    LoRA, VeRA:      y = W0 x + P Q dropout(x) + b
+    DoRA, DVoRA:     y = (m / n) * (W0 x + P Q dropout(x)) + b,   n = ||W0 + P Q|| per row
+    magnitude-only:  y = (m / ||W0||) * (W0 x) + b
+
+With dropout 0 (or in eval mode) this is exactly the merged layer ``W' x + b`` (bias never scaled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as Fn
+from .layers import LayerOps
+from .magnitude_scale import magnitude_scale
+
+LORA_PARAMS = ("lora_A", "lora_B")
+VERA_PARAMS = ("vera_lambda_d", "vera_lambda_b")
+VERA_BUFFERS = ("vera_A", "vera_B")
+MAGNITUDE_PARAM = "magnitude"
+ADAPTER_PARAMS = LORA_PARAMS + VERA_PARAMS + (MAGNITUDE_PARAM,)
+
+
+def _version_key(*tensors: Tensor) -> tuple:
+    """Changes whenever any tensor is written in place, reallocated or moved."""
+    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+
+@dataclass
+class AdapterState:
+    """Per-layer adapter settings and caches (plain Python, not part of the state dict)."""
+
+    ops: LayerOps
+    base_class: type
+    update: str | None  # "lora", "vera", or None for magnitude-only
+    decomposed: bool
+    scale: float  # LoRA's s (1 for VeRA)
+    dropout: float
+    detach_norm: bool
+    eps: float
+    merged: bool = False
+    disabled: bool = False
+    merge_norm: Tensor | None = None  # n used by the last merge, needed to unmerge
+    merge_lost_rows: tuple[Tensor, Tensor] | None = None  # (row ids, W0 rows) where m == 0 at merge
+    caches: dict = field(default_factory=dict)
+
+
+class AdaptedLayer:
+    """Mixed in before the base layer's class by :func:`adapt_module`; never instantiated directly."""
+
+    dorafit: AdapterState
+
+    # ---- the update's factors and DoRA's norm ------------------------------------------------------
+    def factors(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(P [out, r], Q [r, in])`` of the directional update, or (None, None) for magnitude-only."""
+        st = self.dorafit
+        if st.update == "lora":
+            return Fn.lora_factors(self.lora_A, self.lora_B, st.scale)
+        if st.update == "vera":
+            return Fn.vera_factors(self.vera_A, self.vera_B, self.vera_lambda_d, self.vera_lambda_b)
+        return None, None
+
+    def _update_tensors(self) -> tuple[Tensor, ...]:
+        st = self.dorafit
+        if st.update == "lora":
+            return self.lora_A, self.lora_B
+        if st.update == "vera":
+            return self.vera_A, self.vera_B, self.vera_lambda_d, self.vera_lambda_b
+        return ()
+
+    def base_squared_norms(self) -> Tensor:
+        """``||W0||^2`` per output row, cached until the weight is written to."""
+        w0 = self.dorafit.ops.weight_matrix(self)
+        key = _version_key(self.weight)
+        cached = self.dorafit.caches.get("w0_sq")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, Fn.squared_row_norms(w0))
+            self.dorafit.caches["w0_sq"] = cached
+        return cached[1]
+
+    def weight_norm(self, p: Tensor | None = None, q: Tensor | None = None) -> Tensor:
+        """DoRA's n = ||W0 + P Q|| per output row ([out], float32), from the factored formula.
+
+        Differentiable in P and Q only when ``detach_norm`` is False and grad mode is on. A detached norm is
+        cached until any tensor it depends on changes (so eval-mode forwards compute it once).
+        """
+        st = self.dorafit
+        if p is None and st.update is not None:
+            p, q = self.factors()
+        w0 = st.ops.weight_matrix(self)
+        w0_sq = self.base_squared_norms()
+        if not st.detach_norm and torch.is_grad_enabled() and p is not None and p.requires_grad:
+            return Fn.decomposed_norm(w0_sq, w0, p, q, st.eps)
+        key = _version_key(self.weight, *self._update_tensors())
+        cached = st.caches.get("norm")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, Fn.decomposed_norm(w0_sq, w0, p, q, st.eps))
+            st.caches["norm"] = cached
+        return cached[1]
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        st = self.dorafit
+        if st.merged or st.disabled:
+            return st.base_class.forward(self, x)
+        ops = st.ops
+        x_in = x
+        pre = ops.base(self, x)  # W0 x, no bias
+        p, q = self.factors()
+        if p is not None:
+            if st.dropout and ops.supports_dropout:
+                x = F.dropout(x, st.dropout, self.training)
+            pre = pre + ops.up(self, ops.down(self, x, q), p)  # + P Q x
+        if st.decomposed:
+            n = self.weight_norm(p, q)
+            y = magnitude_scale(pre, self.magnitude, n, getattr(self, "bias", None), ops.channel_dim)
+        else:
+            y = ops.add_bias(self, pre)
+        return ops.finish(self, x_in, y)
+
+    # ---- merge ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the weight: W' = W0 + P Q, or m / n * (W0 + P Q). No-op if merged."""
+        st = self.dorafit
+        if st.merged:
+            return
+        p, q = self.factors()
+        w0 = st.ops.weight_matrix(self)
+        m = self.magnitude if st.decomposed else None
+        n = self.weight_norm(p, q) if st.decomposed else None
+        if m is not None and bool((m == 0).any()):
+            rows = torch.nonzero(m == 0).flatten()
+            st.merge_lost_rows = (rows, w0[rows].clone())
+        st.ops.set_weight_matrix(self, Fn.merged_weight(w0, p, q, m, n))
+        st.merge_norm = n
+        st.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Recover W0 from a merged weight (up to rounding). No-op if not merged."""
+        st = self.dorafit
+        if not st.merged:
+            return
+        p, q = self.factors()
+        w = st.ops.weight_matrix(self)
+        m = self.magnitude if st.decomposed else None
+        w0 = Fn.unmerged_weight(w, p, q, m, st.merge_norm)
+        if st.merge_lost_rows is not None:
+            rows, values = st.merge_lost_rows
+            w0[rows] = values
+        st.ops.set_weight_matrix(self, w0)
+        st.merged, st.merge_norm, st.merge_lost_rows = False, None, None
+
+    def extra_repr(self) -> str:
+        st = self.dorafit
+        kind = {("lora", False): "lora", ("lora", True): "dora", ("vera", False): "vera", ("vera", True): "dvora"}
+        method = kind.get((st.update, st.decomposed), "magnitude-only")
+        return f"{st.base_class.extra_repr(self)}, adapter={method}, merged={st.merged}"
+
+
+_ADAPTED_CLASSES: dict[type, type] = {}
+
+
+def adapted_class(base_class: type) -> type:
+    """The (cached) class ``Adapted<Base>`` = AdaptedLayer + the base layer's class."""
+    if base_class not in _ADAPTED_CLASSES:
+        name = f"Adapted{base_class.__name__}"
+        _ADAPTED_CLASSES[base_class] = type(name, (AdaptedLayer, base_class), {"__module__": __name__})
+    return _ADAPTED_CLASSES[base_class]
+
+
+def is_adapted(module: nn.Module) -> bool:
+    return isinstance(module, AdaptedLayer)
+
+
+def adapt_module(module: nn.Module, state: AdapterState, tensors: dict[str, Tensor], buffers: dict[str, Tensor]) -> None:
+    """Turn ``module`` into an adapted layer in place: register the adapter tensors and swap its class."""
+    for name, value in tensors.items():
+        module.register_parameter(name, nn.Parameter(value, requires_grad=True))
+    for name, value in buffers.items():
+        module.register_buffer(name, value, persistent=False)
+    module.dorafit = state
+    module.__class__ = adapted_class(state.base_class)
+
+
+def strip_module(module: nn.Module) -> None:
+    """Undo :func:`adapt_module` without merging: remove adapter tensors and restore the base class."""
+    st = module.dorafit
+    if st.merged:
+        module.unmerge()
+    for name in ADAPTER_PARAMS + VERA_BUFFERS:
+        if hasattr(module, name):
+            delattr(module, name)
+    module.__class__ = st.base_class
+    del module.dorafit

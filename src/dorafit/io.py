@@ -1,0 +1,169 @@
+"""Save and load adapters: a folder with ``adapter_config.json`` and ``adapter.safetensors``.
+
+The tensors file holds only adapter tensors (and the extra trainable modules'), keyed by the model's own
+state-dict keys. The config file holds the adapter config (targets resolved to the adapted module names),
+each adapted module's weight shape, VeRA fingerprints, and the SHA-256 of the tensors file, so a folder
+whose two files come from different saves is refused. Both files are written atomically (tensors first,
+config last). Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import Tensor, nn
+
+from . import __version__, vera
+from .config import AdapterConfig
+from .files import atomic_write_bytes, atomic_write_json, sha256_hex
+from .inject import adapted_modules, adapter_state_dict, apply, get_config, unload
+
+CONFIG_FILE = "adapter_config.json"
+TENSORS_FILE = "adapter.safetensors"
+FORMAT = "dorafit-adapter/1"
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder is missing, corrupt, or does not fit the model; the message says which and why."""
+
+
+def _describe(model: nn.Module) -> dict:
+    config = get_config(model)
+    modules, fingerprints = {}, {}
+    mag_only = []
+    for name, layer in adapted_modules(model):
+        modules[name] = list(layer.weight.shape)
+        if layer.dorafit.update is None:
+            mag_only.append(name)
+        if layer.dorafit.update == "vera":
+            out, inp = layer.dorafit.ops.weight_matrix(layer).shape
+            fingerprints[f"{out}x{inp}"] = vera.fingerprint(layer.vera_A, layer.vera_B)
+    resolved = dataclasses.replace(
+        config,
+        targets=[n for n in modules if n not in mag_only],
+        magnitude_only=mag_only or None,
+        extra_trainable=list(model.dorafit_extra_trainable),
+    )
+    return {"config": resolved.to_dict(), "modules": modules, "vera_fingerprints": fingerprints}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, base_model: str | None = None) -> Path:
+    """Write the model's adapter to the folder ``path`` (created if needed); returns the folder."""
+    folder = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    config = get_config(model)
+    if config.save_vera_projections:
+        for name, layer in adapted_modules(model):
+            if layer.dorafit.update == "vera":
+                tensors[f"{name}.vera_A"] = layer.vera_A.detach().contiguous().cpu()
+                tensors[f"{name}.vera_B"] = layer.vera_B.detach().contiguous().cpu()
+    blob = save_safetensors_bytes(tensors, metadata={"format": FORMAT})
+    meta = _describe(model)
+    meta.update(format=FORMAT, dorafit_version=__version__, tensors_sha256=sha256_hex(blob))
+    if base_model is not None:
+        meta["base_model"] = base_model
+    atomic_write_bytes(folder / TENSORS_FILE, blob)
+    atomic_write_json(folder / CONFIG_FILE, meta)
+    return folder
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
+    """(metadata, tensors) of an adapter folder, checked for presence, format and integrity."""
+    folder = Path(path)
+    config_path, tensors_path = folder / CONFIG_FILE, folder / TENSORS_FILE
+    for p in (config_path, tensors_path):
+        if not p.is_file():
+            raise AdapterFileError(f"{p} does not exist; an adapter folder holds {CONFIG_FILE} and {TENSORS_FILE}")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{config_path} is not valid JSON ({exc}); the file is corrupt") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdapterFileError(f"{config_path} is not a dorafit adapter config (expected format {FORMAT!r})")
+    blob = tensors_path.read_bytes()
+    if sha256_hex(blob) != meta.get("tensors_sha256"):
+        raise AdapterFileError(
+            f"{tensors_path} does not match {config_path} (checksum differs): the files come from different saves "
+            "or the tensors file is corrupt; save the adapter again"
+        )
+    try:
+        tensors = load_safetensors_bytes(blob)
+    except (SafetensorError, Exception) as exc:  # safetensors raises several types for malformed headers
+        raise AdapterFileError(f"{tensors_path} is not a readable safetensors file: {exc}") from None
+    return meta, tensors
+
+
+def _check_and_copy(model: nn.Module, meta: dict, tensors: dict[str, Tensor]) -> None:
+    """Check the model's adapted modules and tensors against the file, then copy (nothing is copied on error)."""
+    saved_modules = meta["modules"]
+    ours = {name: list(layer.weight.shape) for name, layer in adapted_modules(model)}
+    for name, shape in saved_modules.items():
+        if name not in ours:
+            raise AdapterFileError(f"the adapter was saved for module {name!r}, which this model does not have adapted")
+        if ours[name] != shape:
+            raise AdapterFileError(
+                f"module {name!r}: the adapter was saved for a weight of shape {shape}, this model's is {ours[name]}; "
+                "this adapter belongs to a different base model"
+            )
+    for name, layer in adapted_modules(model):
+        if layer.dorafit.update == "vera":
+            out, inp = layer.dorafit.ops.weight_matrix(layer).shape
+            saved_a, saved_b = tensors.get(f"{name}.vera_A"), tensors.get(f"{name}.vera_B")
+            if saved_a is not None and saved_b is not None:
+                layer.vera_A.data = saved_a.to(layer.vera_A.device, layer.vera_A.dtype)
+                layer.vera_B.data = saved_b.to(layer.vera_B.device, layer.vera_B.dtype)
+            expected = meta.get("vera_fingerprints", {}).get(f"{out}x{inp}")
+            if expected != vera.fingerprint(layer.vera_A, layer.vera_B):
+                raise AdapterFileError(
+                    f"module {name!r}: VeRA's shared projections regenerated from seed {get_config(model).vera_seed} "
+                    "differ from the ones the adapter was trained with (wrong seed, rank or shape)"
+                )
+    set_adapter_state_dict(model, {k: v for k, v in tensors.items() if not k.endswith((".vera_A", ".vera_B"))})
+
+
+def set_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Copy adapter tensors into an adapted model; every key and shape must match, else nothing is copied."""
+    current = adapter_state_dict(model)
+    missing = sorted(set(current) - set(tensors))
+    unexpected = sorted(set(tensors) - set(current))
+    if missing:
+        raise AdapterFileError(f"adapter tensor {missing[0]!r} is missing from the file ({len(missing)} missing)")
+    if unexpected:
+        raise AdapterFileError(f"the file has tensor {unexpected[0]!r}, which this model does not have")
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(current[key].shape):
+            raise AdapterFileError(
+                f"tensor {key!r}: file shape {list(value.shape)}, model shape {list(current[key].shape)}"
+            )
+    with torch.no_grad():
+        for key, value in tensors.items():
+            current[key].copy_(value)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Apply the saved config to a base ``model`` (in place), then load the saved tensors.
+
+    Returns the adapted module names. On any error the model is left as it was.
+    """
+    meta, tensors = read_adapter(path)
+    try:
+        config = AdapterConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise AdapterFileError(f"{Path(path) / CONFIG_FILE}: invalid adapter config: {exc}") from None
+    try:
+        names = apply(model, config)
+    except ValueError as exc:
+        raise AdapterFileError(f"the adapter in {path} does not fit this model: {exc}") from None
+    try:
+        _check_and_copy(model, meta, tensors)
+    except BaseException:
+        unload(model)
+        raise
+    return names

@@ -1,0 +1,84 @@
+"""DoRA's output scale ``y = (m / n) * pre + b`` as one autograd function that saves little.
+
+``pre = W0 x + dW x`` is the layer output before the magnitude (no bias). Per output unit j:
+
+    y_j = (m_j / n_j) * pre_j + b_j
+    dL/dpre_j = (m_j / n_j) * g_j                       g = dL/dy
+    dL/dm_j   = sum_tokens(g_j * pre_j) / n_j            (paper eq. 7)
+    dL/dn_j   = -m_j * sum_tokens(g_j * pre_j) / n_j^2   (only when the norm is not detached; autograd carries
+                                                         it on into P and Q, which gives paper eq. 6)
+    dL/db_j   = sum_tokens(g_j)
+
+Plain autograd would save ``pre``, a [tokens, out] tensor that nothing else keeps. Without a bias this
+function saves its own output ``y = (m / n) * pre`` instead, which the next operation very often saves
+anyway (attention saves v, a gated MLP saves up), so the two share one storage; then
+``sum(g * pre) / n = sum(g * y) / m``. A unit whose magnitude is exactly zero gets no magnitude gradient
+in that form (its output is identically zero); with a bias the function saves ``pre`` and is exact always.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _broadcast_shape(ndim: int, channel_dim: int) -> list[int]:
+    shape = [1] * ndim
+    shape[channel_dim] = -1
+    return shape
+
+
+def _reduce_except_channel(t: Tensor, channel_dim: int) -> Tensor:
+    dims = [d for d in range(t.dim()) if d != channel_dim % t.dim()]
+    return t.sum(dim=dims, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
+class _MagnitudeScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None, channel_dim: int) -> Tensor:
+        shape = _broadcast_shape(pre.dim(), channel_dim)
+        scale = (magnitude / norm).to(pre.dtype)  # [out]
+        y = pre * scale.view(shape)  # same shape as pre
+        saves_output = bias is None
+        if bias is not None:
+            y = y.add_(bias.to(y.dtype).view(shape))
+        ctx.channel_dim = channel_dim
+        ctx.saves_output = saves_output
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(y if saves_output else pre, magnitude, norm, scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        saved, magnitude, norm, scale = ctx.saved_tensors
+        cd = ctx.channel_dim
+        shape = _broadcast_shape(grad_y.dim(), cd)
+        grad_pre = grad_m = grad_n = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_pre = grad_y * scale.view(shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            g_dot = _reduce_except_channel(grad_y * saved, cd)  # sum(g * y) or sum(g * pre), [out]
+            if ctx.saves_output:  # sum(g * pre) / n == sum(g * y) / m
+                g_pre_over_n = torch.where(magnitude == 0, torch.zeros_like(g_dot), g_dot / magnitude)
+            else:
+                g_pre_over_n = g_dot / norm
+            if ctx.needs_input_grad[1]:
+                grad_m = g_pre_over_n.to(magnitude.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_n = (-(magnitude / norm) * g_pre_over_n).to(norm.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+            grad_b = _reduce_except_channel(grad_y, cd).to(ctx.bias_dtype)
+        return grad_pre, grad_m, grad_n, grad_b, None
+
+
+def magnitude_scale(pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None, channel_dim: int) -> Tensor:
+    """``y = (magnitude / norm) * pre + bias``, broadcast along ``channel_dim`` (see the module docstring).
+
+    Args:
+        pre: layer output before the magnitude, without bias, e.g. [batch, tokens, out] or [batch, out, h, w].
+        magnitude: m, [out] (float32 even for low-precision models).
+        norm: n, [out]; pass it detached for the paper's memory-saving form (section 4.3).
+        bias: the layer's bias [out] or None; never scaled.
+        channel_dim: the dimension of ``pre`` that indexes output units (-1 for linear, 1 for conv).
+    """
+    return _MagnitudeScale.apply(pre, magnitude, norm, bias, channel_dim)
