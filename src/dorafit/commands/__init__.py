@@ -1,0 +1,1 @@
+"""Sub-commands of the dorafit command line (see dorafit.cli)."""
