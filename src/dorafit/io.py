@@ -34,6 +34,14 @@ class AdapterFileError(ValueError):
     """An adapter folder is missing, corrupt, or does not fit the model; the message says which and why."""
 
 
+VERA_PREFIX = "vera_projections."
+
+
+def _vera_key(layer) -> str:
+    out, inp = layer.dorafit.ops.weight_matrix(layer).shape
+    return f"{VERA_PREFIX}{out}x{inp}"
+
+
 def _describe(model: nn.Module) -> dict:
     config = get_config(model)
     modules, fingerprints = {}, {}
@@ -43,8 +51,7 @@ def _describe(model: nn.Module) -> dict:
         if layer.dorafit.update is None:
             mag_only.append(name)
         if layer.dorafit.update == "vera":
-            out, inp = layer.dorafit.ops.weight_matrix(layer).shape
-            fingerprints[f"{out}x{inp}"] = vera.fingerprint(layer.vera_A, layer.vera_B)
+            fingerprints[_vera_key(layer)] = vera.fingerprint(layer.vera_A, layer.vera_B)
     resolved = dataclasses.replace(
         config,
         targets=[n for n in modules if n not in mag_only],
@@ -59,11 +66,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model: str | No
     folder = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     config = get_config(model)
-    if config.save_vera_projections:
-        for name, layer in adapted_modules(model):
+    if config.save_vera_projections:  # once per shared shape, not once per layer
+        for _, layer in adapted_modules(model):
             if layer.dorafit.update == "vera":
-                tensors[f"{name}.vera_A"] = layer.vera_A.detach().contiguous().cpu()
-                tensors[f"{name}.vera_B"] = layer.vera_B.detach().contiguous().cpu()
+                key = _vera_key(layer)
+                tensors[f"{key}.A"] = layer.vera_A.detach().contiguous().cpu()
+                tensors[f"{key}.B"] = layer.vera_B.detach().contiguous().cpu()
     blob = save_safetensors_bytes(tensors, metadata={"format": FORMAT})
     meta = _describe(model)
     meta.update(format=FORMAT, dorafit_version=__version__, tensors_sha256=sha256_hex(blob))
@@ -112,20 +120,21 @@ def _check_and_copy(model: nn.Module, meta: dict, tensors: dict[str, Tensor]) ->
                 f"module {name!r}: the adapter was saved for a weight of shape {shape}, this model's is {ours[name]}; "
                 "this adapter belongs to a different base model"
             )
+    stored: dict[str, tuple[Tensor, Tensor]] = {}
     for name, layer in adapted_modules(model):
         if layer.dorafit.update == "vera":
-            out, inp = layer.dorafit.ops.weight_matrix(layer).shape
-            saved_a, saved_b = tensors.get(f"{name}.vera_A"), tensors.get(f"{name}.vera_B")
-            if saved_a is not None and saved_b is not None:
-                layer.vera_A.data = saved_a.to(layer.vera_A.device, layer.vera_A.dtype)
-                layer.vera_B.data = saved_b.to(layer.vera_B.device, layer.vera_B.dtype)
-            expected = meta.get("vera_fingerprints", {}).get(f"{out}x{inp}")
-            if expected != vera.fingerprint(layer.vera_A, layer.vera_B):
+            key = _vera_key(layer)
+            if f"{key}.A" in tensors:  # stored projections replace the regenerated ones, still shared per shape
+                if key not in stored:
+                    like = layer.vera_A
+                    stored[key] = tuple(tensors[f"{key}.{ab}"].to(like.device, like.dtype) for ab in "AB")
+                layer.vera_A, layer.vera_B = stored[key]
+            if meta.get("vera_fingerprints", {}).get(key) != vera.fingerprint(layer.vera_A, layer.vera_B):
                 raise AdapterFileError(
                     f"module {name!r}: VeRA's shared projections regenerated from seed {get_config(model).vera_seed} "
                     "differ from the ones the adapter was trained with (wrong seed, rank or shape)"
                 )
-    set_adapter_state_dict(model, {k: v for k, v in tensors.items() if not k.endswith((".vera_A", ".vera_B"))})
+    set_adapter_state_dict(model, {k: v for k, v in tensors.items() if not k.startswith(VERA_PREFIX)})
 
 
 def set_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
