@@ -54,6 +54,7 @@ class AdapterState:
     dropout: float
     detach_norm: bool
     eps: float
+    cache_norm: bool = True  # cache n in eval mode (see AdaptedLayer.weight_norm)
     merged: bool = False
     disabled: bool = False
     merge_norm: Tensor | None = None  # n used by the last merge, needed to unmerge
@@ -98,8 +99,10 @@ class AdaptedLayer:
     def weight_norm(self, p: Tensor | None = None, q: Tensor | None = None) -> Tensor:
         """DoRA's n = ||W0 + P Q|| per output row ([out], float32), from the factored formula.
 
-        Differentiable in P and Q only when ``detach_norm`` is False and grad mode is on. A detached norm is
-        cached until any tensor it depends on changes (so eval-mode forwards compute it once).
+        Differentiable in P and Q only when ``detach_norm`` is False and grad mode is on. In eval mode the vector
+        is cached until any tensor it depends on is written to (``AdapterState.cache_norm`` turns that off, e.g.
+        under FSDP, whose re-gathered parameters may reuse storage); in training it is recomputed every call,
+        which costs O((out + in) r) memory and one [out, in] x [in, r] product.
         """
         st = self.dorafit
         if p is None and st.update is not None:
@@ -108,6 +111,9 @@ class AdaptedLayer:
         w0_sq = self.base_squared_norms()
         if not st.detach_norm and torch.is_grad_enabled() and p is not None and p.requires_grad:
             return Fn.decomposed_norm(w0_sq, w0, p, q, st.eps)
+        if self.training or not st.cache_norm:
+            with torch.no_grad():
+                return Fn.decomposed_norm(w0_sq, w0, p, q, st.eps)
         key = _version_key(self.weight, *self._update_tensors())
         cached = st.caches.get("norm")
         if cached is None or cached[0] != key:
