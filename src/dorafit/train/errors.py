@@ -1,0 +1,22 @@
+"""How the training commands report bad input: one line, ``error: <what is wrong and how to fix it>``, exit code 2.
+
+Every expected failure (unknown preset, missing file, malformed data, bad option, damaged checkpoint) is raised
+as a ValueError (or OSError for the file system) with a message written for the user. Set DORAFIT_DEBUG=1 to
+see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+
+def report_errors(command: Callable[[], int]) -> int:
+    if os.environ.get("DORAFIT_DEBUG") == "1":
+        return command()
+    try:
+        return command()
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

