@@ -372,7 +372,7 @@ def _group(tensors: dict[str, Tensor], suffixes: dict[str, str]) -> tuple[dict[s
     """({module: {role: tensor}}, {other key without prefix: tensor}); a key outside PEFT's prefix is an error."""
     layers: dict[str, dict[str, Tensor]] = {}
     other: dict[str, Tensor] = {}
-    for key, value in tensors.items():
+    for key, value in sorted(tensors.items()):
         if key in VERA_SHARED_KEYS:
             continue
         if not key.startswith(PREFIX):
@@ -394,6 +394,20 @@ def _wrong_model(meta: dict, what: str) -> PeftFormatError:
     return PeftFormatError(f"{what}: the PEFT adapter belongs to a different base model{made_for}")
 
 
+def _check_stored_base_tensor(model: nn.Module, meta: dict, key: str, value: Tensor, to_save: list) -> None:
+    """PEFT may store base weights too (its save_embedding_layers: a targeted or resized embedding, under
+    ``P.base_layer.weight`` or ``P.weight``). Identical to this model's they are redundant; otherwise refused."""
+    base_key = key.replace(".base_layer.", ".")
+    current = dict(model.state_dict(keep_vars=True)).get(base_key)
+    if current is None:
+        raise PeftFormatError(f"tensor {PREFIX + key!r} is neither an adapter tensor nor part of a modules_to_save "
+                              f"module (modules_to_save={to_save}); dorafit cannot place it")
+    if value.shape != current.shape or not torch.equal(value.to(current.dtype), current.detach()):
+        raise _wrong_model(meta, f"the file stores its own base weight {base_key!r} (PEFT's save_embedding_layers, "
+                                 "e.g. after resizing the vocabulary), and it differs from this model's; dorafit "
+                                 "never replaces base weights: load the base model the adapter was trained on")
+
+
 def _check_module_sets(model: nn.Module, meta: dict, layers: dict, other: dict) -> tuple[list[str], list[str]]:
     """(adapted module names, modules_to_save names) after checking the file against this model."""
     modules = dict(model.named_modules())
@@ -402,10 +416,9 @@ def _check_module_sets(model: nn.Module, meta: dict, layers: dict, other: dict) 
             raise _wrong_model(meta, f"the adapter has tensors for module {name!r}, which this model does not have")
     to_save = list(meta.get("modules_to_save") or [])
     saved_names = [n for n in modules if n and _peft_save_selects(to_save, n)] if to_save else []
-    for key in other:
+    for key in list(other):
         if not any(key.startswith(n + ".") for n in saved_names):
-            raise PeftFormatError(f"tensor {PREFIX + key!r} is neither an adapter tensor nor part of a "
-                                  f"modules_to_save module (modules_to_save={to_save}); dorafit cannot place it")
+            _check_stored_base_tensor(model, meta, key, other.pop(key), to_save)
     selected = _peft_targets(model, meta, to_save)
     missing = [n for n in selected if n not in layers]
     extra = [n for n in layers if n not in selected]
@@ -495,7 +508,7 @@ def _plan_vera(model: nn.Module, meta: dict, tensors: dict[str, Tensor]):
         if shared_a.shape[1] < inp or shared_b.shape[0] < out:
             raise _wrong_model(meta, f"module {name!r} ({out}x{inp}) is larger than the stored VeRA projections "
                                      f"{list(shared_a.shape)}, {list(shared_b.shape)}")
-        projections[(out, inp)] = (shared_a[:, :inp].contiguous(), shared_b[:out, :].contiguous())
+        projections[(out, inp)] = (shared_a[:, :inp].clone(), shared_b[:out, :].clone())  # own storage per shape
     seed, r = int(meta.get("projection_prng_key", 0)), int(meta.get("r", 256))
     regenerable = all(  # projections dorafit draws itself from this seed (an adapter dorafit exported)
         all(torch.equal(x.float(), y) for x, y in zip(pair, vera.shared_projections(seed, r, *shape)))
