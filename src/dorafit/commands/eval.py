@@ -28,12 +28,13 @@ def main(args: argparse.Namespace) -> int:
 
         from ..files import atomic_write_json
         from ..train.evaluate import evaluate
-        from ..train.run import format_accuracy, load_trained
+        from ..train.run import format_accuracy, load_trained, show_progress
 
         setup = load_trained(Path(args.run), args.device)
         cfg = setup.cfg
         limit = args.eval_limit if args.eval_limit is not None else cfg.eval_limit
-        result = evaluate(setup.task, setup.model, setup.device, limit, args.batch_size or cfg.eval_batch_size)
+        result = evaluate(setup.task, setup.model, setup.device, limit, args.batch_size or cfg.eval_batch_size,
+                          show_progress())
         print(f"test accuracy of {args.run} ({cfg.method} on {cfg.model}, {cfg.task}):")
         print(format_accuracy(result))
         if args.json:

@@ -43,6 +43,7 @@ def evaluate(task, model, device, limit: int | None = None, batch_size: int = 32
         model.train(was_training)
 
 
+@torch.no_grad()
 def classification_accuracy(task, model, examples, device, batch_size, progress, name) -> int:
     correct = 0
     for start in tqdm(range(0, len(examples), batch_size), desc=f"eval {name}", disable=not progress, leave=False):
@@ -69,25 +70,34 @@ def _requests(task, record: dict, fallback: list[str]) -> tuple[list[str], list[
 
 
 def commonsense_accuracy(task, model, records, device, batch_size, progress, name) -> int:
+    correct = 0
+    for record, (choices, scores) in zip(records, choice_scores(task, model, records, device, batch_size, progress, name)):
+        correct += int(choices[max(range(len(scores)), key=scores.__getitem__)] == record["answer"])
+    return correct
+
+
+@torch.no_grad()
+def choice_scores(task, model, records, device, batch_size=32, progress=False, name="") -> list[tuple[list, list]]:
+    """(choices, log-likelihood of each choice's tokens after the candidates' common prefix) per record."""
     fallback = sorted({r["answer"] for r in records})
     pad = task.tokenizer.pad_token_id
-    correct = 0
+    result = []
     for start in tqdm(range(0, len(records), batch_size), desc=f"eval {name}", disable=not progress, leave=False):
         chunk = records[start : start + batch_size]
         fed_rows: dict[tuple, int] = {}  # unique fed sequences in this chunk -> row
         plans = []
         for record in chunk:
             choices, reqs = _requests(task, record, fallback)
-            plans.append((record["answer"], choices, [(fed_rows.setdefault(tuple(f), len(fed_rows)), s) for f, s in reqs]))
+            plans.append((choices, [(fed_rows.setdefault(tuple(f), len(fed_rows)), s) for f, s in reqs]))
         rows = [list(f) for f in fed_rows]
-        keep = max(len(s) for _, _, reqs in plans for _, s in reqs)
+        keep = max(len(s) for _, reqs in plans for _, s in reqs)
         batch = {k: v.to(device) for k, v in left_pad(rows, pad).items()}
         logits = model(**batch, logits_to_keep=keep).logits.float()  # (R, keep, V)
         logp = torch.log_softmax(logits, dim=-1).cpu()
-        for answer, choices, reqs in plans:
+        for choices, reqs in plans:
             scores = []
             for row, scored in reqs:
-                positions = logp[row, keep - len(scored):]  # (len(scored), V), position j predicts scored[j]
+                positions = logp[row, keep - len(scored):]  # (len(scored), V): position j predicts scored[j]
                 scores.append(float(positions[torch.arange(len(scored)), torch.tensor(scored)].sum()))
-            correct += int(choices[max(range(len(scores)), key=scores.__getitem__)] == answer)
-    return correct
+            result.append((choices, scores))
+    return result

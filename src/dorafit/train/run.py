@@ -208,7 +208,7 @@ def describe(setup: Setup, total: int, warmup: int) -> str:
     tests = sum(len(v) for v in data.test_sets().values())
     what = (f"{cfg.method} r={cfg.rank} alpha={cfg.alpha:g} on {len(setup.adapted)} modules ({', '.join(cfg.targets)})"
             if cfg.method != "full" else "full fine-tuning")
-    head = f" + head {', '.join(cfg.head)}" if cfg.head else ""
+    head = f" + head {', '.join(cfg.head)}" if cfg.head and cfg.method != "full" else ""
     epochs = total * cfg.grad_accum * cfg.batch_size / len(data.train)
     return "\n".join([
         f"model   {cfg.model} ({setup.loaded.folder}), {type(model).__name__}, on {setup.device}",
@@ -218,6 +218,11 @@ def describe(setup: Setup, total: int, warmup: int) -> str:
         f"steps   {total} of {cfg.batch_size}x{cfg.grad_accum} examples ({epochs:.2f} epochs), lr {cfg.lr:g} {cfg.schedule}, "
         f"warm-up {warmup}, seed {cfg.seed}",
     ])
+
+
+def show_progress() -> bool:
+    """Progress bars on a terminal (stderr), or anywhere with DORAFIT_PROGRESS=1."""
+    return sys.stderr.isatty() or os.environ.get("DORAFIT_PROGRESS") == "1"
 
 
 # ---- training ------------------------------------------------------------------------------------------------
@@ -249,7 +254,7 @@ def train(cfg: TrainConfig, explicit: dict) -> int:
     previous = _read_json(run_dir / rundir.EVAL)
     before = previous.get("before")
     if cfg.eval_before and before is None and not (resuming and checkpoint.exists(run_dir)):
-        before = evaluate(task, model, setup.device, cfg.eval_limit, cfg.eval_batch_size)
+        before = evaluate(task, model, setup.device, cfg.eval_limit, cfg.eval_batch_size, show_progress())
         rundir.write_eval(run_dir, {"before": before})
     if before is not None:
         print("test accuracy before training:\n" + format_accuracy(before), flush=True)
@@ -278,7 +283,7 @@ def train(cfg: TrainConfig, explicit: dict) -> int:
     try:
         loop.run(model, task, optimizer, scheduler, state, total, seed=cfg.seed, batch_size=cfg.batch_size,
                  grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm, device=setup.device,
-                 after_step=after_step, progress=sys.stderr.isatty() or os.environ.get("DORAFIT_PROGRESS") == "1")
+                 after_step=after_step, progress=show_progress())
     except loop.NonFiniteLoss as exc:
         rundir.write_metrics(run_dir, state.metrics)
         kept = f"the last good checkpoint (step {_checkpoint_step(run_dir)}) is in {run_dir / checkpoint.FILE}" \
@@ -291,7 +296,7 @@ def train(cfg: TrainConfig, explicit: dict) -> int:
         save_model_folder(model, setup.loaded.tokenizer, run_dir / rundir.MODEL)
     else:
         save_adapter(model, run_dir / rundir.ADAPTER, base_model=base)
-    after = evaluate(task, model, setup.device, cfg.eval_limit, cfg.eval_batch_size)
+    after = evaluate(task, model, setup.device, cfg.eval_limit, cfg.eval_batch_size, show_progress())
     result = {**after, "before": before, "step": state.step, "eval_limit": cfg.eval_limit,
               "trainable_parameters": trainable, "total_parameters": everything,
               "trainable_share": trainable / everything, "train_seconds": round(state.seconds, 1)}
