@@ -202,6 +202,21 @@ def _layer_tensors(name: str, layer: nn.Module, r: int) -> dict[str, Tensor]:
     return out
 
 
+def _task_type(model: nn.Module) -> str | None:
+    """PEFT's task_type for a transformers model class (PeftModel.from_pretrained then builds the matching class).
+
+    PEFT's sequence-classification class also trains and saves modules named classifier / score, and never adapts
+    inside them; when an adapted layer sits inside one, no task type is written (a plain PeftModel computes the same).
+    """
+    name = type(model).__name__
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        inside_head = any(re.match(r"(^|.*\.)(classifier|score)($|\..*)", n) for n, _ in adapted_modules(model))
+        return None if inside_head else "SEQ_CLS"
+    return None
+
+
 def _peft_config(model: nn.Module, config: AdapterConfig, base_model: str | None) -> dict:
     layers = dict(adapted_modules(model))
     all_names = [n for n, _ in model.named_modules() if n]
@@ -219,7 +234,7 @@ def _peft_config(model: nn.Module, config: AdapterConfig, base_model: str | None
             )
     families = {_family(layer) for layer in layers.values()}
     common = dict(
-        base_model_name_or_path=base_model, revision=None, task_type=None, inference_mode=True, r=config.r,
+        base_model_name_or_path=base_model, revision=None, task_type=_task_type(model), inference_mode=True, r=config.r,
         target_modules=targets, layers_to_transform=None, layers_pattern=None, modules_to_save=modules_to_save,
         bias="none", fan_in_fan_out="gpt2_conv1d" in families and "linear" not in families,
     )
