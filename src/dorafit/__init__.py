@@ -24,6 +24,7 @@ from .inject import (  # noqa: E402
     unmerge,
 )
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter, set_adapter_state_dict  # noqa: E402
+from .peft_format import PeftFormatError, export_peft, import_peft  # noqa: E402
 
 __all__ = [
     "AdapterConfig",
@@ -32,10 +33,13 @@ __all__ = [
     "adapter_state_dict",
     "apply",
     "disabled",
+    "export_peft",
     "get_config",
+    "import_peft",
     "load_adapter",
     "merge",
     "merge_and_unload",
+    "PeftFormatError",
     "read_adapter",
     "save_adapter",
     "set_adapter_state_dict",
