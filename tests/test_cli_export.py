@@ -60,7 +60,8 @@ def test_export_adapter_folder_loads_in_peft(tmp_path):
     code, stdout, err = run_cli("export", tmp_path / "adapter", "--out", tmp_path / "peft", "--name", "org/tiny-gpt2")
     assert code == 0, err
     assert f"PEFT adapter folder: {(tmp_path / 'peft').resolve()}" in stdout
-    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-gpt2"
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/tiny-gpt2"
     theirs = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     x = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(theirs(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-5, atol=1e-5)

@@ -205,8 +205,8 @@ def _train_peft(model: nn.Module, steps: int = 3) -> nn.Module:
 def test_peft_trained_adapter_imports_with_equal_outputs(method, tmp_path):
     base = _tiny_llama()
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(
-        r=4, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"],
-        **PEFT_METHODS[method]))
+        r=4, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        modules_to_save=["lm_head"], **PEFT_METHODS[method]))
     _train_peft(peft_model)
     peft_model.save_pretrained(tmp_path)
     ours = copy.deepcopy(base)
@@ -325,7 +325,8 @@ def test_import_refuses_vera_without_stored_projections(tmp_path):
 
 def test_import_refuses_mismatched_base_models(tmp_path):
     source = _tiny_llama(layers=2, hidden=16)
-    get_peft_model(copy.deepcopy(source), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path)
+    peft_model = get_peft_model(copy.deepcopy(source), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(tmp_path)
     _edit_config(tmp_path, base_model_name_or_path="org/tiny-llama")
     cases = [
         (_tiny_llama(layers=2, hidden=24), r"q_proj'.*shape \[2, 16\].*different base model.*org/tiny-llama"),
@@ -364,7 +365,8 @@ def test_import_refuses_inconsistent_files(exported):
 def test_import_checks_base_weights_peft_stored_alongside(tmp_path):
     """PEFT saves a targeted embedding's base weight too: identical is fine, different is refused."""
     base = _tiny_llama()
-    get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"])).save_pretrained(tmp_path)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    peft_model.save_pretrained(tmp_path)
     key = "base_model.model.model.embed_tokens.base_layer.weight"
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert key in tensors

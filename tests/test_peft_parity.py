@@ -56,8 +56,8 @@ def _peft_lora_tensors(peft_layer, is_embedding: bool):
         a, b = peft_layer.lora_embedding_A["default"], peft_layer.lora_embedding_B["default"]
     else:
         a, b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
-    magnitude = peft_layer.lora_magnitude_vector["default"].weight if "default" in peft_layer.lora_magnitude_vector else None
-    return a, b, magnitude
+    magnitudes = peft_layer.lora_magnitude_vector
+    return a, b, magnitudes["default"].weight if "default" in magnitudes else None
 
 
 def _grads(model, x, params, upstream=None):

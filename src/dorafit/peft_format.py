@@ -37,24 +37,33 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Callable
-
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 from . import vera
+from .adapted import ADAPTER_PARAMS
 from .config import AdapterConfig
 from .files import atomic_write_bytes, atomic_write_json
 from .inject import adapted_modules, adapter_state_dict, apply, get_config, unload
-from .io import FORMAT as DORAFIT_FORMAT
-from .io import AdapterFileError
 from .io import CONFIG_FILE, set_adapter_state_dict
-from .layers import _is_gpt2_conv1d, ops_for
+from .io import FORMAT as DORAFIT_FORMAT
+from .layers import ops_for
 from .layers.conv import ConvOps
 from .layers.embedding import EmbeddingOps
 from .layers.linear import GPT2Conv1DOps, LinearOps
+from .peft_config import (
+    LORA_MAPPED,
+    VERA_MAPPED,
+    PeftFormatError,
+    check_options,
+    exact_names,
+    list_selects,
+    pattern_value,
+    save_selects,
+    selected_targets,
+)
 
 PEFT_TENSORS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -71,23 +80,6 @@ _LORA_SUFFIXES = {
 }
 _VERA_SUFFIXES = {".vera_lambda_d": "lambda_d", ".vera_lambda_b": "lambda_b"}
 
-# PEFT config keys that describe the file, not the function it computes
-_METADATA_KEYS = {"peft_type", "peft_version", "base_model_name_or_path", "revision", "task_type", "inference_mode",
-                  "auto_mapping", "runtime_config", "megatron_core", "qalora_group_size"}
-# LoRA initialisations that leave the base weights alone (the trained A, B are all that matter afterwards)
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
-# settings of those initialisations, unused once trained
-_INIT_SETTINGS = {"eva_config", "corda_config", "lora_ga_config", "loftq_config", "init_lora_weights"}
-_LORA_MAPPED = {"r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "target_modules", "exclude_modules",
-                "layers_to_transform", "layers_pattern", "modules_to_save", "rank_pattern", "alpha_pattern",
-                "fan_in_fan_out", "bias"}
-_VERA_MAPPED = {"r", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
-                "projection_prng_key", "save_projection", "vera_dropout", "d_initial", "fan_in_fan_out", "bias",
-                "init_weights"}
-
-
-class PeftFormatError(AdapterFileError):
-    """A PEFT folder dorafit cannot read exactly, or a dorafit adapter the PEFT format cannot express."""
 
 
 # ---- shared helpers -------------------------------------------------------------------------------------------
@@ -110,23 +102,9 @@ def _conv_problem(module: nn.Module) -> str | None:
     return None
 
 
-def _list_selects(names: list[str], key: str) -> bool:
-    """PEFT's (and dorafit's) rule for a list of module names: the full name, or a '.'-separated suffix of it."""
-    return key in names or any(key.endswith("." + n) for n in names)
-
-
-def _peft_save_selects(names: list[str], key: str) -> bool:
-    """PEFT's rule for ``modules_to_save``: any module whose name ends with one of the strings."""
-    return any(key.endswith(n) for n in names)
-
-
-def _exact_names(all_names: list[str], chosen: list[str], selects: Callable[[list[str], str], bool]) -> list[str] | None:
-    """The leaf names, else the full names, of ``chosen`` if that list selects exactly ``chosen``; else None."""
-    want = set(chosen)
-    for candidate in (sorted({n.rsplit(".", 1)[-1] for n in chosen}), sorted(want)):
-        if {n for n in all_names if selects(candidate, n)} == want:
-            return candidate
-    return None
+def _warn_dora_dropout() -> None:
+    warnings.warn("PEFT's DoRA applies dropout as (m/n - 1) W0 x~ + (m/n) s B A x~, dorafit as (m/n)(W0 x + "
+                  "s B A x~): outputs without dropout (eval) are equal, training with dropout differs", stacklevel=4)
 
 
 def _is_dorafit_folder(folder: Path) -> bool:
@@ -144,7 +122,7 @@ def _model_name(model: nn.Module) -> str | None:
 # ---- export ------------------------------------------------------------------------------------------------------
 def _check_exportable(model: nn.Module, config: AdapterConfig) -> None:
     if config.method == "dvora":
-        raise PeftFormatError("PEFT has no DVoRA (DoRA with VeRA's update); export a lora, dora or vera adapter instead")
+        raise PeftFormatError("PEFT has no DVoRA (DoRA with VeRA's update); export a lora, dora or vera adapter")
     shapes = {}
     for name, layer in adapted_modules(model):
         family = _family(layer)
@@ -175,8 +153,7 @@ def _check_exportable(model: nn.Module, config: AdapterConfig) -> None:
                       "backward. The exported adapter computes the same outputs; training it further in PEFT uses the "
                       "detached gradient", stacklevel=3)
     if config.decomposed and config.dropout:
-        warnings.warn("PEFT's DoRA applies dropout as (m/n - 1) W0 x~ + (m/n) s B A x~; dorafit as (m/n)(W0 x + "
-                      "s B A x~). Outputs without dropout (eval) are equal; training differs", stacklevel=3)
+        _warn_dora_dropout()
 
 
 def _layer_tensors(name: str, layer: nn.Module, r: int) -> dict[str, Tensor]:
@@ -192,8 +169,10 @@ def _layer_tensors(name: str, layer: nn.Module, r: int) -> dict[str, Tensor]:
             shape_a, shape_b = st.ops.lora_shapes(layer, r)
             a = torch.zeros(shape_a, dtype=layer.weight.dtype)
             b = torch.zeros(shape_b, dtype=layer.weight.dtype)
-        names = (".lora_embedding_A", ".lora_embedding_B") if family == "embedding" else (".lora_A.weight", ".lora_B.weight")
-        out[key + names[0]], out[key + names[1]] = a, b
+        if family == "embedding":
+            out[key + ".lora_embedding_A"], out[key + ".lora_embedding_B"] = a, b
+        else:
+            out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = a, b
     if st.decomposed:
         m = layer.magnitude
         if family == "conv":
@@ -220,13 +199,13 @@ def _task_type(model: nn.Module) -> str | None:
 def _peft_config(model: nn.Module, config: AdapterConfig, base_model: str | None) -> dict:
     layers = dict(adapted_modules(model))
     all_names = [n for n, _ in model.named_modules() if n]
-    targets = _exact_names(all_names, list(layers), _list_selects)
+    targets = exact_names(all_names, list(layers), list_selects)
     if targets is None:
         targets = "|".join(re.escape(n) for n in layers)  # PEFT: a string is a regex, full match
     extra = list(getattr(model, "dorafit_extra_trainable", []))
     modules_to_save = None
     if extra:
-        modules_to_save = _exact_names(all_names, extra, _peft_save_selects)
+        modules_to_save = exact_names(all_names, extra, save_selects)
         if modules_to_save is None:
             raise PeftFormatError(
                 f"PEFT selects modules_to_save by name suffix, and no list of names selects exactly {extra} in this "
@@ -271,7 +250,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model: str | Non
     if config.method == "vera":
         layer = next(iter(layers.values()))
         tensors[VERA_SHARED_KEYS[0]], tensors[VERA_SHARED_KEYS[1]] = layer.vera_A, layer.vera_B
-    adapter_keys = {f"{n}.{p}" for n in layers for p in ("lora_A", "lora_B", "magnitude", "vera_lambda_d", "vera_lambda_b")}
+    adapter_keys = {f"{n}.{p}" for n in layers for p in ADAPTER_PARAMS}
     for key, value in adapter_state_dict(model).items():
         if key not in adapter_keys:  # an extra trainable module's tensor
             tensors[PREFIX + key] = value
@@ -295,7 +274,7 @@ def _read_folder(folder: Path) -> tuple[dict, dict[str, Tensor]]:
     if not isinstance(meta, dict):
         raise PeftFormatError(f"{config_path} does not hold a PEFT config (a JSON object)")
     if meta.get("format") == DORAFIT_FORMAT:
-        raise PeftFormatError(f"{folder} is a dorafit adapter folder, not a PEFT one; load it with dorafit.load_adapter")
+        raise PeftFormatError(f"{folder} is a dorafit adapter folder, not a PEFT one; use dorafit.load_adapter")
     if not tensors_path.is_file():
         hint = ""
         if (folder / "adapter_model.bin").is_file():
@@ -309,81 +288,7 @@ def _read_folder(folder: Path) -> tuple[dict, dict[str, Tensor]]:
     return meta, tensors
 
 
-def _inert(value) -> bool:
-    return value is None or value is False or value == {} or value == [] or value == ""
-
-
-def _check_options(meta: dict, mapped: set[str]) -> None:
-    """Refuse, by name, every PEFT option that changes what the adapter computes and that dorafit cannot honour."""
-    if meta.get("bias", "none") != "none":
-        raise PeftFormatError(f"the PEFT adapter uses bias={meta['bias']!r} (it trains the base model's biases), "
-                              "which dorafit does not support; only bias='none' can be imported")
-    init = meta.get("init_lora_weights", True)
-    if init not in _PLAIN_INITS:
-        raise PeftFormatError(
-            f"the PEFT adapter uses init_lora_weights={init!r}, which dorafit does not support: that initialisation "
-            "changes the base model's weights (pissa, olora, corda, loftq, lora_ga) or the layer's training (mica), "
-            "so the adapter only works on PEFT's modified model. Convert it to a plain LoRA with PEFT first "
-            "(save_pretrained(..., path_initial_model_for_weight_conversion=...))"
-        )
-    for key, value in meta.items():
-        if key in mapped or key in _METADATA_KEYS or key in _INIT_SETTINGS or _inert(value):
-            continue
-        raise PeftFormatError(f"the PEFT adapter uses {key}={value!r}, which dorafit does not support; "
-                              "it cannot be imported without changing what the adapter computes")
-
-
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def _layer_index_ok(meta: dict, key: str) -> bool:
-    """PEFT's layers_to_transform / layers_pattern filter (applied to modules found by a list of names)."""
-    indexes = meta.get("layers_to_transform")
-    if indexes is None or indexes == []:
-        return True
-    patterns = meta.get("layers_pattern")
-    patterns = [patterns] if isinstance(patterns, str) else (patterns or [])
-    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
-    for regex in regexes:
-        match = re.match(regex, key)
-        if match:
-            index = int(match.group("idx"))
-            return index == indexes if isinstance(indexes, int) else index in indexes
-    return False
-
-
-def _peft_targets(model: nn.Module, meta: dict, saved: list[str]) -> list[str]:
-    """The module names PEFT's config selects in this model (PEFT's matching rules)."""
-    targets, exclude, saved_modules = meta.get("target_modules"), meta.get("exclude_modules"), saved
-    if targets is None:
-        raise PeftFormatError("the PEFT config has no target_modules")
-    linear = isinstance(targets, str) and targets.lower() == "all-linear"
-    output = model.get_output_embeddings() if linear and hasattr(model, "get_output_embeddings") else None
-    found = []
-    for key, module in model.named_modules():
-        if not key:
-            continue
-        if exclude and (re.fullmatch(exclude, key) if isinstance(exclude, str) else _list_selects(list(exclude), key)):
-            continue
-        if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in saved_modules):
-            continue
-        if linear:
-            hit = (isinstance(module, nn.Linear) or _is_gpt2_conv1d(module)) and module is not output
-        elif isinstance(targets, str):
-            hit = re.fullmatch(targets, key) is not None
-        else:
-            hit = key in targets or (_list_selects(list(targets), key) and _layer_index_ok(meta, key))
-        if hit:
-            found.append(key)
-    return found
-
-
-def _group(tensors: dict[str, Tensor], suffixes: dict[str, str]) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+def _group(tensors: dict[str, Tensor], suffixes: dict[str, str]) -> tuple[dict[str, dict], dict[str, Tensor]]:
     """({module: {role: tensor}}, {other key without prefix: tensor}); a key outside PEFT's prefix is an error."""
     layers: dict[str, dict[str, Tensor]] = {}
     other: dict[str, Tensor] = {}
@@ -430,11 +335,11 @@ def _check_module_sets(model: nn.Module, meta: dict, layers: dict, other: dict) 
         if name not in modules:
             raise _wrong_model(meta, f"the adapter has tensors for module {name!r}, which this model does not have")
     to_save = list(meta.get("modules_to_save") or [])
-    saved_names = [n for n in modules if n and _peft_save_selects(to_save, n)] if to_save else []
+    saved_names = [n for n in modules if n and save_selects(to_save, n)] if to_save else []
     for key in list(other):
         if not any(key.startswith(n + ".") for n in saved_names):
             _check_stored_base_tensor(model, meta, key, other.pop(key), to_save)
-    selected = _peft_targets(model, meta, to_save)
+    selected = selected_targets(model, meta, to_save)
     missing = [n for n in selected if n not in layers]
     extra = [n for n in layers if n not in selected]
     if missing:
@@ -453,7 +358,7 @@ def _check_module_sets(model: nn.Module, meta: dict, layers: dict, other: dict) 
 
 def _dorafit_names(model: nn.Module, names: list[str], what: str) -> list[str] | str:
     all_names = [n for n, _ in model.named_modules() if n]
-    exact = _exact_names(all_names, names, _list_selects)
+    exact = exact_names(all_names, names, list_selects)
     if exact is not None:
         return exact
     if what == "extra_trainable":
@@ -463,7 +368,7 @@ def _dorafit_names(model: nn.Module, names: list[str], what: str) -> list[str] |
 
 # ---- import: LoRA / DoRA and VeRA ----------------------------------------------------------------------------------
 def _plan_lora(model: nn.Module, meta: dict, tensors: dict[str, Tensor]):
-    _check_options(meta, _LORA_MAPPED)
+    check_options(meta, LORA_MAPPED)
     layers, other = _group(tensors, _LORA_SUFFIXES)
     names, to_save = _check_module_sets(model, meta, layers, other)
     use_dora = bool(meta.get("use_dora", False))
@@ -480,8 +385,8 @@ def _plan_lora(model: nn.Module, meta: dict, tensors: dict[str, Tensor]):
             mag_only.append(name)  # a zero update with zero gradients: DoRA with a trainable magnitude only
             continue
         full.append(name)
-        rank = int(_pattern_value(meta.get("rank_pattern"), name, r0))
-        ranks[name] = (rank, float(_pattern_value(meta.get("alpha_pattern"), name, alpha0)))
+        rank = int(pattern_value(meta.get("rank_pattern"), name, r0))
+        ranks[name] = (rank, float(pattern_value(meta.get("alpha_pattern"), name, alpha0)))
         if roles["A"].shape[0] != rank:
             raise PeftFormatError(f"module {name!r}: lora_A has rank {roles['A'].shape[0]}, the config says {rank}")
     if len(set(ranks.values())) > 1:
@@ -498,13 +403,12 @@ def _plan_lora(model: nn.Module, meta: dict, tensors: dict[str, Tensor]):
         extra_trainable=_dorafit_names(model, to_save, "extra_trainable") if to_save else [],
     )
     if use_dora and config.dropout:
-        warnings.warn("PEFT's DoRA applies dropout as (m/n - 1) W0 x~ + (m/n) s B A x~; dorafit as (m/n)(W0 x + "
-                      "s B A x~). Outputs without dropout (eval) are equal; training differs", stacklevel=3)
+        _warn_dora_dropout()
     return config, layers, other, None
 
 
 def _plan_vera(model: nn.Module, meta: dict, tensors: dict[str, Tensor]):
-    _check_options(meta, _VERA_MAPPED)
+    check_options(meta, VERA_MAPPED)
     if not meta.get("save_projection", True) or any(k not in tensors for k in VERA_SHARED_KEYS):
         raise PeftFormatError("the PEFT VeRA adapter does not store its projections (save_projection=false); dorafit "
                               "cannot regenerate PEFT's projections from projection_prng_key. Save it with "
@@ -530,7 +434,8 @@ def _plan_vera(model: nn.Module, meta: dict, tensors: dict[str, Tensor]):
         for shape, pair in projections.items()
     )
     config = AdapterConfig(
-        method="vera", r=r, targets=_dorafit_names(model, names, "targets"), dropout=float(meta.get("vera_dropout", 0.0)),
+        method="vera", r=r, targets=_dorafit_names(model, names, "targets"),
+        dropout=float(meta.get("vera_dropout", 0.0)),
         vera_seed=seed, vera_d_init=float(meta.get("d_initial", 0.1)), save_vera_projections=not regenerable,
         extra_trainable=_dorafit_names(model, to_save, "extra_trainable") if to_save else [],
     )

@@ -82,7 +82,8 @@ def _check_with_peft(setup, out: Path, n: int) -> None:
     if differ or diff > 1e-3:
         raise ValueError(f"PEFT's outputs for the export in {out} differ from dorafit's (max |logit difference| "
                          f"{diff:.3g}, {differ} of {len(examples)} predictions differ)")
-    print(f"checked: PEFT's outputs equal dorafit's on {len(examples)} test examples (max |logit difference| {diff:.2g})")
+    print(f"checked: PEFT's outputs equal dorafit's on {len(examples)} test examples "
+          f"(max |logit difference| {diff:.2g})")
 
 
 def main(args: argparse.Namespace) -> int:
