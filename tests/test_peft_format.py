@@ -99,10 +99,10 @@ def gpt2_folder(tmp_path_factory):
     return folder
 
 
-def _tiny_llama(layers=2, hidden=16) -> LlamaForCausalLM:
+def _tiny_llama(layers=2, hidden=16, tied=False) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=40, tie_word_embeddings=False)
+                         num_key_value_heads=1, vocab_size=40, tie_word_embeddings=tied)
     return LlamaForCausalLM(config).eval()
 
 
@@ -375,3 +375,19 @@ def test_import_checks_base_weights_peft_stored_alongside(tmp_path):
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     with pytest.raises(PeftFormatError, match="stores its own base weight 'model.embed_tokens.weight'.*save_embedding"):
         import_peft(copy.deepcopy(base), tmp_path)
+
+
+def test_tied_head_is_refused_both_ways(tmp_path):
+    """PEFT's modules_to_save trains an untied copy of a tied lm_head; dorafit trains the shared tensor."""
+    ours = _tiny_llama(tied=True)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    dorafit.apply(ours, dorafit.AdapterConfig(method="lora", r=2, targets=["q_proj"], extra_trainable=["lm_head"]))
+    with pytest.raises(PeftFormatError, match="'lm_head' shares its weights with 'model.embed_tokens.weight'"):
+        export_peft(ours, tmp_path / "a")
+    base = _tiny_llama(tied=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+                       ).save_pretrained(tmp_path / "b")
+    with pytest.raises(PeftFormatError, match="tied weights"):
+        import_peft(base, tmp_path / "b")

@@ -81,7 +81,6 @@ _LORA_SUFFIXES = {
 _VERA_SUFFIXES = {".vera_lambda_d": "lambda_d", ".vera_lambda_b": "lambda_b"}
 
 
-
 # ---- shared helpers -------------------------------------------------------------------------------------------
 def _family(layer: nn.Module) -> str:
     """'embedding', 'conv', 'gpt2_conv1d' or 'linear': what decides PEFT's tensor names and shapes."""
@@ -100,6 +99,20 @@ def _conv_problem(module: nn.Module) -> str | None:
     if module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r}"
     return None
+
+
+def _check_untied(model: nn.Module, names: list[str]) -> None:
+    """PEFT's modules_to_save trains a COPY of each module; dorafit's extra_trainable trains the module itself. They
+    agree unless a module shares a tensor with the rest of the model (a head tied to the input embedding)."""
+    for name in names:
+        inside = {id(p) for p in model.get_submodule(name).parameters()}
+        for other, param in model.named_parameters(remove_duplicate=False):
+            if id(param) in inside and not other.startswith(name + "."):
+                raise PeftFormatError(
+                    f"module {name!r} shares its weights with {other!r} (tied weights): PEFT's modules_to_save trains "
+                    f"an untied copy of {name!r}, dorafit trains the shared tensor, so the two would compute "
+                    "different models. Untie the weights first or leave the module out"
+                )
 
 
 def _warn_dora_dropout() -> None:
@@ -143,6 +156,7 @@ def _check_exportable(model: nn.Module, config: AdapterConfig) -> None:
             "PEFT format cannot express. Export VeRA on layers of a single shape, or use lora or dora"
         )
     extra = list(getattr(model, "dorafit_extra_trainable", []))
+    _check_untied(model, extra)
     for name, _ in adapted_modules(model):
         inside = [x for x in extra if name == x or name.startswith(x + ".")]
         if inside:
@@ -353,7 +367,9 @@ def _check_module_sets(model: nn.Module, meta: dict, layers: dict, other: dict) 
             raise PeftFormatError(f"module {name!r} is a conv layer with {_conv_problem(modules[name])}; PEFT's "
                                   "conv LoRA ignores it, dorafit does not, so the adapter cannot be imported exactly")
     order = list(modules)
-    return sorted(selected, key=order.index), [n for n in saved_names if any(k.startswith(n + ".") for k in other)]
+    to_train = [n for n in saved_names if any(k.startswith(n + ".") for k in other)]
+    _check_untied(model, to_train)
+    return sorted(selected, key=order.index), to_train
 
 
 def _dorafit_names(model: nn.Module, names: list[str], what: str) -> list[str] | str:
