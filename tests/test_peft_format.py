@@ -221,6 +221,19 @@ def test_peft_trained_adapter_imports_with_equal_outputs(method, tmp_path):
     assert not torch.allclose(base(x).logits, ours(x).logits, atol=1e-3), "training must have changed the model"
 
 
+def test_import_can_train_more_modules(tmp_path):
+    """import_peft(..., extra_trainable=[...]): e.g. a new head trained beside an imported adapter."""
+    base = _tiny_llama()
+    get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    ours = copy.deepcopy(base)
+    import_peft(ours, tmp_path, extra_trainable=["lm_head"])
+    assert dorafit.get_config(ours).extra_trainable == ["lm_head"]
+    assert ours.lm_head.weight.requires_grad and not ours.model.norm.weight.requires_grad
+    assert torch.equal(ours.lm_head.weight, base.lm_head.weight)
+    with pytest.raises(PeftFormatError, match="extra_trainable 'nope' matches no module"):
+        import_peft(copy.deepcopy(base), tmp_path, extra_trainable=["nope"])
+
+
 def test_peft_target_selection_rules_are_followed(tmp_path):
     """layers_to_transform, layers_pattern and exclude_modules select the same modules in dorafit as in PEFT."""
     base = _tiny_llama(layers=3)

@@ -32,6 +32,7 @@ PEFT option dorafit cannot honour is refused on import, by name; nothing is drop
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -479,12 +480,14 @@ def _dorafit_tensors(model: nn.Module, layers: dict, other: dict, meta: dict) ->
     return out
 
 
-def import_peft(model: nn.Module, path: str | os.PathLike) -> list[str]:
+def import_peft(model: nn.Module, path: str | os.PathLike, extra_trainable: list[str] | None = None) -> list[str]:
     """Load a PEFT adapter folder (LoRA, rsLoRA, DoRA or VeRA) into a base ``model`` as dorafit adapters, in place.
 
     The PEFT config is mapped to an :class:`AdapterConfig` (rank, alpha, use_rslora, use_dora, target modules with
     exclude_modules / layers_to_transform, dropout, modules_to_save, consistent rank_pattern / alpha_pattern, VeRA's
-    stored projections) and the tensors are copied in. Returns the adapted module names.
+    stored projections) and the tensors are copied in. ``extra_trainable`` names more modules to train in full
+    beside the adapter (e.g. a new classification head), added to the file's modules_to_save; they keep the
+    model's weights. Returns the adapted module names; :func:`dorafit.get_config` gives the config used.
 
     Raises:
         PeftFormatError: an option dorafit does not support (named in the message), a folder that is not a
@@ -499,6 +502,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> list[str]:
         config, layers, other, projections = _plan_vera(model, meta, tensors)
     else:
         raise PeftFormatError(f"the PEFT adapter has peft_type={peft_type!r}; dorafit imports LORA and VERA adapters")
+    if extra_trainable:
+        more = [n for n in extra_trainable if n not in config.extra_trainable]
+        config = dataclasses.replace(config, extra_trainable=list(config.extra_trainable) + more)
     try:
         names = apply(model, config)
     except ValueError as exc:
@@ -511,7 +517,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike) -> list[str]:
                 if shape not in placed:
                     placed[shape] = [t.to(layer.weight.device, layer.weight.dtype) for t in projections[shape]]
                 layer.vera_A, layer.vera_B = placed[shape]
-        set_adapter_state_dict(model, _dorafit_tensors(model, layers, other, meta))
+        tensors = _dorafit_tensors(model, layers, other, meta)
+        current = adapter_state_dict(model)  # the added extra modules keep their own weights
+        set_adapter_state_dict(model, {**{k: v for k, v in current.items() if k not in tensors}, **tensors})
     except BaseException:
         unload(model)
         raise
