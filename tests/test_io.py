@@ -194,3 +194,39 @@ def test_save_is_atomic_and_leaves_no_temporaries(tmp_path):
     dorafit.save_adapter(model, tmp_path / "ad")
     dorafit.save_adapter(model, tmp_path / "ad")  # overwrite in place
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == sorted([CONFIG_FILE, TENSORS_FILE])
+
+
+def test_saved_names_match_exactly_not_as_suffixes(tmp_path):
+    """An adapter on `fc` must not also adapt `block.fc` when loaded."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.block = nn.Sequential()
+            self.block.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.block.fc(self.fc(x))
+
+    torch.manual_seed(0)
+    base = Model()
+    model = copy.deepcopy(base)
+    dorafit.apply(model, dorafit.AdapterConfig(method="dora", r=2, targets=lambda n, m: n == "fc"))
+    randomize_adapter(model)
+    dorafit.save_adapter(model, tmp_path / "ad")
+    assert dorafit.load_adapter(base, tmp_path / "ad") == ["fc"]
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(base(x), model(x), rtol=0, atol=0)
+
+
+def test_magnitude_only_adapter_round_trip(tmp_path):
+    torch.manual_seed(0)
+    base = Net()
+    model = copy.deepcopy(base)
+    dorafit.apply(model, dorafit.AdapterConfig(method="dora", targets=[], magnitude_only=["o_proj"]))
+    randomize_adapter(model)
+    dorafit.save_adapter(model, tmp_path / "ad")
+    assert dorafit.load_adapter(base, tmp_path / "ad") == ["blocks.0.o_proj", "blocks.1.o_proj"]
+    ids = torch.randint(0, 20, (2, 3))
+    torch.testing.assert_close(base(ids), model(ids), rtol=0, atol=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import os
 from pathlib import Path
 
@@ -156,6 +157,11 @@ def set_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None
             current[key].copy_(value)
 
 
+def _exact_names(names: list[str]) -> str | list[str]:
+    """A regular expression that full-matches exactly these module names (an empty list stays empty)."""
+    return "|".join(re.escape(n) for n in names) if names else []
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Apply the saved config to a base ``model`` (in place), then load the saved tensors.
 
@@ -164,6 +170,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     meta, tensors = read_adapter(path)
     try:
         config = AdapterConfig.from_dict(meta["config"])
+        # The file lists full module names; match them exactly (a plain list would also match "x.<name>").
+        config = dataclasses.replace(
+            config,
+            targets=_exact_names(config.targets),
+            magnitude_only=_exact_names(config.magnitude_only) if config.magnitude_only else None,
+        )
     except (TypeError, ValueError) as exc:
         raise AdapterFileError(f"{Path(path) / CONFIG_FILE}: invalid adapter config: {exc}") from None
     try:
