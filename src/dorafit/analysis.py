@@ -8,6 +8,10 @@ merged weight), with k output units j:
 
 Plotting dD (x) against dM (y), one point per layer per checkpoint, the paper finds a negative slope for full
 fine-tuning (correlation -0.62) and DoRA (-0.31), and a positive one for LoRA (+0.83).
+
+:func:`analyze_runs` applies this to run folders written by ``dorafit train --save-every N`` (the command
+``dorafit analyze``): step 0 is the pretrained weight itself (dM = dD = 0); it is kept in the CSV and left out of
+the fit and the plot, where it would only add a cluster of points at the origin.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as Fn
-from .files import atomic_write_bytes, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .inject import adapted_modules
 
 #: the paper's correlations on VL-BART query/value (section 3)
@@ -134,3 +139,128 @@ def plot(points: list[Point], path: str | Path, title: str = "") -> None:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+# ---- run folders ---------------------------------------------------------------------------------------------
+SNAPSHOT_DIR = re.compile(r"step-(\d+)")
+
+
+def snapshots(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every snapshot of a run, by step; an error saying how to get some if there are none."""
+    folder = Path(run_dir) / "snapshots"
+    found = sorted((int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else [])
+                   if p.is_dir() and (m := SNAPSHOT_DIR.fullmatch(p.name)))
+    if not found:
+        raise ValueError(f"{run_dir} has no snapshots ({folder}/step-N/ is missing); train the run with "
+                         "dorafit train --save-every N to keep the weights at several steps")
+    return found
+
+
+def _select(available: list[str], modules: list[str] | None, run_dir: Path) -> list[str]:
+    """The available module names that ``modules`` (names or name suffixes) pick; all of them if None."""
+    if not modules:
+        return available
+    picked = [n for n in available if any(n == m or n.endswith("." + m) for m in modules)]
+    for m in modules:
+        if not any(n == m or n.endswith("." + m) for n in picked):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in available})
+            raise ValueError(f"--modules {m!r} matches none of the modules {run_dir}'s snapshots hold; they hold: "
+                             f"{', '.join(leaves)}")
+    return picked
+
+
+def _adapter_weights(model: nn.Module, steps: list[tuple[int, Path]], modules, run_dir):
+    """Yields (step, {name: (W0, W_t)}) for an adapter run: W_t is the merged weight at the snapshot."""
+    from .io import VERA_PREFIX, load_adapter, read_adapter, set_adapter_state_dict
+
+    load_adapter(model, steps[0][1])  # applies the saved config once
+    layers = dict(adapted_modules(model))
+    names = _select(list(layers), modules, run_dir)
+    w0 = {n: layers[n].dorafit.ops.weight_matrix(layers[n]).detach().clone() for n in names}
+    first = read_adapter(steps[0][1])[0]["config"]
+    for step, folder in steps:
+        meta, tensors = read_adapter(folder)
+        if meta["config"] != first:
+            raise ValueError(f"{folder} holds an adapter with another config than {steps[0][1]}; a run's snapshots "
+                             "must come from one run")
+        set_adapter_state_dict(model, {k: v for k, v in tensors.items() if not k.startswith(VERA_PREFIX)})
+        merged = effective_weights(model)
+        yield step, {n: (w0[n], merged[n]) for n in names}
+
+
+def _full_weights(model: nn.Module, steps: list[tuple[int, Path]], modules, run_dir):
+    """Yields (step, {name: (W0, W_t)}) for a full fine-tuning run from its snapshots' weights.safetensors."""
+    from safetensors.torch import load_file
+
+    from .layers import ops_for
+
+    all_modules = dict(model.named_modules())
+    held = [k[: -len(".weight")] for k in load_file(steps[0][1] / "weights.safetensors") if k.endswith(".weight")]
+    unknown = [n for n in held if n not in all_modules or ops_for(all_modules[n]) is None]
+    if unknown:
+        raise ValueError(f"{steps[0][1]} holds weights of {unknown[0]!r}, which the run's base model has not (or "
+                         "which is no layer with a weight matrix)")
+    names = _select(held, modules, run_dir)
+    ops = {n: ops_for(all_modules[n]) for n in names}
+    w0 = {n: ops[n].weight_matrix(all_modules[n]).detach().clone() for n in names}
+    for step, folder in steps:
+        tensors = load_file(folder / "weights.safetensors")
+        result = {}
+        for n in names:
+            if f"{n}.weight" not in tensors:
+                raise ValueError(f"{folder}/weights.safetensors lacks {n}.weight; the snapshot is incomplete")
+            with torch.no_grad():
+                all_modules[n].weight.copy_(tensors[f"{n}.weight"])
+            result[n] = (w0[n], ops[n].weight_matrix(all_modules[n]).detach().clone())
+        yield step, result
+
+
+def run_points(run_dir: Path, modules: list[str] | None = None, label: str | None = None) -> list[Point]:
+    """One :class:`Point` per snapshot step and selected layer of a run; ``label`` (default: the method) names it.
+
+    The run's base model is loaded once; adapter snapshots are set into it in turn.
+    """
+    from .train import rundir
+    from .train.models import load_model, resolve_model
+    from .train.options import from_dict
+
+    run_dir = Path(run_dir)
+    stored, resolved = rundir.read_config(run_dir)
+    cfg = from_dict(stored, str(run_dir / rundir.CONFIG))
+    steps = snapshots(run_dir)
+    model = load_model(resolve_model(cfg.model), resolved["kind"], resolved.get("labels")).model
+    model.requires_grad_(False)
+    weights = _full_weights if cfg.method == "full" else _adapter_weights
+    label = label or cfg.method
+    points = []
+    for step, pairs in weights(model, steps, modules, run_dir):
+        for name, (w0, w) in pairs.items():
+            dm, dd = decomposition_change(w0, w)
+            points.append(Point(label, step, name, dm, dd))
+    return points
+
+
+def analyze_runs(runs: list[Path], out: Path, modules: list[str] | None = None, labels: list[str] | None = None,
+                 title: str = "") -> dict:
+    """The analysis of ``runs`` into ``out``: decomposition.csv (every point), decomposition.png and summary.json
+    (fit and plot without step 0). Returns the summary."""
+    points = []
+    for i, run in enumerate(runs):
+        points.extend(run_points(run, modules, labels[i] if labels else None))
+    trained = [p for p in points if p.step > 0]
+    if not trained:
+        raise ValueError("the runs have snapshots at step 0 only; train them with --save-every N for N below the "
+                         "number of steps")
+    out = Path(out)
+    write_csv(points, out / "decomposition.csv")
+    plot(trained, out / "decomposition.png", title)
+    methods = summarize(trained)
+    for label, s in methods.items():
+        s.update({k: None for k in ("slope", "correlation") if not math.isfinite(s[k])})  # JSON has no NaN
+        s["paper_correlation"] = PAPER_CORRELATIONS.get(label)
+        s["steps"] = sorted({p.step for p in trained if p.method == label})
+        s["layers"] = sorted({p.layer for p in trained if p.method == label})
+    summary = {"runs": [str(r) for r in runs], "modules": modules, "methods": methods,
+               "note": "fit over every layer and snapshot step > 0; dM, dD per METHOD.md"}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
