@@ -128,19 +128,19 @@ class AdaptedLayer:
         if st.merged or st.disabled:
             return st.base_class.forward(self, x)
         ops = st.ops
-        x_in = x
-        pre = ops.base(self, x)  # W0 x, no bias
         p, q = self.factors()
-        if p is not None:
-            if st.dropout and ops.supports_dropout:
-                x = F.dropout(x, st.dropout, self.training)
-            pre = pre + ops.up(self, ops.down(self, x, q), p)  # + P Q x
-        if st.decomposed:
-            n = self.weight_norm(p, q)
-            y = magnitude_scale(pre, self.magnitude, n, getattr(self, "bias", None), ops.channel_dim)
+        if p is None:  # magnitude-only
+            pre = ops.base(self, x)  # W0 x, no bias
         else:
-            y = ops.add_bias(self, pre)
-        return ops.finish(self, x_in, y)
+            dropout = st.dropout and ops.supports_dropout and self.training
+            x_adapter = F.dropout(x, st.dropout) if dropout else x
+            pre = ops.low_rank(self, x, x_adapter, p, q, with_bias=not st.decomposed)  # W0 x + P Q x (+ b)
+        if not st.decomposed:
+            return ops.finish(self, x, pre)
+        n = self.weight_norm(p, q)
+        # pre is this forward's own fresh tensor (nothing saved it), so the scale may overwrite it
+        y = magnitude_scale(pre, self.magnitude, n, getattr(self, "bias", None), ops.channel_dim, inplace=True)
+        return ops.finish(self, x, y)
 
     # ---- merge ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -35,13 +35,18 @@ def _reduce_except_channel(t: Tensor, channel_dim: int) -> Tensor:
 
 class _MagnitudeScale(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None, channel_dim: int) -> Tensor:
+    def forward(ctx, pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None, channel_dim: int,
+                inplace: bool) -> Tensor:
         shape = _broadcast_shape(pre.dim(), channel_dim)
         scale = (magnitude / norm).to(pre.dtype)  # [out]
-        y = pre * scale.view(shape)  # same shape as pre
         saves_output = bias is None
-        if bias is not None:
-            y = y.add_(bias.to(y.dtype).view(shape))
+        if saves_output and inplace:
+            y = pre.mul_(scale.view(shape))
+            ctx.mark_dirty(pre)
+        elif saves_output:
+            y = pre * scale.view(shape)
+        else:  # one pass; pre stays intact for backward
+            y = torch.addcmul(bias.to(pre.dtype).view(shape), pre, scale.view(shape))
         ctx.channel_dim = channel_dim
         ctx.saves_output = saves_output
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -68,10 +73,12 @@ class _MagnitudeScale(torch.autograd.Function):
                 grad_n = (-(magnitude / norm) * g_pre_over_n).to(norm.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
             grad_b = _reduce_except_channel(grad_y, cd).to(ctx.bias_dtype)
-        return grad_pre, grad_m, grad_n, grad_b, None
+        return grad_pre, grad_m, grad_n, grad_b, None, None
 
 
-def magnitude_scale(pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None, channel_dim: int) -> Tensor:
+def magnitude_scale(
+    pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None, channel_dim: int, inplace: bool = False
+) -> Tensor:
     """``y = (magnitude / norm) * pre + bias``, broadcast along ``channel_dim`` (see the module docstring).
 
     Args:
@@ -80,5 +87,7 @@ def magnitude_scale(pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor |
         norm: n, [out]; pass it detached for the paper's memory-saving form (section 4.3).
         bias: the layer's bias [out] or None; never scaled.
         channel_dim: the dimension of ``pre`` that indexes output units (-1 for linear, 1 for conv).
+        inplace: without a bias, write y into ``pre`` (saves a [tokens, out] allocation). Only for a ``pre``
+            that nothing else uses; autograd raises an error in backward if something saved it.
     """
-    return _MagnitudeScale.apply(pre, magnitude, norm, bias, channel_dim)
+    return _MagnitudeScale.apply(pre, magnitude, norm, bias, channel_dim, inplace)

@@ -50,6 +50,15 @@ class LayerOps:
         """``P u``: rank r back to the output units. p: [out, r]."""
         raise NotImplementedError
 
+    def low_rank(self, module: nn.Module, x: Tensor, x_adapter: Tensor, p: Tensor, q: Tensor, with_bias: bool) -> Tensor:
+        """``W0 x + P Q x_adapter`` (+ the bias if ``with_bias``); ``x_adapter`` is x after the adapter's dropout.
+
+        Generic: from :meth:`base`, :meth:`down` and :meth:`up`. Families with a faster equivalent override it.
+        """
+        y = self.base(module, x)
+        y = y + self.up(module, self.down(module, x_adapter, q), p)
+        return self.add_bias(module, y) if with_bias else y
+
     def add_bias(self, module: nn.Module, y: Tensor) -> Tensor:
         bias = getattr(module, "bias", None)
         if bias is None:

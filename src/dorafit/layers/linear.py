@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LayerOps
+from .low_rank_linear import low_rank_linear
 
 
 class LinearOps(LayerOps):
@@ -20,6 +22,15 @@ class LinearOps(LayerOps):
 
     def up(self, module: nn.Module, u: Tensor, p: Tensor) -> Tensor:
         return F.linear(u, p)  # [..., out]
+
+    def low_rank(self, module: nn.Module, x: Tensor, x_adapter: Tensor, p: Tensor, q: Tensor, with_bias: bool) -> Tensor:
+        """The fused :func:`low_rank_linear` when x feeds both paths (no dropout) and nothing casts dtypes."""
+        w0 = self.weight_matrix(module)
+        bias = module.bias if with_bias else None
+        same_dtype = x.dtype == w0.dtype == p.dtype == q.dtype and (bias is None or bias.dtype == x.dtype)
+        if x_adapter is not x or not same_dtype or torch.is_autocast_enabled(x.device.type):
+            return super().low_rank(module, x, x_adapter, p, q, with_bias)
+        return low_rank_linear(x, w0, p, q, bias)
 
 
 class GPT2Conv1DOps(LinearOps):

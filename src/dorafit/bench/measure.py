@@ -1,0 +1,154 @@
+"""Measurement primitives: interleaved median timing, bytes saved for backward, peak memory.
+
+Saved for backward (deterministic, independent of the allocator): every tensor that autograd saves during
+the forward pass goes through ``torch.autograd.graph.saved_tensors_hooks``; we sum the sizes of the
+DISTINCT storages behind them (a view and its base count once, a tensor saved by two operations counts
+once), leaving out storages that belong to a model parameter or buffer (frozen weights, adapter tensors).
+What remains is what the forward pass keeps alive for backward: activations, dropout masks, softmax
+outputs, small derived tensors such as ``s * B`` or the DoRA norm.
+
+Peak memory: ``max_memory_allocated`` on CUDA; on CPU the process's peak resident set (VmHWM), read in a
+fresh process per variant (:mod:`dorafit.bench.peak`) because one process's allocator keeps memory that
+other variants freed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+# ---- saved for backward ----------------------------------------------------------------------------------
+def model_storages(*models: nn.Module) -> set[int]:
+    """Data pointers of the storages of every parameter and buffer of ``models``."""
+    return {t.untyped_storage().data_ptr() for m in models for t in [*m.parameters(), *m.buffers()]}
+
+
+class SavedTensorCounter:
+    """Context manager: distinct storages autograd saves inside it, except those in ``exclude``.
+
+    After the block: ``nbytes`` (sum of storage sizes) and ``count`` (number of distinct storages).
+    """
+
+    def __init__(self, exclude: set[int] = frozenset()):
+        self.exclude = exclude
+        self.storages: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.exclude and storage.nbytes() > 0:
+            self.storages[ptr] = storage.nbytes()
+        return t
+
+    def __enter__(self) -> "SavedTensorCounter":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+    @property
+    def count(self) -> int:
+        return len(self.storages)
+
+
+# ---- timing -------------------------------------------------------------------------------------------------
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], warmup: int, repeats: int, device: str) -> dict[str, list]:
+    """Seconds per call of every function, measured round-robin.
+
+    Each round calls every function once, in an order rotated by one every round (no variant always runs
+    right after the same other one); the first ``warmup`` rounds are discarded. Python's garbage collector
+    runs between calls, never inside one.
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for round_ in range(warmup + repeats):
+            k = round_ % len(names)
+            for name in names[k:] + names[:k]:
+                gc.collect()
+                synchronize(device)
+                start = time.perf_counter()
+                fns[name]()
+                synchronize(device)
+                if round_ >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+def median_ms(seconds: list[float]) -> float:
+    return 1e3 * statistics.median(seconds)
+
+
+# ---- memory -------------------------------------------------------------------------------------------------
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS at once.
+
+    Without this, every large tensor is a fresh ``mmap`` whose pages fault in on first touch, which on a
+    CPU makes step times depend on what ran before (the first steps of a variant measured 2-6x slower
+    than later ones here). This is what a caching allocator (jemalloc, tcmalloc, PyTorch's CUDA allocator)
+    does anyway. Returns False where it does not apply (not glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 40))
+    except (OSError, AttributeError):
+        return False
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}; peak RSS is measured on Linux only")
+
+
+def rss_bytes() -> int:
+    """The process's resident set now."""
+    return 1024 * _proc_status_kib("VmRSS")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set since the process started or since :func:`reset_peak_rss`."""
+    return 1024 * _proc_status_kib("VmHWM")
+
+
+def cuda_peak_bytes(fn: Callable[[], object], device: str) -> tuple[int, int]:
+    """(peak allocated during ``fn``, peak minus what was allocated before it), in bytes, on a CUDA device."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return peak, peak - before

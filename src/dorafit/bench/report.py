@@ -1,0 +1,156 @@
+"""The benchmark's ratios, its Markdown table and its JSON record."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dorafit
+
+from ..files import atomic_write_json
+
+# (key, label, section, numerator, denominator, target: the ratio must be <= it, or None)
+# section "train" ratios compare step_ms, "saved" saved_mib, "peak" peak_mib, "inference" latency_ms.
+RATIOS = [
+    ("dora_vs_lora_step", "our DoRA step / our LoRA step", "train", "dora", "lora", 1.10),
+    ("dora_vs_peft_dora_step", "our DoRA step / PEFT DoRA step", "train", "dora", "peft_dora", 0.85),
+    ("lora_vs_peft_lora_step", "our LoRA step / PEFT LoRA step", "train", "lora", "peft_lora", None),
+    ("peft_dora_vs_peft_lora_step", "PEFT DoRA step / PEFT LoRA step", "train", "peft_dora", "peft_lora", None),
+    ("full_norm_vs_detached_step", "our DoRA step, norm not detached / detached", "train", "dora_full_norm", "dora",
+     None),
+    ("dora_vs_lora_saved", "our DoRA saved activations / our LoRA", "saved", "dora", "lora", 1.05),
+    ("peft_dora_vs_peft_lora_saved", "PEFT DoRA saved activations / PEFT LoRA", "saved", "peft_dora", "peft_lora",
+     None),
+    ("dora_vs_peft_dora_saved", "our DoRA saved activations / PEFT DoRA", "saved", "dora", "peft_dora", None),
+    ("full_norm_vs_detached_saved", "our DoRA saved, norm not detached / detached", "saved", "dora_full_norm", "dora",
+     None),
+    ("dora_vs_lora_peak", "our DoRA peak memory / our LoRA", "peak", "dora", "lora", None),
+    ("dora_vs_peft_dora_peak", "our DoRA peak memory / PEFT DoRA", "peak", "dora", "peft_dora", None),
+    ("full_norm_vs_detached_peak", "our DoRA peak, norm not detached / detached", "peak", "dora_full_norm", "dora",
+     None),
+    ("merged_vs_base_inference", "our merged DoRA inference / base", "inference", "dora_merged", "base", 1.02),
+    ("dora_vs_lora_inference", "our unmerged DoRA inference / our unmerged LoRA", "inference", "dora", "lora", 1.10),
+    ("peft_dora_vs_dora_inference", "PEFT unmerged DoRA inference / ours", "inference", "peft_dora", "dora", None),
+]
+# (key, label, field): the adapter's own cost, i.e. (DoRA - base) / (LoRA - base), which does not depend on
+# how much of the step the frozen model (e.g. a large vocabulary's output layer) takes
+OVERHEAD_RATIOS = [
+    ("dora_vs_lora_step_over_base", "our DoRA / our LoRA step time above the frozen base", "step_ms"),
+    ("dora_vs_lora_saved_over_base", "our DoRA / our LoRA saved activations above the frozen base", "saved_mib"),
+]
+_FIELD = {"train": "step_ms", "saved": "saved_mib", "peak": "peak_mib", "inference": "latency_ms"}
+
+
+def ratios(result: dict) -> dict[str, dict]:
+    """Every ratio computable from one workload's result: {key: {label, value, target, met}}."""
+    out: dict[str, dict] = {}
+    for key, label, section, num, den, target in RATIOS:
+        table = result["inference" if section == "inference" else "train"]
+        a, b = table.get(num, {}).get(_FIELD[section]), table.get(den, {}).get(_FIELD[section])
+        if a is None or b is None:
+            continue
+        value = a / b
+        out[key] = {"label": label, "value": value, "target": target, "met": None if target is None else value <= target}
+    train = result["train"]
+    for key, label, field in OVERHEAD_RATIOS:
+        base, lora, dora = (train[v][field] for v in ("base", "lora", "dora"))
+        if lora - base > 0:
+            out[key] = {"label": label, "value": (dora - base) / (lora - base), "target": None, "met": None}
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """What the figures depend on: library versions, device, processor, threads, load."""
+    info: dict[str, Any] = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dorafit": dorafit.__version__,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": _git_commit(),
+    }
+    for lib in ("transformers", "peft"):
+        try:
+            info[lib] = __import__(lib).__version__
+        except ImportError:
+            info[lib] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    except OSError:
+        return None
+    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
+
+
+# ---- the table -------------------------------------------------------------------------------------------
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(record: dict) -> str:
+    """The whole record as Markdown: one block of tables per workload."""
+    meta = record["meta"]
+    lines = [
+        f"Command: `{meta['command']}`",
+        "",
+        f"Machine: {meta['cpu']}, {meta['torch_threads']} threads"
+        + (f", GPU {meta['gpu']}" if meta.get("gpu") else "")
+        + f"; device {meta['device']}, {meta['dtype']}; torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"peft {meta['peft']}; {meta['date_utc']} UTC; load average {meta['load_average_start']} at start, "
+        f"{meta['load_average_end']} at the end.",
+    ]
+    for name, result in record["workloads"].items():
+        steps = len(next(iter(result["train"].values()))["step_ms_all"])
+        lines += ["", f"### {name}: {result['description']}", "", f"r = {result['spec']['r']}, alpha = "
+                  f"{result['spec']['alpha']}, targets `{result['targets']}`, dropout 0. Median of {steps} steps.", ""]
+        lines += ["| training variant | step ms | saved for backward MiB | peak MiB | peak above setup MiB | trainable |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for variant, r in result["train"].items():
+            lines.append(
+                f"| {variant} | {_fmt(r['step_ms'])} | {_fmt(r['saved_mib'])} | {_fmt(r.get('peak_mib'))} | "
+                f"{_fmt(r.get('peak_over_setup_mib'))} | {r['trainable_params']:,} |"
+            )
+        lines += ["", "| inference variant | latency ms |", "|---|---:|"]
+        for variant, r in result["inference"].items():
+            lines.append(f"| {variant} | {_fmt(r['latency_ms'])} |")
+        lines += ["", "| ratio | value | target |", "|---|---:|---|"]
+        for r in result["ratios"].values():
+            target = "" if r["target"] is None else f"<= {r['target']:.2f} ({'met' if r['met'] else 'NOT met'})"
+            lines.append(f"| {r['label']} | {r['value']:.3f} | {target} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(record: dict, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    atomic_write_json(path, record)
+    return path

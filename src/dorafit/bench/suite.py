@@ -1,0 +1,130 @@
+"""Run every measurement of one workload: training steps, saved activations, peak memory, inference.
+
+A training step is forward, loss, backward, ``AdamW.step()`` and ``zero_grad(set_to_none=True)`` (the base
+variant has nothing to train: forward, loss and backward only). Inference is one forward pass over the
+same batch in eval mode under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .measure import (
+    SavedTensorCounter,
+    cuda_peak_bytes,
+    interleaved_times,
+    median_ms,
+    model_storages,
+)
+from .models import INFERENCE_VARIANTS, TRAIN_VARIANTS, Workload, WorkloadSpec, build_variant, build_workload
+
+MIB = 2**20
+
+
+class Trainer:
+    """One variant's model, its AdamW optimizer (None for the frozen base) and its training step."""
+
+    def __init__(self, workload: Workload, variant: str):
+        self.workload = workload
+        self.model = build_variant(workload, variant).train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in params)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step(self) -> float:
+        loss = self.workload.loss(self.model, self.workload.inputs)
+        self._finish(loss)
+        return loss.item()
+
+    def counted_step(self) -> tuple[float, SavedTensorCounter]:
+        """A step whose forward pass runs under a :class:`SavedTensorCounter`."""
+        with SavedTensorCounter(exclude=model_storages(self.model)) as counter:
+            loss = self.workload.loss(self.model, self.workload.inputs)
+        self._finish(loss)
+        return loss.item(), counter
+
+    def _finish(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def run_training(workload: Workload, warmup: int, steps: int, peak_steps: int, threads: int, log: Callable) -> dict:
+    """Per training variant: median step time, saved-for-backward bytes, peak memory, first loss."""
+    device = workload.spec.device
+    trainers = {name: Trainer(workload, name) for name in TRAIN_VARIANTS}
+    results: dict[str, dict] = {}
+    for name, trainer in trainers.items():
+        loss, counter = trainer.counted_step()
+        results[name] = {
+            "trainable_params": trainer.trainable,
+            "first_loss": loss,
+            "saved_mib": counter.nbytes / MIB,
+            "saved_storages": counter.count,
+        }
+    log(f"  timing {len(trainers)} training variants: {warmup} warm-up + {steps} timed rounds")
+    times = interleaved_times({n: t.step for n, t in trainers.items()}, warmup, steps, device)
+    for name, seconds in times.items():
+        results[name].update(step_ms=median_ms(seconds), step_ms_all=[1e3 * s for s in seconds])
+    if peak_steps and device.startswith("cuda"):
+        for name, trainer in trainers.items():
+            peak, over = cuda_peak_bytes(lambda: [trainer.step() for _ in range(peak_steps)], device)
+            results[name].update(peak_mib=peak / MIB, peak_over_setup_mib=over / MIB)
+    del trainers
+    gc.collect()
+    if peak_steps and not device.startswith("cuda"):
+        for name in TRAIN_VARIANTS:
+            log(f"  peak RSS of {name} in a fresh process")
+            results[name].update(cpu_peak_in_subprocess(workload.spec, name, peak_steps, threads))
+    return results
+
+
+def run_inference(workload: Workload, warmup: int, steps: int, log: Callable) -> dict:
+    """Per inference variant: median latency of one forward pass over the batch."""
+    models = {name: build_variant(workload, name).eval() for name in INFERENCE_VARIANTS}
+
+    def forward(model: nn.Module) -> Callable[[], object]:
+        def run():
+            with torch.no_grad():
+                return workload.forward(model, workload.inputs)
+
+        return run
+
+    log(f"  timing {len(models)} inference variants: {warmup} warm-up + {steps} timed rounds")
+    times = interleaved_times({n: forward(m) for n, m in models.items()}, warmup, steps, workload.spec.device)
+    return {n: {"latency_ms": median_ms(s), "latency_ms_all": [1e3 * x for x in s]} for n, s in times.items()}
+
+
+def cpu_peak_in_subprocess(spec: WorkloadSpec, variant: str, steps: int, threads: int) -> dict:
+    """Run :mod:`dorafit.bench.peak` for one variant; its JSON answer (peak RSS in MiB)."""
+    cmd = [sys.executable, "-m", "dorafit.bench.peak", json.dumps(spec.to_dict()), variant, str(steps), str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"peak-memory run of {variant} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_workload(spec: WorkloadSpec, warmup: int, steps: int, inference_steps: int, peak_steps: int, threads: int,
+                 log: Callable = print) -> dict:
+    """Every measurement of one workload, as a JSON-ready dict."""
+    log(f"{spec.model}: building")
+    workload = build_workload(spec)
+    log(f"  {workload.description}")
+    training = run_training(workload, warmup, steps, peak_steps, threads, log)
+    inference = run_inference(workload, warmup, inference_steps, log)
+    return {
+        "spec": spec.to_dict(),
+        "description": workload.description,
+        "targets": workload.targets,
+        "train": training,
+        "inference": inference,
+    }

@@ -1,0 +1,117 @@
+"""``dorafit bench``: speed and memory of our LoRA and DoRA against the frozen base model and PEFT, side by side.
+
+Everything is measured in one process with the variants interleaved (see :mod:`dorafit.bench`); the table
+goes to stdout (Markdown) and the full record to a JSON file under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+
+import torch
+
+DESCRIPTION = (
+    "Measure training-step time, activations saved for backward, peak memory and inference latency of the frozen "
+    "base model, dorafit LoRA/DoRA and PEFT LoRA/DoRA on a LLaMA-shaped model and all-MiniLM-L6-v2."
+)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="speed and memory benchmark against PEFT", description=DESCRIPTION)
+    p.add_argument("--models", default="llama,minilm", help="comma-separated: llama, minilm (default: both)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    p.add_argument("--warmup", type=int, default=2, help="rounds run and discarded before timing (default: 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per variant (default: 5)")
+    p.add_argument("--inference-steps", type=int, default=7, help="timed forward passes per variant (default: 7)")
+    p.add_argument("--peak-steps", type=int, default=2,
+                   help="training steps for the peak-memory measurement, 0 to skip it (default: 2)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc malloc's settings alone (by default freed memory is kept for reuse, see README)")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<device>-<date>.json)")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("adapter")
+    g.add_argument("--r", type=int, default=16, help="rank (default: 16)")
+    g.add_argument("--alpha", type=float, default=32.0, help="alpha (default: 32)")
+    g = p.add_argument_group("llama workload (random weights)")
+    g.add_argument("--hidden", type=int, default=1024)
+    g.add_argument("--intermediate", type=int, default=2816)
+    g.add_argument("--layers", type=int, default=4)
+    g.add_argument("--heads", type=int, default=16)
+    g.add_argument("--vocab", type=int, default=32000, help="default: LLaMA-2's 32,000")
+    g.add_argument("--batch", type=int, default=4)
+    g.add_argument("--seq", type=int, default=256)
+    g = p.add_argument_group("minilm workload (all-MiniLM-L6-v2)")
+    g.add_argument("--minilm-batch", type=int, default=32, help="even: the loss pairs the two halves (default: 32)")
+    g.add_argument("--minilm-seq", type=int, default=128)
+    p.set_defaults(func=lambda args: run(args, p))
+
+
+def _check(args) -> list[str]:
+    from dorafit.bench.models import MODELS
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if not models or unknown:
+        raise SystemExit(f"dorafit bench: --models takes a comma-separated list of {', '.join(MODELS)}; got {args.models!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("dorafit bench: --device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise SystemExit(f"dorafit bench: --device must be cpu or cuda[:N], got {args.device!r}")
+    for name in ("steps", "inference_steps", "r"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"dorafit bench: --{name.replace('_', '-')} must be at least 1")
+    for name in ("warmup", "peak_steps", "threads"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"dorafit bench: --{name.replace('_', '-')} must not be negative")
+    return models
+
+
+def _command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """``dorafit bench`` with every option that differs from its default: how to reproduce this run."""
+    words = ["dorafit", "bench"]
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest)
+        if value != action.default:
+            words += [action.option_strings[0]] + ([] if isinstance(value, bool) else [str(value)])
+    return shlex.join(words)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    models = _check(args)
+    from dorafit.bench import measure, report
+    from dorafit.bench.models import WorkloadSpec, llama_sizes
+    from dorafit.bench.suite import run_workload
+
+    kept = False if args.system_malloc else measure.keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common = dict(r=args.r, alpha=args.alpha, device=args.device, dtype=args.dtype, seed=args.seed)
+    specs = {
+        "llama": WorkloadSpec(model="llama", batch=args.batch, seq=args.seq, sizes=llama_sizes(
+            args.hidden, args.intermediate, args.layers, args.heads, args.vocab), **common),
+        "minilm": WorkloadSpec(model="minilm", batch=args.minilm_batch, seq=args.minilm_seq, **common),
+    }
+    meta = {**report.machine(), "device": args.device, "dtype": args.dtype, "malloc_keeps_freed_memory": kept,
+            "command": _command_line(args, parser),
+            "load_average_start": report.load_average()}
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    workloads = {}
+    for name in models:
+        result = run_workload(specs[name], args.warmup, args.steps, args.inference_steps, args.peak_steps,
+                              args.threads, log)
+        result["ratios"] = report.ratios(result)
+        workloads[name] = result
+    meta["load_average_end"] = report.load_average()
+    record = {"meta": meta, "workloads": workloads}
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = report.write_json(record, args.out or f"benchmarks/results/{args.device.replace(':', '')}-{stamp}.json")
+    print(report.markdown(record))
+    log(f"wrote {path}")
+    return 0
