@@ -1,0 +1,235 @@
+"""What the experiment scripts share: one training run (cached), learning-rate selection on a validation split,
+statistics, and writing results (JSON + Markdown) with the machine they ran on.
+
+Runs go to ``runs/experiments/<experiment>/<run>/`` (git-ignored) through dorafit's own training tool
+(:func:`dorafit.train.run.train`); a run whose folder already holds a finished ``eval.json`` is read back instead
+of trained again, so an interrupted experiment continues where it stopped. Every run uses one torch thread: the
+machine has 2 cores shared with other work, where two threads per process thrash (measured: 4.5 s vs 0.7 s per
+MiniLM step under load).
+
+Learning rates are chosen per method on a validation split carved out of the task's TRAINING examples (never the
+test set): the same grid size, steps and seed for every method; the test set is only used for the final runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from dorafit.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from dorafit.train.data import load_task  # noqa: E402
+from dorafit.train.options import TrainConfig  # noqa: E402
+
+RUNS = ROOT / "runs" / "experiments"
+RESULTS = ROOT / "experiments" / "results"
+THREADS = 1
+WALL = "experiment_wall.json"  # per run folder: wall seconds of the call that trained it
+
+
+def machine() -> dict:
+    """Where and with what the experiment ran."""
+    import torch
+
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True,
+                           text=True).stdout.split("\n")
+    return {"host": platform.node(), "cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": THREADS,
+            "torch": torch.__version__, "python": platform.python_version(), "git_commit": commit,
+            "uncommitted_src_changes_at_write": [line[3:] for line in dirty if line.strip()],
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "note": "2 CPU cores shared with other engineers' jobs at the same time; timings are indicative"}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ---- runs ----------------------------------------------------------------------------------------------------
+def finished(folder: Path) -> dict | None:
+    """The eval.json of a finished run (one with an after-training result), else None."""
+    path = folder / "eval.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if "step" in result else None
+
+
+def train_run(experiment: str, name: str, **options) -> dict:
+    """Train (or read back) one run; returns its eval.json plus ``wall_seconds``, ``config`` and ``folder``."""
+    from dorafit.train.run import train
+
+    folder = RUNS / experiment / name
+    options = {"eval_before": False, "threads": THREADS, "checkpoint_every": 10_000, **options}
+    result = finished(folder)
+    if result is None:
+        if (folder / "config.json").is_file():  # interrupted: drop it and start clean (runs are short)
+            import shutil
+
+            shutil.rmtree(folder)
+        print(f"\n=== {experiment}/{name}: {options}", flush=True)
+        started = time.monotonic()
+        code = train(TrainConfig(out=str(folder), **options), dict(options))
+        if code != 0:
+            raise RuntimeError(f"run {folder} failed with exit code {code}")
+        atomic_write_json(folder / WALL, {"wall_seconds": round(time.monotonic() - started, 1)})
+        result = finished(folder)
+    wall = json.loads((folder / WALL).read_text())["wall_seconds"] if (folder / WALL).is_file() else None
+    config = json.loads((folder / "config.json").read_text())
+    differ = {k: (v, config["config"][k]) for k, v in options.items() if k not in ("threads", "out")
+              and config["config"][k] != (list(v) if isinstance(v, tuple) else v)}
+    if differ:
+        raise RuntimeError(f"{folder} was trained with other options than asked now: {differ}; remove the folder")
+    return {**result, "wall_seconds": wall, "config": config["config"], "resolved": config["resolved"],
+            "folder": str(folder.relative_to(ROOT))}
+
+
+def adapter_only_parameters(run: dict) -> int:
+    """Trainable parameters minus the classification head's (pooler + classifier), from the saved adapter file."""
+    from safetensors import safe_open
+
+    if run["config"]["method"] == "full":
+        return run["trainable_parameters"]
+    head = tuple(f"{h}." for h in run["config"]["head"] or [])
+    with safe_open(str(ROOT / run["folder"] / "adapter" / "adapter.safetensors"), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith(head))
+
+
+# ---- validation split for learning-rate selection -------------------------------------------------------------
+def validation_files(task: str, n_val: int, seed: int = 0) -> tuple[str, str]:
+    """(train.jsonl, val.jsonl) from the preset's training split: ``n_val`` examples held out by ``seed``."""
+    folder = RUNS / "data" / f"{task}-val{n_val}-seed{seed}"
+    train_path, val_path = folder / "train.jsonl", folder / "val.jsonl"
+    if not val_path.is_file():
+        data = load_task(task)
+        rows = list(data.train)
+        random.Random(seed).shuffle(rows)
+        write = lambda path, part: atomic_write_text(  # noqa: E731
+            path, "".join(json.dumps({"text": t, "label": data.labels[y]}) + "\n" for t, y in part))
+        write(train_path, rows[n_val:])
+        write(val_path, rows[:n_val])
+    return str(train_path), str(val_path)
+
+
+def select_lr(experiment: str, name: str, grid: list[float], task: str, n_val: int, **options) -> dict:
+    """Train ``name`` once per learning rate of ``grid`` on the training split minus ``n_val`` validation
+    examples (seed 0) and return {"best": lr, "grid": {lr: validation accuracy}}. Ties go to the smaller lr."""
+    train_file, val_file = validation_files(task, n_val)
+    scores = {}
+    for lr in grid:
+        run = train_run(experiment, f"lr-{name}-{task}-{lr:g}", task=train_file, eval_file=val_file, lr=lr, seed=0,
+                        **options)
+        scores[lr] = run["average"]
+    best = max(grid, key=lambda lr: (scores[lr], -lr))
+    return {"best": best, "grid": {f"{lr:g}": scores[lr] for lr in grid}, "validation_examples": n_val}
+
+
+def seeds_result(experiment: str, name: str, task: str, setting: dict, options: dict, seeds, lr: float | None = None,
+                 grid: list[float] | None = None) -> tuple[dict, list[dict]]:
+    """Test accuracy of ``options`` on ``task`` over ``seeds``, at ``lr`` or at the best of ``grid`` (select_lr).
+
+    ``setting`` holds the task's steps, max_length and n_val. Returns (summary, runs).
+    """
+    common = {"steps": setting["steps"], "max_length": setting["max_length"]}
+    chosen = {"best": lr} if grid is None else select_lr(experiment, name, grid, task, setting["n_val"], **common,
+                                                         **options)
+    runs = [train_run(experiment, f"{name}-{task}-s{seed}", task=task, lr=chosen["best"], seed=seed, **common,
+                      **options) for seed in seeds]
+    accs = [r["average"] for r in runs]
+    mean, std = mean_std(accs)
+    summary = {"lr": chosen, "test_accuracy": accs, "mean": mean, "std": std,
+               "trainable_parameters": runs[0]["trainable_parameters"],
+               "total_parameters": runs[0]["total_parameters"], "trainable_share": runs[0]["trainable_share"],
+               "adapter_parameters": adapter_only_parameters(runs[0]),
+               "train_seconds": [r["train_seconds"] for r in runs], "options": {**common, **options}}
+    print(f"{experiment}: {task} {name}: lr {chosen['best']:g}, test {pct(mean, std)}", flush=True)
+    return summary, runs
+
+
+def tuning_seconds(experiment: str) -> float:
+    """Wall seconds of an experiment's learning-rate grid runs (folders named lr-*)."""
+    return round(sum(json.loads(p.read_text())["wall_seconds"] for p in (RUNS / experiment).glob(f"lr-*/{WALL}")), 1)
+
+
+def best_lr(experiment: str, task: str, variant: str, default: float) -> float:
+    """The learning rate another experiment's grid picked (its results.json), or ``default`` if it has not run."""
+    path = RESULTS / experiment / "results.json"
+    if not path.is_file():
+        print(f"note: {path} missing; using lr {default:g} for {variant} on {task}", flush=True)
+        return default
+    return json.loads(path.read_text())["results"][task][variant]["lr"]["best"]
+
+
+# ---- statistics and output -------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); std 0 for a single value."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def pct(mean: float, std: float | None = None) -> str:
+    return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def runtime_seconds(runs: list[dict]) -> float:
+    return round(sum(r["wall_seconds"] or 0 for r in runs), 1)
+
+
+def write_results(experiment: str, data: dict, markdown: str) -> Path:
+    """experiments/results/<experiment>/results.json and results.md; returns the folder."""
+    folder = RESULTS / experiment
+    atomic_write_json(folder / "results.json", {"experiment": experiment, "machine": machine(), **data})
+    atomic_write_text(folder / "results.md", markdown)
+    return folder
+
+
+def plot_bars(results: dict, labels: dict, path) -> None:
+    """One panel per task: mean test accuracy per method with the seed-to-seed std as error bar, seeds as dots."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 3.8), squeeze=False)
+    for ax, (task, by_variant) in zip(axes[0], results.items()):
+        names = list(by_variant)
+        means = [100 * by_variant[v]["mean"] for v in names]
+        stds = [100 * by_variant[v]["std"] for v in names]
+        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#9ecae1")
+        for i, v in enumerate(names):
+            ax.plot([i] * len(by_variant[v]["test_accuracy"]), [100 * a for a in by_variant[v]["test_accuracy"]],
+                    "k.", ms=5)
+        low = min(100 * a for v in names for a in by_variant[v]["test_accuracy"])
+        ax.set_ylim(low - 3, max(m + s for m, s in zip(means, stds)) + 1.5)
+        ax.set_xticks(range(len(names)), [labels[v] for v in names], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("test accuracy %")
+        ax.set_title(f"MiniLM / {task} ({len(by_variant[names[0]]['test_accuracy'])} seeds)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,76 @@
+"""Experiment 5: the learning pattern of full fine-tuning, LoRA and DoRA (DoRA paper section 3, Figure 2).
+
+    python experiments/learning_pattern.py [--seeds 0 1 2]
+
+all-MiniLM-L6-v2 on tweet sentiment (train split 36,250 tweets, of which steps x 16 are seen), adapters on q, k, v,
+intermediate and output dense (r 8, alpha 16, dropout 0.05), snapshots every 20 steps; the weight-decomposition
+analysis on the query and value weights of all 6 layers (``dorafit analyze`` under the hood), one point per layer
+per snapshot. The paper (VL-BART, query/value): correlation of dM on dD FT -0.62, DoRA -0.31, LoRA +0.83.
+
+Writes experiments/results/learning_pattern/: decomposition.png / .csv / summary.json (seed 0, the figure),
+results.json and results.md (correlations and slopes per seed next to the paper's, test accuracy).
+Runtime on 2 shared CPU cores (1 torch thread): see results.md (about 12 minutes per seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import RESULTS, ROOT, markdown_table, mean_std, pct, runtime_seconds, train_run, write_results
+
+from dorafit import analysis
+
+NAME = "learning_pattern"
+METHODS = ("full", "lora", "dora")
+# mid-grid learning rates of the method comparison (experiments/method_comparison.py), fixed before any tuning
+LR = {"full": 3e-5, "lora": 1e-3, "dora": 1e-3}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--every", type=int, default=20)
+    args = parser.parse_args()
+
+    per_seed, runs = {}, []
+    for seed in args.seeds:
+        seed_runs = []
+        for method in METHODS:
+            adapter = {} if method == "full" else {"rank": 8, "alpha": 16.0, "dropout": 0.05}
+            seed_runs.append(train_run(NAME, f"{method}-s{seed}", task="tweets", method=method, lr=LR[method],
+                                       steps=args.steps, save_every=args.every, seed=seed, **adapter))
+        out = RESULTS / NAME if seed == args.seeds[0] else RESULTS / NAME / f"seed{seed}"
+        summary = analysis.analyze_runs([ROOT / r["folder"] for r in seed_runs], out, modules=["query", "value"],
+                                        title=f"MiniLM / tweets, {args.steps} steps, query+value of 6 layers, "
+                                        f"seed {seed}")
+        per_seed[seed] = {m: {**summary["methods"][m], "test_accuracy": r["average"], "lr": LR[m]}
+                          for m, r in zip(METHODS, seed_runs)}
+        runs += seed_runs
+
+    rows = []
+    for m in METHODS:
+        corrs = [per_seed[s][m]["correlation"] for s in args.seeds]
+        accs = [per_seed[s][m]["test_accuracy"] for s in args.seeds]
+        corr_mean, corr_std = mean_std(corrs)
+        rows.append([m, f"{LR[m]:g}", ", ".join(f"{c:+.2f}" for c in corrs),
+                     f"{corr_mean:+.2f}" + (f" ± {corr_std:.2f}" if len(corrs) > 1 else ""),
+                     ", ".join(f"{per_seed[s][m]['slope']:.3g}" for s in args.seeds),
+                     f"{analysis.PAPER_CORRELATIONS[m]:+.2f}", pct(*mean_std(accs))])
+    seconds = runtime_seconds(runs)
+    md = (f"# Learning pattern (experiment 5)\n\n`python experiments/learning_pattern.py --seeds "
+          f"{' '.join(map(str, args.seeds))}`: MiniLM on tweets, {args.steps} steps of 16, snapshots every "
+          f"{args.every} steps, query+value weights of 6 layers ({args.steps // args.every} snapshots x 12 layers "
+          f"= {12 * (args.steps // args.every)} points per method and seed; step 0 left out of the fit).\n\n"
+          + markdown_table(["method", "lr", "correlation per seed", "mean", "slope per seed", "paper correlation",
+                            "test accuracy %"], rows)
+          + f"\n![dD vs dM](decomposition.png)\n\nRuntime: {seconds / 60:.1f} min of training runs on 2 shared "
+          f"CPU cores (1 torch thread).\n")
+    write_results(NAME, {"seeds": args.seeds, "steps": args.steps, "every": args.every, "per_seed": per_seed,
+                         "runtime_seconds": seconds,
+                         "runs": [{k: r[k] for k in ("folder", "average", "wall_seconds")} for r in runs]}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
