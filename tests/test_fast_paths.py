@@ -129,6 +129,39 @@ def test_inplace_magnitude_scale_is_caught_when_its_input_was_saved():
         y.sum().backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_with_bias_saves_its_output_unless_half_precision(dtype):
+    """float32: backward works from y (shared with whatever the next op saves); bf16: from pre (exact)."""
+    from dorafit.bench.measure import SavedTensorCounter, model_storages
+
+    torch.manual_seed(0)
+    model = Wrapper(nn.Linear(8, 6)).to(dtype)
+    dorafit.apply(model, dorafit.AdapterConfig(method="dora", r=2, targets=["layer"]))
+    x = torch.randn(4, 8, dtype=dtype, requires_grad=True)
+    with SavedTensorCounter(exclude=model_storages(model)) as counter:
+        y = model(x)
+    assert (y.untyped_storage().data_ptr() in counter.storages) == (dtype == torch.float32)
+
+
+def test_float32_magnitude_gradient_with_a_large_bias_matches_float64():
+    """Recovering sum(g * pre) from y and b stays accurate when the bias dwarfs the output (|b| ~ 100 |y - b|)."""
+    torch.manual_seed(0)
+    model64 = Wrapper(nn.Linear(16, 12)).double()
+    with torch.no_grad():
+        model64.layer.bias.normal_(0, 100.0)
+    dorafit.apply(model64, dorafit.AdapterConfig(method="dora", r=4, targets=["layer"], detach_norm=False))
+    randomize_adapter(model64)
+    model32 = copy.deepcopy(model64).float()
+    x = torch.randn(64, 16, dtype=torch.float64, generator=_gen(3))
+    upstream = torch.randn(64, 12, dtype=torch.float64, generator=_gen(4))
+    grads = []
+    for model, dtype in ((model64, torch.float64), (model32, torch.float32)):
+        (model(x.to(dtype)) * upstream.to(dtype)).sum().backward()
+        grads.append((model.layer.magnitude.grad.double(), model.layer.lora_B.grad.double()))
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 # ---- no [out, in]-sized temporary ------------------------------------------------------------------------
 class _NewTensorSizes(TorchDispatchMode):
     """Records (op, shape) of every op output that does not share storage with an input (a new tensor)."""

@@ -9,11 +9,17 @@
                                                          it on into P and Q, which gives paper eq. 6)
     dL/db_j   = sum_tokens(g_j)
 
-Plain autograd would save ``pre``, a [tokens, out] tensor that nothing else keeps. Without a bias this
-function saves its own output ``y = (m / n) * pre`` instead, which the next operation very often saves
-anyway (attention saves v, a gated MLP saves up), so the two share one storage; then
-``sum(g * pre) / n = sum(g * y) / m``. A unit whose magnitude is exactly zero gets no magnitude gradient
-in that form (its output is identically zero); with a bias the function saves ``pre`` and is exact always.
+Plain autograd would save ``pre``, a [tokens, out] tensor that nothing else keeps. This function saves its
+own output ``y`` instead wherever y determines pre well, because the next operation very often saves y
+anyway (attention saves q, k, v; a gated MLP saves up; GELU saves its input), so the two share one storage:
+
+    no bias:                           sum(g * pre) / n = sum(g * y) / m                     (exact)
+    bias, float32 or float64 output:   sum(g * pre) / n = (sum(g * y) - b * sum(g)) / m     (y - b rounds like
+                                       any float op: relative error ~1e-7 * |b| / |y - b| in float32)
+    bias, half-precision output:       saves pre (y - b would lose pre's low digits)
+
+A unit whose magnitude is exactly zero gets no magnitude gradient in the y forms (its output carries no
+information about pre). With ``inplace`` (the adapted layers' forward) y overwrites pre's storage.
 """
 
 from __future__ import annotations
@@ -33,37 +39,48 @@ def _reduce_except_channel(t: Tensor, channel_dim: int) -> Tensor:
     return t.sum(dim=dims, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
+def _saves_output(pre: Tensor, bias: Tensor | None) -> bool:
+    """Whether backward can work from y instead of pre (see the module docstring)."""
+    return bias is None or pre.dtype in (torch.float32, torch.float64)
+
+
 class _MagnitudeScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None, channel_dim: int,
                 inplace: bool) -> Tensor:
         shape = _broadcast_shape(pre.dim(), channel_dim)
-        scale = (magnitude / norm).to(pre.dtype)  # [out]
-        saves_output = bias is None
-        if saves_output and inplace:
-            y = pre.mul_(scale.view(shape))
+        scale = (magnitude / norm).to(pre.dtype).view(shape)  # [out], broadcast along channel_dim
+        bias_b = None if bias is None else bias.to(pre.dtype).view(shape)
+        saves_output = _saves_output(pre, bias)
+        if bias_b is None:
+            y = pre.mul_(scale) if inplace else pre * scale
+        elif inplace and saves_output:
+            y = torch.addcmul(bias_b, pre, scale, out=pre)
+        else:
+            y = torch.addcmul(bias_b, pre, scale)
+        if y is pre:
             ctx.mark_dirty(pre)
-        elif saves_output:
-            y = pre * scale.view(shape)
-        else:  # one pass; pre stays intact for backward
-            y = torch.addcmul(bias.to(pre.dtype).view(shape), pre, scale.view(shape))
         ctx.channel_dim = channel_dim
         ctx.saves_output = saves_output
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(y if saves_output else pre, magnitude, norm, scale)
+        ctx.save_for_backward(y if saves_output else pre, magnitude, norm, scale, bias_b)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        saved, magnitude, norm, scale = ctx.saved_tensors
+        saved, magnitude, norm, scale, bias_b = ctx.saved_tensors
         cd = ctx.channel_dim
-        shape = _broadcast_shape(grad_y.dim(), cd)
         grad_pre = grad_m = grad_n = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_pre = grad_y * scale.view(shape)
+            grad_pre = grad_y * scale
+        grad_sum = None  # sum(g) over tokens, [out]
+        if bias_b is not None and (ctx.needs_input_grad[3] or ctx.saves_output):
+            grad_sum = _reduce_except_channel(grad_y, cd)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             g_dot = _reduce_except_channel(grad_y * saved, cd)  # sum(g * y) or sum(g * pre), [out]
-            if ctx.saves_output:  # sum(g * pre) / n == sum(g * y) / m
+            if ctx.saves_output:  # sum(g * pre) / n == (sum(g * y) - b sum(g)) / m
+                if bias_b is not None:
+                    g_dot = g_dot - bias_b.flatten().to(g_dot.dtype) * grad_sum
                 g_pre_over_n = torch.where(magnitude == 0, torch.zeros_like(g_dot), g_dot / magnitude)
             else:
                 g_pre_over_n = g_dot / norm
@@ -71,8 +88,8 @@ class _MagnitudeScale(torch.autograd.Function):
                 grad_m = g_pre_over_n.to(magnitude.dtype)
             if ctx.needs_input_grad[2]:
                 grad_n = (-(magnitude / norm) * g_pre_over_n).to(norm.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-            grad_b = _reduce_except_channel(grad_y, cd).to(ctx.bias_dtype)
+        if bias_b is not None and ctx.needs_input_grad[3]:
+            grad_b = grad_sum.to(ctx.bias_dtype)
         return grad_pre, grad_m, grad_n, grad_b, None, None
 
 
@@ -87,7 +104,8 @@ def magnitude_scale(
         norm: n, [out]; pass it detached for the paper's memory-saving form (section 4.3).
         bias: the layer's bias [out] or None; never scaled.
         channel_dim: the dimension of ``pre`` that indexes output units (-1 for linear, 1 for conv).
-        inplace: without a bias, write y into ``pre`` (saves a [tokens, out] allocation). Only for a ``pre``
-            that nothing else uses; autograd raises an error in backward if something saved it.
+        inplace: write y into ``pre``'s storage where backward does not need pre (saves a [tokens, out]
+            tensor). Only for a ``pre`` that nothing else uses; autograd raises an error in backward if
+            something saved it.
     """
     return _MagnitudeScale.apply(pre, magnitude, norm, bias, channel_dim, inplace)
