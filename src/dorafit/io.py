@@ -62,10 +62,18 @@ def _describe(model: nn.Module) -> dict:
     return {"config": resolved.to_dict(), "modules": modules, "vera_fingerprints": fingerprints}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Write the model's adapter to the folder ``path`` (created if needed); returns the folder."""
+def save_adapter(model: nn.Module, path: str | os.PathLike, base_model: str | None = None,
+                 tensors: dict[str, Tensor] | None = None) -> Path:
+    """Write the model's adapter to the folder ``path`` (created if needed); returns the folder.
+
+    ``tensors`` replaces the model's own adapter tensors (same keys), e.g. full tensors gathered from shards.
+    """
     folder = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    own = adapter_state_dict(model)
+    if tensors is not None and set(tensors) != set(own):
+        raise ValueError(f"save_adapter: the tensors given have keys {sorted(set(tensors) ^ set(own))[:3]} "
+                         "that differ from the model's adapter tensors")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (own if tensors is None else tensors).items()}
     config = get_config(model)
     if config.save_vera_projections:  # once per shared shape, not once per layer
         for _, layer in adapted_modules(model):

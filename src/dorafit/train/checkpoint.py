@@ -11,6 +11,10 @@ One file replaced by rename is atomic: a run killed at any moment leaves the pre
 
 No random-number state is stored: data order and dropout are functions of (seed, step) (see
 :mod:`dorafit.train.loop`), so the step number is the whole data position.
+
+Under torchrun (a ``group`` of several processes) the tensors are the full ones, gathered from FSDP2's shards;
+rank 0 writes the file, and on resume reads it and hands its tensors to the others
+(:mod:`dorafit.train.distributed`). The file is the same whatever wrote it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from ..files import atomic_write_bytes
+from .distributed import SINGLE, Group
 
 FILE = "checkpoint.safetensors"
 FORMAT = "dorafit-checkpoint/1"
@@ -38,21 +43,32 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save(run_dir: Path, model, optimizer, scheduler, step: int, seconds: float, metrics: list[dict]) -> Path:
+def collect(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(trainable parameters by name, optimizer state dict keyed by parameter name) of a one-process model."""
     params = trainable(model)
-    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in params.items()}
+    names = list(params)
     opt_state = optimizer.state_dict()
-    for index, state in opt_state["state"].items():
+    optim = {"state": {names[i]: s for i, s in opt_state["state"].items()},
+             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_state["param_groups"]]}
+    return {n: p.detach() for n, p in params.items()}, optim
+
+
+def write(run_dir: Path, params: dict, optim: dict, scheduler_state: dict, step: int, seconds: float,
+          metrics: list[dict]) -> Path:
+    """The checkpoint file from ``params`` and ``optim`` (keyed by parameter name, as :func:`collect` makes)."""
+    index = {name: i for i, name in enumerate(params)}
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in params.items()}
+    for name, state in optim["state"].items():
         for key, value in state.items():
-            tensors[f"optim/{index}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors[f"optim/{index[name]}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     state = {
         "format": FORMAT,
         "step": step,
         "seconds": seconds,
         "metrics": metrics,
         "param_names": list(params),
-        "param_groups": opt_state["param_groups"],
-        "scheduler": scheduler.state_dict(),
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]],
+        "scheduler": scheduler_state,
     }
     blob = save_safetensors_bytes(tensors, metadata={"state": json.dumps(state)})
     path = run_dir / FILE
@@ -60,8 +76,17 @@ def save(run_dir: Path, model, optimizer, scheduler, step: int, seconds: float, 
     return path
 
 
-def load(run_dir: Path, model, optimizer, scheduler) -> dict:
-    """Restore parameters, optimizer and scheduler from ``RUN/checkpoint.safetensors``; returns its state dict."""
+def save(run_dir: Path, model, optimizer, scheduler, step: int, seconds: float, metrics: list[dict],
+         group: Group = SINGLE) -> Path:
+    """Write the checkpoint (rank 0; every process of a group must call it, FSDP2 gathers shards)."""
+    params, optim = group.training_state(model, optimizer) if group.several else collect(model, optimizer)
+    if group.is_main:
+        write(run_dir, params, optim, scheduler.state_dict(), step, seconds, metrics)
+    return run_dir / FILE
+
+
+def read(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(state, parameters by name, optimizer state dict keyed by parameter name) of ``RUN/checkpoint.safetensors``."""
     path = run_dir / FILE
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -71,14 +96,9 @@ def load(run_dir: Path, model, optimizer, scheduler) -> dict:
         raise CheckpointError(f"{path} cannot be read ({exc}); start the run again without --resume") from None
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dorafit checkpoint (format {state.get('format')!r})")
-    params = trainable(model)
-    if state["param_names"] != list(params):
-        raise CheckpointError(f"{path} was written for other trainable parameters than this run has; "
-                              "the run's config or the model folder changed since")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[f"param/{name}"])
-    groups = state["param_groups"]
+    names = state["param_names"]
+    params = {n: tensors[f"param/{n}"] for n in names}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
     for group in groups:
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
@@ -86,8 +106,43 @@ def load(run_dir: Path, model, optimizer, scheduler) -> dict:
     for key, value in tensors.items():
         if key.startswith("optim/"):
             _, index, name = key.split("/", 2)
-            opt_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+            opt_state.setdefault(names[int(index)], {})[name] = value
+    return state, params, {"state": opt_state, "param_groups": groups}
+
+
+def restore(model: nn.Module, optimizer, params: dict, optim: dict) -> None:
+    """Copy ``params`` and ``optim`` (as :func:`read` returns them) into a one-process model and its optimizer."""
+    current = trainable(model)
+    index = {name: i for i, name in enumerate(current)}
+    with torch.no_grad():
+        for name, p in current.items():
+            p.copy_(params[name])
+    optimizer.load_state_dict({
+        "state": {index[n]: s for n, s in optim["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]],
+    })
+
+
+def load(run_dir: Path, model, optimizer, scheduler, group: Group = SINGLE) -> dict:
+    """Restore parameters, optimizer and scheduler from ``RUN/checkpoint.safetensors``; returns its state dict.
+
+    In a group, rank 0 reads the file and every process gets its tensors (and its own shards under FSDP2).
+    """
+    held: dict = {}
+
+    def read_checked() -> dict:
+        state, params, optim = read(run_dir)
+        if state["param_names"] != list(trainable(group.inner(model))):
+            raise CheckpointError(f"{run_dir / FILE} was written for other trainable parameters than this run has; "
+                                  "the run's config or the model folder changed since")
+        held.update(params=params, optim=optim)
+        return state
+
+    state = group.on_main(read_checked)
+    if group.several:
+        group.restore_training_state(model, optimizer, held.get("params", {}), held.get("optim", {}))
+    else:
+        restore(model, optimizer, held["params"], held["optim"])
     scheduler.load_state_dict(state["scheduler"])
     return state
 

@@ -8,6 +8,10 @@ checkpoint at step s repeats an uninterrupted run exactly:
 * dropout: before optimizer step s, torch's generator is seeded with (seed, s).
 
 The loss of a step is the mean of its micro-batches' losses: L = (1/k) sum_i L_i for k = ``grad_accum``.
+
+Under torchrun (see :mod:`dorafit.train.distributed`) W processes share one data order: process r runs
+micro-batches ``(s k + i) W + r`` of step s, the step's loss is the mean of all k W micro-batch losses (what one
+process computes with ``grad_accum`` = k W), and dropout is seeded with (seed, s, r).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .distributed import SINGLE, Group
 
 _DATA, _STEP = 1, 2  # stream ids that keep the data-order and per-step seeds apart
 
@@ -103,10 +109,11 @@ def run(
     device: torch.device,
     after_step: Callable[[LoopState], None],
     progress: bool = True,
+    group: Group = SINGLE,
 ) -> LoopState:
     """Train from ``state.step`` to ``total`` steps; ``after_step`` is called after each (checkpoints, snapshots).
 
-    Raises :class:`NonFiniteLoss` before applying a step whose loss is NaN or infinite.
+    Raises :class:`NonFiniteLoss` before applying a step whose loss is NaN or infinite (in every process).
     """
     order = DataOrder(len(task.train), batch_size, seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -115,17 +122,22 @@ def run(
     try:
         while state.step < total:
             step = state.step
-            torch.manual_seed(derived_seed(seed, _STEP, step))
+            torch.manual_seed(derived_seed(seed, _STEP, step, *([group.rank] if group.several else [])))
             started = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             loss_sum, tokens = 0.0, 0
             for k in range(grad_accum):
-                examples = [task.train[i] for i in order.indices(step * grad_accum + k)]
+                micro_batch = (step * grad_accum + k) * group.world_size + group.rank
+                examples = [task.train[i] for i in order.indices(micro_batch)]
                 batch = {key: v.to(device) for key, v in task.batch(examples).items()}
-                loss = task.loss(model, batch) / grad_accum
-                loss.backward()
+                with group.no_sync(model, last=k == grad_accum - 1):
+                    loss = task.loss(model, batch) / grad_accum
+                    loss.backward()
                 loss_sum += float(loss.detach())
                 tokens += int(batch["attention_mask"].sum())
+            if group.several:  # every process logs (and checks) the step's global loss
+                loss_sum, tokens = group.sum([loss_sum, tokens])
+                loss_sum, tokens = loss_sum / group.world_size, int(tokens)
             if not math.isfinite(loss_sum):
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(step, loss_sum)

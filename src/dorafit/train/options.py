@@ -19,6 +19,7 @@ from typing import Any, Optional
 METHODS = ("full", "lora", "dora", "vera", "dvora")
 SCHEDULES = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+STRATEGIES = ("ddp", "fsdp")
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, metavar: str | None = None, **kw) -> Any:
@@ -98,6 +99,10 @@ class TrainConfig:
                           "RUN/snapshots/step-N, plus at step 0 and at the end (0: none)")
     device: str = opt("auto", "where to train (auto: cuda if available)", choices=DEVICES)
     threads: Optional[int] = opt(None, "CPU threads for torch (default: torch's choice)")
+    distributed: str = opt("ddp", "under torchrun: ddp (a full copy of the model per process, gradients averaged) or "
+                           "fsdp (FSDP2: parameters, gradients and optimizer state sharded across the processes); "
+                           "global batch = batch_size x grad_accum x processes (ignored in a single process)",
+                           choices=STRATEGIES)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -20,19 +20,20 @@ import torch
 
 from .. import __version__
 from ..config import AdapterConfig
-from ..inject import apply, trainable_parameter_count
+from ..inject import adapter_state_dict, apply, trainable_parameter_count
 from ..io import load_adapter, save_adapter
-from . import checkpoint, loop, rundir
+from . import checkpoint, distributed, loop, rundir
 from .data import load_task
 from .evaluate import evaluate
 from .models import LoadedModel, ModelError, default_targets, load_model, resolve_model
 from .options import TrainConfig, from_dict, to_dict
-from .snapshots import save_snapshot
+from .distributed import SINGLE, Group
+from .snapshots import save_snapshot, snapshot_keys
 from .tasks import ClassificationTask, CommonsenseTask
 
 DEFAULT_LR = {"full": 2e-5, "lora": 5e-4, "dora": 5e-4, "vera": 5e-3, "dvora": 5e-3}
 #: options that may differ between a run and its resumption (they do not change what is computed)
-RESUME_MAY_CHANGE = ("resume", "threads", "eval_batch_size")
+RESUME_MAY_CHANGE = ("resume", "threads", "eval_batch_size", "distributed")
 
 
 @dataclass
@@ -89,8 +90,11 @@ def adapter_config(cfg: TrainConfig, head: list[str]) -> AdapterConfig:
     )
 
 
-def prepare(cfg: TrainConfig, model_folder: Path | None = None) -> Setup:
-    """Data, task and model for ``cfg``, the model seeded by ``cfg.seed`` and adapted (not yet trained)."""
+def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.device | None = None) -> Setup:
+    """Data, task and model for ``cfg``, the model seeded by ``cfg.seed`` and adapted (not yet trained).
+
+    ``device`` overrides ``--device`` (a process of a torchrun job: its own GPU, or the CPU for FSDP2 to shard).
+    """
     validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -113,7 +117,7 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None) -> Setup:
         if cfg.head:
             raise ValueError("--head is for classification tasks; a causal LM trains no head")
         task = CommonsenseTask(data, loaded.tokenizer, cfg.max_length, cfg.train_on_prompt)
-    device = pick_device(cfg.device)
+    device = device or pick_device(cfg.device)
     loaded.model.to(device)
     if cfg.method == "full":
         loaded.model.requires_grad_(True)
@@ -139,12 +143,14 @@ def resume_config(run_dir: Path, explicit: dict) -> TrainConfig:
         if name not in RESUME_MAY_CHANGE and getattr(cfg, name) != value:
             raise ValueError(f"--{name.replace('_', '-')} {value!r} differs from the resumed run's {getattr(cfg, name)!r}; "
                              "a resumed run keeps its config (start a new run to change it)")
-    return dataclasses.replace(cfg, resume=str(run_dir), threads=explicit.get("threads", cfg.threads),
-                               eval_batch_size=explicit.get("eval_batch_size", cfg.eval_batch_size))
+    changes = {name: explicit[name] for name in RESUME_MAY_CHANGE if name in explicit and name != "resume"}
+    return dataclasses.replace(cfg, resume=str(run_dir), **changes)
 
 
-def save_model_folder(model, tokenizer, dest: Path) -> Path:
-    """``save_pretrained`` (model and tokenizer) into a temporary folder beside ``dest``, then rename it over."""
+def save_model_folder(model, tokenizer, dest: Path, state_dict: dict | None = None) -> Path:
+    """``save_pretrained`` (model and tokenizer) into a temporary folder beside ``dest``, then rename it over.
+
+    ``state_dict`` replaces the model's own tensors (full tensors gathered from FSDP2's shards)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -152,7 +158,7 @@ def save_model_folder(model, tokenizer, dest: Path) -> Path:
     os.umask(umask)
     os.chmod(work, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
-        model.save_pretrained(work)
+        model.save_pretrained(work, state_dict=state_dict)
         tokenizer.save_pretrained(work)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")
@@ -202,20 +208,24 @@ def format_accuracy(result: dict, before: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def describe(setup: Setup, total: int, warmup: int) -> str:
+def describe(setup: Setup, total: int, warmup: int, group: Group = SINGLE) -> str:
     cfg, data, model = setup.cfg, setup.data, setup.model
     trainable, everything = trainable_parameter_count(model)
     tests = sum(len(v) for v in data.test_sets().values())
     what = (f"{cfg.method} r={cfg.rank} alpha={cfg.alpha:g} on {len(setup.adapted)} modules ({', '.join(cfg.targets)})"
             if cfg.method != "full" else "full fine-tuning")
     head = f" + head {', '.join(cfg.head)}" if cfg.head and cfg.method != "full" else ""
-    epochs = total * cfg.grad_accum * cfg.batch_size / len(data.train)
+    epochs = total * cfg.grad_accum * group.world_size * cfg.batch_size / len(data.train)
+    batch = f"{cfg.batch_size}x{cfg.grad_accum} examples ({epochs:.2f} epochs)"
+    if group.several:
+        batch = (f"{cfg.batch_size}x{cfg.grad_accum}x{group.world_size} examples ({epochs:.2f} epochs; batch x "
+                 f"accumulation x processes, {group.strategy} over {group.backend})")
     return "\n".join([
         f"model   {cfg.model} ({setup.loaded.folder}), {type(model).__name__}, on {setup.device}",
         f"task    {cfg.task}: {len(data.train)} training / {tests} test examples"
         + (f", labels {', '.join(data.labels)}" if data.kind == "classification" else f", {len(data.test)} test sets"),
         f"method  {what}{head}: {trainable:,} of {everything:,} parameters trainable ({100 * trainable / everything:.3f}%)",
-        f"steps   {total} of {cfg.batch_size}x{cfg.grad_accum} examples ({epochs:.2f} epochs), lr {cfg.lr:g} {cfg.schedule}, "
+        f"steps   {total} of {batch}, lr {cfg.lr:g} {cfg.schedule}, "
         f"warm-up {warmup}, seed {cfg.seed}",
     ])
 
@@ -227,64 +237,128 @@ def show_progress() -> bool:
 
 # ---- training ------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, explicit: dict) -> int:
+    """One run, in this process or (under torchrun) in every process of the job; see :mod:`.distributed`."""
+    group = distributed.start(cfg.distributed)
+    try:
+        return _train(cfg, explicit, group)
+    except distributed.PeerFailed:
+        return 2  # rank 0 reports why
+    except distributed.LostPeer as exc:
+        return _stopped(exc, group)
+    finally:
+        group.stop()
+
+
+@dataclass
+class Plan:
+    """What rank 0 read from (or decided for) the run folder; every process gets a copy."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    resuming: bool
+    has_checkpoint: bool
+    before: dict | None  # the stored evaluation before training, if any
+
+
+def plan_run(cfg: TrainConfig, explicit: dict, world_size: int) -> Plan:
     resuming = cfg.resume is not None
     if resuming:
         run_dir = Path(cfg.resume)
         cfg = resume_config(run_dir, explicit)
+        trained_by = rundir.read_config(run_dir)[1].get("world_size", 1)
+        if trained_by != world_size:
+            raise ValueError(
+                f"{run_dir} was trained by {trained_by} process(es) and is resumed by {world_size}; a step's data "
+                f"depends on the number of processes, so resume it with {trained_by} (torchrun --nnodes ... "
+                "--nproc-per-node ... with that many in all, or plain `dorafit train` for 1)")
     else:
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         if (run_dir / rundir.CONFIG).exists():
             raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
     validate(cfg)
-    setup = prepare(cfg)
-    cfg, model, task = setup.cfg, setup.model, setup.task
-    total = loop.total_steps(len(task.train), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.steps)
+    before = _read_json(run_dir / rundir.EVAL).get("before")
+    return Plan(cfg, run_dir, resuming, resuming and checkpoint.exists(run_dir), before)
+
+
+def _prepare_process(cfg: TrainConfig, group: Group) -> Setup:
+    group.use_device(cfg.device)
+    setup = prepare(cfg, device=group.load_device())
+    if group.several:
+        setup.device = group.device
+    return setup
+
+
+def _train(cfg: TrainConfig, explicit: dict, group: Group) -> int:
+    plan = group.on_main(lambda: plan_run(cfg, explicit, group.world_size))
+    with group.collectives(plan.run_dir):
+        return _run(plan, group)
+
+
+def _run(plan: Plan, group: Group) -> int:
+    run_dir, resuming = plan.run_dir, plan.resuming
+    setup = group.on_all(lambda: _prepare_process(plan.cfg, group))
+    cfg, task = setup.cfg, setup.task
+    model = group.wrap(setup.model)  # what the loop calls; setup.model keeps the parameter names (evaluation, files)
+    say = print if group.is_main else (lambda *args, **kw: None)
+    progress = show_progress() and group.is_main
+    total = loop.total_steps(len(task.train), cfg.batch_size, cfg.grad_accum * group.world_size, cfg.epochs, cfg.steps)
     warmup = loop.warmup_steps(cfg.warmup, total)
-    trainable, everything = trainable_parameter_count(model)
+    trainable, everything = trainable_parameter_count(setup.model)
     resolved = {"model_folder": str(setup.loaded.folder), "kind": setup.data.kind, "total_steps": total,
                 "warmup_steps": warmup, "adapted_modules": setup.adapted, "trainable_parameters": trainable,
                 "total_parameters": everything, "labels": getattr(setup.data, "labels", None),
                 "dorafit_version": __version__, "torch_version": torch.__version__}
-    if not resuming:
+    if group.several:
+        resolved["world_size"] = group.world_size
+    if not resuming and group.is_main:
         rundir.write_config(run_dir, to_dict(dataclasses.replace(cfg, out=str(run_dir))), resolved)
-    print(describe(setup, total, warmup), flush=True)
+    say(describe(setup, total, warmup, group), flush=True)
 
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = loop.make_scheduler(optimizer, cfg.schedule, warmup, total)
-    previous = _read_json(run_dir / rundir.EVAL)
-    before = previous.get("before")
-    if cfg.eval_before and before is None and not (resuming and checkpoint.exists(run_dir)):
-        before = evaluate(task, model, setup.device, cfg.eval_limit, cfg.eval_batch_size, show_progress())
-        rundir.write_eval(run_dir, {"before": before})
+    before = plan.before
+    if cfg.eval_before and before is None and not plan.has_checkpoint:
+        before = evaluate(task, setup.model, setup.device, cfg.eval_limit, cfg.eval_batch_size, progress)
+        if group.is_main:
+            rundir.write_eval(run_dir, {"before": before})
     if before is not None:
-        print("test accuracy before training:\n" + format_accuracy(before), flush=True)
+        say("test accuracy before training:\n" + format_accuracy(before), flush=True)
 
     state = loop.LoopState(0, 0.0, [])
-    if resuming and checkpoint.exists(run_dir):
-        saved = checkpoint.load(run_dir, model, optimizer, scheduler)
+    if plan.has_checkpoint:
+        saved = checkpoint.load(run_dir, model, optimizer, scheduler, group)
         state = loop.LoopState(saved["step"], saved["seconds"], saved["metrics"])
-        print(f"resumed from the checkpoint at step {state.step} of {total}", flush=True)
+        say(f"resumed from the checkpoint at step {state.step} of {total}", flush=True)
     base = str(cfg.model)
+    keys = snapshot_keys(setup.model, cfg.method, cfg.targets)
+
+    def snapshot(step: int) -> None:
+        tensors = group.full_tensors(setup.model, keys)  # None in one process: the model's own
+        if group.is_main:
+            save_snapshot(run_dir, step, setup.model, cfg.method, cfg.targets, base, tensors)
+
     if cfg.save_every and state.step == 0:
-        save_snapshot(run_dir, 0, model, cfg.method, cfg.targets, base)
+        snapshot(0)
 
     last_write = [time.monotonic()]
 
     def after_step(st: loop.LoopState) -> None:
         done = st.step == total
         if st.step % cfg.checkpoint_every == 0 or done:
-            checkpoint.save(run_dir, model, optimizer, scheduler, st.step, st.seconds, st.metrics)
-        if st.step % cfg.checkpoint_every == 0 or done or time.monotonic() - last_write[0] > 10:
+            checkpoint.save(run_dir, model, optimizer, scheduler, st.step, st.seconds, st.metrics, group)
+        if group.is_main and (st.step % cfg.checkpoint_every == 0 or done or time.monotonic() - last_write[0] > 10):
             rundir.write_metrics(run_dir, st.metrics)
             last_write[0] = time.monotonic()
         if cfg.save_every and (st.step % cfg.save_every == 0 or done):
-            save_snapshot(run_dir, st.step, model, cfg.method, cfg.targets, base)
+            snapshot(st.step)
 
     try:
         loop.run(model, task, optimizer, scheduler, state, total, seed=cfg.seed, batch_size=cfg.batch_size,
                  grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm, device=setup.device,
-                 after_step=after_step, progress=show_progress())
+                 after_step=after_step, progress=progress, group=group)
     except loop.NonFiniteLoss as exc:
+        if not group.is_main:
+            return 1
         rundir.write_metrics(run_dir, state.metrics)
         kept = f"the last good checkpoint (step {_checkpoint_step(run_dir)}) is in {run_dir / checkpoint.FILE}" \
             if checkpoint.exists(run_dir) else "no checkpoint was written before it"
@@ -293,19 +367,37 @@ def train(cfg: TrainConfig, explicit: dict) -> int:
         return 1
 
     if cfg.method == "full":
-        save_model_folder(model, setup.loaded.tokenizer, run_dir / rundir.MODEL)
+        full = group.full_tensors(setup.model, setup.model.state_dict())
+        if group.is_main:
+            save_model_folder(setup.model, setup.loaded.tokenizer, run_dir / rundir.MODEL, state_dict=full)
     else:
-        save_adapter(model, run_dir / rundir.ADAPTER, base_model=base)
-    after = evaluate(task, model, setup.device, cfg.eval_limit, cfg.eval_batch_size, show_progress())
+        tensors = group.full_tensors(setup.model, adapter_state_dict(setup.model))
+        if group.is_main:
+            save_adapter(setup.model, run_dir / rundir.ADAPTER, base_model=base, tensors=tensors)
+    after = evaluate(task, setup.model, setup.device, cfg.eval_limit, cfg.eval_batch_size, progress)
+    if not group.is_main:
+        return 0
     result = {**after, "before": before, "step": state.step, "eval_limit": cfg.eval_limit,
               "trainable_parameters": trainable, "total_parameters": everything,
               "trainable_share": trainable / everything, "train_seconds": round(state.seconds, 1)}
+    if group.several:
+        result["world_size"] = group.world_size
     rundir.write_eval(run_dir, result)
     rundir.plot_loss(run_dir, state.metrics, f"{cfg.model} / {cfg.task} / {cfg.method}")
     print(f"trained {state.step} steps in {state.seconds:.0f} s; test accuracy after training:\n"
           + format_accuracy(after, before), flush=True)
     print(f"run folder: {run_dir.resolve()}", flush=True)
     return 0
+
+
+def _stopped(exc: distributed.LostPeer, group: Group) -> int:
+    """A process of the job failed or was killed: say so (once per surviving process) and how to continue."""
+    run_dir = exc.run_dir
+    kept = (f"its last checkpoint (step {_checkpoint_step(run_dir)}) is in {run_dir / checkpoint.FILE}"
+            if group.is_main and checkpoint.exists(run_dir) else "rank 0 holds its last checkpoint")
+    print(f"error: rank {group.rank}: {exc}. The run stopped; {kept}. Continue it with as many processes: "
+          f"{group.launch_command(f'--resume {run_dir}')}", file=sys.stderr, flush=True)
+    return 1
 
 
 def _read_json(path: Path) -> dict:
