@@ -40,12 +40,14 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def step(self) -> float:
+        torch.manual_seed(self.workload.spec.seed)  # the same dropout masks (if the model has dropout) in every variant
         loss = self.workload.loss(self.model, self.workload.inputs)
         self._finish(loss)
         return loss.item()
 
     def counted_step(self) -> tuple[float, SavedTensorCounter]:
         """A step whose forward pass runs under a :class:`SavedTensorCounter`."""
+        torch.manual_seed(self.workload.spec.seed)
         with SavedTensorCounter(exclude=model_storages(self.model)) as counter:
             loss = self.workload.loss(self.model, self.workload.inputs)
         self._finish(loss)

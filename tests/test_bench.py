@@ -1,0 +1,84 @@
+"""``dorafit bench``: its measuring primitives and a run on a tiny LLaMA (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from dorafit import cli
+from dorafit.bench import peak
+from dorafit.bench.measure import SavedTensorCounter, interleaved_times, model_storages
+from dorafit.bench.models import TRAIN_VARIANTS, WorkloadSpec, llama_sizes
+
+TINY = ["--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2", "--vocab", "50", "--batch", "2",
+        "--seq", "8", "--r", "4"]
+
+
+def test_saved_tensor_counter_counts_distinct_storages_except_parameters():
+    layer = nn.Linear(10, 10)
+    x = torch.randn(3, 10, requires_grad=True)
+    with SavedTensorCounter(exclude=model_storages(layer)) as counter:
+        h = layer(x)  # saves x and the weight (a parameter: not counted)
+        y = h.exp()  # saves its output
+        z = (x * x).sum() + (x.view(30) * 2).sum()  # saves x again, twice, once through a view
+    assert counter.count == 2
+    assert counter.nbytes == x.untyped_storage().nbytes() + y.untyped_storage().nbytes()
+    assert z.requires_grad
+
+
+def test_interleaved_times_discards_warmup_and_rotates_order():
+    calls = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    times = interleaved_times(fns, warmup=1, repeats=2, device="cpu")
+    assert {n: len(t) for n, t in times.items()} == {"a": 2, "b": 2, "c": 2}
+    assert calls == list("abc") + list("bca") + list("cab")
+
+
+def test_bench_on_a_tiny_llama_writes_every_figure(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    args = ["bench", "--models", "llama", *TINY, "--warmup", "0", "--steps", "1", "--inference-steps", "1",
+            "--peak-steps", "0", "--out", str(out)]
+    assert cli.main(args) == 0
+    record = json.loads(out.read_text())
+    meta = record["meta"]
+    for key in ("torch", "transformers", "peft", "cpu", "torch_threads", "load_average_start", "load_average_end"):
+        assert meta[key] is not None
+    assert meta["command"].startswith("dorafit bench --models llama --warmup 0 --steps 1")
+    result = record["workloads"]["llama"]
+    train = result["train"]
+    assert set(train) == set(TRAIN_VARIANTS)
+    losses = [train[v]["first_loss"] for v in TRAIN_VARIANTS]
+    assert max(losses) - min(losses) < 1e-5 * abs(losses[0]), "every variant starts as the same model"
+    assert train["base"]["trainable_params"] == 0
+    assert train["dora"]["trainable_params"] == train["peft_dora"]["trainable_params"]
+    assert all(train[v]["step_ms"] > 0 and train[v]["saved_mib"] > 0 for v in TRAIN_VARIANTS)
+    assert train["dora"]["saved_mib"] < train["peft_dora"]["saved_mib"]
+    assert set(result["inference"]) == {"base", "dora_merged", "dora", "lora", "peft_dora"}
+    ratios = result["ratios"]
+    assert ratios["dora_vs_lora_step"]["target"] == 1.10
+    assert "dora_vs_lora_peak" not in ratios  # peak memory was not measured
+    table = capsys.readouterr().out
+    assert "| our DoRA step / our LoRA step |" in table
+
+
+def test_peak_entry_point_reports_resident_memory(capsys):
+    spec = WorkloadSpec(model="llama", batch=2, seq=8, r=4, sizes=llama_sizes(32, 64, 1, 2, 50))
+    assert peak.main([json.dumps(spec.to_dict()), "dora", "1", "0"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["peak_mib"] > 0 and answer["peak_over_setup_mib"] >= 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--models", "gpt5"], "--models takes a comma-separated list"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--device", "tpu"], "--device must be cpu or cuda"),
+    ],
+)
+def test_bench_rejects_bad_options_with_a_clear_message(args, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["bench", *args])
