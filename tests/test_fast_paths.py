@@ -104,6 +104,15 @@ def test_fused_and_generic_paths_agree(layer, detach_norm, bias):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
+def test_second_derivatives_raise_instead_of_being_silently_wrong():
+    """Both autograd functions save intermediates, so double backward is refused, not answered wrongly."""
+    model = _dora_linear()
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(model(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_x.sum().backward()
+
+
 @pytest.mark.parametrize("channel_dim", [-1, 1])
 def test_inplace_magnitude_scale_equals_out_of_place(channel_dim):
     g = _gen()

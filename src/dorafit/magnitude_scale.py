@@ -25,6 +25,7 @@ information about pre). With ``inplace`` (the adapted layers' forward) y overwri
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 
@@ -67,6 +68,7 @@ class _MagnitudeScale(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # saves intermediates: a second derivative would be wrong, so it raises instead
     def backward(ctx, grad_y: Tensor):
         saved, magnitude, norm, scale, bias_b = ctx.saved_tensors
         cd = ctx.channel_dim

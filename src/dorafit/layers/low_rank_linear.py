@@ -17,6 +17,7 @@ requires a gradient. The generic path (``LayerOps.low_rank``) computes the same 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,13 +29,14 @@ class _LowRankLinear(torch.autograd.Function):
         # (the magnitude scale that follows in DoRA updates it in place)
         x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
         u = x2 @ q.T  # [tokens, r]
-        y = F.linear(x, w0, bias)  # [..., out]
+        y = F.linear(x, w0, bias).contiguous()  # [..., out] (contiguous already; made sure for the view below)
         y.view(-1, y.shape[-1]).addmm_(u, p.T)
         ctx.save_for_backward(x2, u, w0, p, q)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
+    @once_differentiable  # saves intermediates: a second derivative would be wrong, so it raises instead
     def backward(ctx, grad_y: Tensor):
         x2, u, w0, p, q = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])  # [tokens, out]
@@ -42,7 +44,7 @@ class _LowRankLinear(torch.autograd.Function):
         grad_x = grad_w0 = grad_p = grad_q = grad_b = None
         g_u = g @ p if (need_x or need_q) else None  # [tokens, r]
         if need_x:
-            grad_x = grad_y @ w0  # [..., in]
+            grad_x = (grad_y @ w0).contiguous()  # [..., in]
             grad_x.view(-1, grad_x.shape[-1]).addmm_(g_u, q)
         if need_w0:
             grad_w0 = g.T @ x2
