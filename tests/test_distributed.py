@@ -7,6 +7,7 @@ dorafit.train.distributed). Every subprocess has a timeout, so a hanging job fai
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 import dorafit
 from dorafit.config import AdapterConfig
@@ -154,63 +156,92 @@ class TwoLayers(nn.Module):
 
 
 def record_norms(layer, seen: list):
-    """Replace ``layer.weight_norm`` by a wrapper that records (weight shape, norm) of every call."""
+    """Replace ``layer.weight_norm`` by a wrapper that records (weight type, shape held, norm) of every call."""
     original = type(layer).weight_norm
 
     @functools.wraps(original)
     def weight_norm(*args, **kwargs):
         n = original(layer, *args, **kwargs)
-        seen.append((tuple(layer.weight.shape), n.detach().clone()))
+        w = layer.weight
+        held = w.to_local().shape if isinstance(w, DTensor) else w.shape
+        seen.append((type(w), tuple(held), n.detach().clone()))
         return n
 
     layer.weight_norm = weight_norm
 
 
-def norm_worker(rank: int, store: str) -> None:
+def check_norm_under_fsdp() -> None:
+    """The norms an adapted layer uses under FSDP2 are those of the full rows; outputs and gradients match."""
+    torch.manual_seed(0)
+    model = TwoLayers()
+    dorafit.apply(model, AdapterConfig(method="dora", r=2, alpha=4, targets=["layers.0", "layers.1"]))
+    with torch.no_grad():  # a non-zero update and magnitude != norm: every term of the norm matters
+        for _, layer in dorafit.adapted_modules(model):
+            layer.lora_B.normal_()
+            layer.magnitude.mul_(torch.rand_like(layer.magnitude) + 0.5)
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    want = reference(x)
+    want.square().sum().backward()
+    want_norms = [layer.weight_norm().detach() for _, layer in dorafit.adapted_modules(reference)]
+    seen: dict[str, list] = {}
+    for name, layer in dorafit.adapted_modules(model):
+        record_norms(layer, seen.setdefault(name, []))
+    distributed.shard(model, torch.device("cpu"), 2)
+    for name, layer in dorafit.adapted_modules(model):  # sharded: this process holds half of each weight
+        local = layer.weight.to_local().shape
+        assert local[0] * 2 == layer.weight.shape[0], (name, local)
+    model.train()
+    got = model(x)
+    got.square().sum().backward()
+    references = dorafit.adapted_modules(reference)
+    for (name, calls), want_n, (_, ref_layer) in zip(seen.items(), want_norms, references):
+        assert calls, f"{name}: weight_norm was not called"
+        for kind, shape, n in calls:
+            assert kind is not DTensor and shape == tuple(ref_layer.weight.shape), f"{name} saw a shard {shape}"
+            torch.testing.assert_close(n, want_n, msg=f"{name}: the norm differs from the full rows' norm")
+    torch.testing.assert_close(got, want)
+    grads = dict(reference.named_parameters())
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad.full_tensor(), grads[pname].grad, msg=pname)
+
+
+def check_errors_reach_every_process(rank: int) -> None:
+    """A failure on rank 0's own work, or on any process's, stops every process; rank 0 alone explains it."""
+    group = distributed.Group(rank, 2, rank, "ddp", "gloo")
+
+    def fails_on(bad_rank: int):
+        def work():
+            if rank == bad_rank:
+                raise ValueError(f"bad input on rank {rank}")
+            return "fine"
+        return work
+
+    with pytest.raises(ValueError, match="bad input on rank 0") as caught:  # rank 0's own work (the run folder)
+        group.on_main(fails_on(0))
+    assert isinstance(caught.value, distributed.PeerFailed) == (rank == 1)
+    with pytest.raises(ValueError, match="bad input on rank 1") as caught:  # work every process does
+        group.on_all(fails_on(1))
+    assert isinstance(caught.value, distributed.PeerFailed) == (rank == 1)
+    assert rank == 1 or str(caught.value) == "rank 1: bad input on rank 1"  # rank 0 says where it failed
+    assert group.on_main(fails_on(5)) == group.on_all(fails_on(5)) == "fine"
+
+
+def two_process_checks(rank: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
-        model = TwoLayers()
-        dorafit.apply(model, AdapterConfig(method="dora", r=2, alpha=4, targets=["layers.0", "layers.1"]))
-        with torch.no_grad():  # a non-zero update and magnitude != norm: every term of the norm matters
-            for _, layer in dorafit.adapted_modules(model):
-                layer.lora_B.normal_()
-                layer.magnitude.mul_(torch.rand_like(layer.magnitude) + 0.5)
-        import copy
-
-        reference = copy.deepcopy(model)
-        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
-        want = reference(x)
-        want.square().sum().backward()
-        want_norms = [layer.weight_norm().detach() for _, layer in dorafit.adapted_modules(reference)]
-        seen: dict[str, list] = {}
-        for name, layer in dorafit.adapted_modules(model):
-            record_norms(layer, seen.setdefault(name, []))
-        distributed.shard(model, torch.device("cpu"), 2)
-        for name, layer in dorafit.adapted_modules(model):  # sharded: this process holds half of each weight
-            local = layer.weight.to_local().shape
-            assert local[0] * 2 == layer.weight.shape[0], (name, local)
-        model.train()
-        got = model(x)
-        got.square().sum().backward()
-        for (name, calls), want_n, (_, ref_layer) in zip(seen.items(), want_norms, dorafit.adapted_modules(reference)):
-            assert calls, f"{name}: weight_norm was not called"
-            for shape, n in calls:
-                assert shape == tuple(ref_layer.weight.shape), f"{name} computed with a shard of shape {shape}"
-                torch.testing.assert_close(n, want_n, msg=f"{name}: the norm differs from the full rows' norm")
-        torch.testing.assert_close(got, want)
-        grads = dict(reference.named_parameters())
-        for pname, p in model.named_parameters():
-            if p.requires_grad:
-                torch.testing.assert_close(p.grad.full_tensor(), grads[pname].grad, msg=pname)
+        check_norm_under_fsdp()
+        check_errors_reach_every_process(rank)
     finally:
         dist.destroy_process_group()
 
 
-def test_dora_norm_under_fsdp_is_taken_over_full_rows(tmp_path):
+def test_dora_norm_under_fsdp_is_taken_over_full_rows_and_errors_reach_every_process(tmp_path):
+    """In 2 spawned processes: the norm check above, and how a failure in one process reaches the others."""
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(norm_worker, args=(str(tmp_path / "store"),), nprocs=2, join=False,
+    context = mp.start_processes(two_process_checks, args=(str(tmp_path / "store"),), nprocs=2, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + TIMEOUT
     while not context.join(timeout=1):
@@ -247,7 +278,7 @@ def worker_of_rank(launcher: int, rank: int) -> int | None:
     return None
 
 
-STEPS = 40
+STEPS = 16
 
 
 def test_killed_process_stops_the_job_and_resume_continues(data):
@@ -270,7 +301,8 @@ def test_killed_process_stops_the_job_and_resume_continues(data):
     if killed_at >= STEPS:
         pytest.fail("the run finished before it could be killed; raise STEPS")
     assert job.returncode != 0
-    assert "error: rank 0:" in err and "torchrun --nproc-per-node 2 -m dorafit train --resume" in err, err[-3000:]
+    resume_hint = f"torchrun --standalone --nproc-per-node 2 -m dorafit train --resume {run}"
+    assert "error: rank 0:" in err and resume_hint in err, err[-3000:]
     assert not (run / "adapter").exists()
 
     # resume it (with FSDP2 this time: the checkpoint holds full tensors, whatever wrote it)
@@ -283,6 +315,5 @@ def test_killed_process_stops_the_job_and_resume_continues(data):
     assert losses(run) == pytest.approx(losses(whole), rel=1e-6)
 
     # a run may only be resumed by as many processes as trained it
-    refused = subprocess.run(torchrun("--resume", whole), env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
-    assert refused.returncode != 0
-    assert refused.stderr.count("was trained by 1 process(es) and is resumed by 2") == 1, refused.stderr[-3000:]
+    code, _, err = run_cli("train", "--resume", run)
+    assert code == 2 and f"{run} was trained by 2 process(es) and is resumed by 1" in err

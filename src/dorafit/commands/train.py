@@ -13,6 +13,8 @@ examples:
   dorafit train --task my.jsonl --model path/to/hf_folder --targets query value
   dorafit train --config run.yaml --seed 1          # options from a file, overridden here
   dorafit train --resume runs/lora16               # continue an interrupted run
+  torchrun --standalone --nproc-per-node 4 -m dorafit train --out runs/ddp4   # 4 processes (GPUs), DDP
+  torchrun --standalone --nproc-per-node 4 -m dorafit train --distributed fsdp  # FSDP2: sharded
 """
 
 

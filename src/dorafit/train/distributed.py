@@ -120,6 +120,25 @@ class Group:
             raise error  # the same problem everywhere: report it as a single process would
         raise ValueError("; ".join(f"rank {r}: {errors[r]}" for r in failed))
 
+    def local_first(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on each machine's local rank 0, then on its other processes (fills a per-machine cache once)."""
+        if not self.several:
+            return fn()
+        import torch.distributed as dist
+
+        result, error = None, None
+        for first in (True, False):
+            if (self.local_rank == 0) == first:
+                try:
+                    result = fn()
+                except (ValueError, OSError) as exc:
+                    error = exc
+            if first:
+                dist.barrier()
+        if error is not None:
+            raise error
+        return result
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of ``values`` over the processes (float64)."""
         if not self.several:
@@ -164,7 +183,9 @@ class Group:
     @staticmethod
     def inner(model: nn.Module) -> nn.Module:
         """The model under its own parameter names (DDP's ``.module``); FSDP2 keeps the names."""
-        return getattr(model, "module", model)
+        from torch.nn.parallel import DistributedDataParallel
+
+        return model.module if isinstance(model, DistributedDataParallel) else model
 
     def no_sync(self, model: nn.Module, last: bool):
         """DDP: skip the gradient all-reduce on all but the last micro-batch of a step (gradients accumulate)."""
@@ -247,9 +268,10 @@ class Group:
         """The torchrun command line that starts this job's shape again with ``dorafit train ARGS``."""
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
         nodes = self.world_size // max(local, 1)
-        shape = f"--nproc-per-node {local}"
+        shape = f"--standalone --nproc-per-node {local}"
         if nodes > 1:
-            shape = f"--nnodes {nodes} {shape} --rdzv-backend c10d --rdzv-endpoint HOST:PORT (on each node)"
+            shape = (f"--nnodes {nodes} --nproc-per-node {local} --rdzv-backend c10d --rdzv-endpoint HOST:PORT "
+                     "(on each node)")
         return f"torchrun {shape} -m dorafit train {args}"
 
     def stop(self) -> None:
@@ -293,8 +315,9 @@ def blocks(model: nn.Module) -> list[nn.Module]:
             continue
         if isinstance(module, nn.ModuleList):
             for child in module:
-                found.append(child)
                 inside.update(id(m) for m in child.modules())
+                if any(True for _ in child.parameters()):
+                    found.append(child)
     return found
 
 

@@ -282,7 +282,9 @@ def plan_run(cfg: TrainConfig, explicit: dict, world_size: int) -> Plan:
 
 def _prepare_process(cfg: TrainConfig, group: Group) -> Setup:
     group.use_device(cfg.device)
-    setup = prepare(cfg, device=group.load_device())
+    # several processes: a preset's cache (gemma-3-270m's converted weights) is filled once per machine
+    folder = group.local_first(lambda: resolve_model(cfg.model)) if group.several else None
+    setup = prepare(cfg, model_folder=folder, device=group.load_device())
     if group.several:
         setup.device = group.device
     return setup
