@@ -78,5 +78,17 @@ def test_csv_and_plot(tmp_path):
     summary = analysis.summarize(points)
     assert summary["lora"]["correlation"] == pytest.approx(1.0)
     assert summary["dora"]["correlation"] == pytest.approx(-1.0)
+    assert summary["lora"]["within_step_correlation"] == pytest.approx(1.0)
+    assert summary["dora"]["within_step_correlation"] == pytest.approx(-1.0)
     analysis.plot(points, tmp_path / "p.png", title="test")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_within_step_correlation_removes_the_shared_growth():
+    """Every layer grows in dM and dD over steps (pooled correlation positive), while at each step the layers with
+    more direction change have less magnitude change (within-step correlation -1)."""
+    points = [analysis.Point("full", step, f"l{i}", step * (1.0 - 0.1 * i), step * (0.5 + 0.1 * i))
+              for step in (1, 2, 3) for i in range(3)]
+    s = analysis.summarize(points)["full"]
+    assert s["correlation"] > 0.5
+    assert s["within_step_correlation"] == pytest.approx(-1.0)

@@ -95,12 +95,21 @@ def write_csv(points: list[Point], path: str | Path) -> None:
 
 
 def summarize(points: list[Point]) -> dict[str, dict[str, float]]:
-    """Per method: number of points, slope and correlation of dM on dD (the paper's reading of Figure 2)."""
+    """Per method: number of points, slope and correlation of dM on dD over all points (the paper's reading of
+    Figure 2), and ``within_step_correlation``: the mean over steps of the correlation across layers at one step
+    (NaN if no step has 3 or more layers), which leaves out what all layers share by growing over training."""
     out = {}
     for method in dict.fromkeys(p.method for p in points):
         pts = [p for p in points if p.method == method]
         slope, corr = line_fit([p.delta_d for p in pts], [p.delta_m for p in pts])
-        out[method] = {"points": len(pts), "slope": slope, "correlation": corr}
+        per_step = []
+        for step in sorted({p.step for p in pts}):
+            at = [p for p in pts if p.step == step]
+            if len(at) >= 3:
+                per_step.append(line_fit([p.delta_d for p in at], [p.delta_m for p in at])[1])
+        per_step = [c for c in per_step if math.isfinite(c)]
+        within = sum(per_step) / len(per_step) if per_step else math.nan
+        out[method] = {"points": len(pts), "slope": slope, "correlation": corr, "within_step_correlation": within}
     return out
 
 
@@ -256,7 +265,7 @@ def analyze_runs(runs: list[Path], out: Path, modules: list[str] | None = None, 
     plot(trained, out / "decomposition.png", title)
     methods = summarize(trained)
     for label, s in methods.items():
-        s.update({k: None for k in ("slope", "correlation") if not math.isfinite(s[k])})  # JSON has no NaN
+        s.update({k: None for k in ("slope", "correlation", "within_step_correlation") if not math.isfinite(s[k])})
         s["paper_correlation"] = PAPER_CORRELATIONS.get(label)
         s["steps"] = sorted({p.step for p in trained if p.method == label})
         s["layers"] = sorted({p.layer for p in trained if p.method == label})
