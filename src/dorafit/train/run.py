@@ -332,7 +332,7 @@ def _run(plan: Plan, group: Group) -> int:
         state = loop.LoopState(saved["step"], saved["seconds"], saved["metrics"])
         say(f"resumed from the checkpoint at step {state.step} of {total}", flush=True)
     base = str(cfg.model)
-    keys = snapshot_keys(setup.model, cfg.method, cfg.targets)
+    keys = snapshot_keys(setup.model, cfg.method, cfg.targets) if cfg.save_every else []
 
     def snapshot(step: int) -> None:
         tensors = group.full_tensors(setup.model, keys)  # None in one process: the model's own
