@@ -58,7 +58,7 @@ def write_eval(run_dir: Path, result: dict) -> None:
 
 
 def plot_loss(run_dir: Path, rows: list[dict], title: str) -> Path | None:
-    """Loss per step (thin) and its moving average over ~2% of the steps (thick), as a PNG."""
+    """Loss per step (thin) and its moving average over ~4% of the steps (thick), as a PNG."""
     if not rows:
         return None
     import matplotlib
@@ -68,7 +68,7 @@ def plot_loss(run_dir: Path, rows: list[dict], title: str) -> Path | None:
 
     steps = [r["step"] for r in rows]
     losses = [r["loss"] for r in rows]
-    window = max(1, len(rows) // 50)
+    window = max(1, len(rows) // 25)
     smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
               for i in range(len(losses))]
     fig = Figure(figsize=(6, 3.5), dpi=120)
