@@ -16,6 +16,7 @@ def register(subparsers) -> None:
                         help="at most this many test examples per task (default: the run's own setting)")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: the run's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: the run's")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the result to FILE (JSON)")
     parser.set_defaults(func=main)
 
@@ -30,7 +31,11 @@ def main(args: argparse.Namespace) -> int:
         from ..train.evaluate import evaluate
         from ..train.run import format_accuracy, load_trained, show_progress
 
+        import torch
+
         setup = load_trained(Path(args.run), args.device)
+        if args.threads:  # after loading: the run's own --threads was applied there
+            torch.set_num_threads(args.threads)
         cfg = setup.cfg
         limit = args.eval_limit if args.eval_limit is not None else cfg.eval_limit
         result = evaluate(setup.task, setup.model, setup.device, limit, args.batch_size or cfg.eval_batch_size,
