@@ -22,6 +22,13 @@ def limited(examples: list, limit: int | None) -> list:
     return examples if limit is None else examples[:limit]
 
 
+def text_length(example) -> int:
+    """Characters of a (text, label) pair or a commonsense record's prompt."""
+    if isinstance(example, dict):
+        return len(example["instruction"]) + len(example.get("input") or "")
+    return len(example[0])
+
+
 def summary(per_task: dict[str, dict]) -> dict:
     """{"tasks": {name: {"accuracy", "correct", "n"}}, "average": mean accuracy over tasks}."""
     return {"tasks": per_task, "average": sum(t["accuracy"] for t in per_task.values()) / len(per_task)}
@@ -35,7 +42,7 @@ def evaluate(task, model, device, limit: int | None = None, batch_size: int = 32
         score = classification_accuracy if task.kind == "classification" else commonsense_accuracy
         per_task = {}
         for name, examples in task.data.test_sets().items():
-            examples = limited(examples, limit)
+            examples = sorted(limited(examples, limit), key=text_length)  # similar lengths batch with less padding
             correct = score(task, model, examples, device, batch_size, progress and len(examples) > batch_size, name)
             per_task[name] = {"accuracy": correct / len(examples), "correct": correct, "n": len(examples)}
         return summary(per_task)
