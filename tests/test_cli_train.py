@@ -145,3 +145,18 @@ def test_help_documents_every_option_with_its_default():
     text = sub.format_help()
     for name in FIELDS:
         assert "--" + name.replace("_", "-") in text
+
+
+def test_csv_task_with_separate_eval_file(tmp_path, assets):  # noqa: F811
+    import csv
+
+    rows = read_jsonl(assets["jsonl"])
+    for name, part in (("train.csv", rows[:60]), ("held.csv", rows[60:73])):
+        with open(tmp_path / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows({"text": r["text"] + ", quoted", "label": r["label"]} for r in part)
+    run, out = train(tmp_path, "--model", assets["bert"], "--task", tmp_path / "train.csv", "--eval-file",
+                     tmp_path / "held.csv", "--method", "lora", "--steps", 2, "--no-eval-before")
+    assert "60 training / 13 test examples, labels neg, pos" in out
+    assert json.loads((run / "eval.json").read_text())["tasks"]["train"]["n"] == 13
