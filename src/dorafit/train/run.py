@@ -343,6 +343,7 @@ def _run(plan: Plan, group: Group) -> int:
         snapshot(0)
 
     last_write = [time.monotonic()]
+    log_every = max(1, total // 20)
 
     def after_step(st: loop.LoopState) -> None:
         done = st.step == total
@@ -353,6 +354,8 @@ def _run(plan: Plan, group: Group) -> int:
             last_write[0] = time.monotonic()
         if cfg.save_every and (st.step % cfg.save_every == 0 or done):
             snapshot(st.step)
+        if group.is_main and not progress and (st.step % log_every == 0 or done):
+            say(progress_line(st, total, log_every), flush=True)  # no progress bar (not a terminal): a log line
 
     try:
         loop.run(model, task, optimizer, scheduler, state, total, seed=cfg.seed, batch_size=cfg.batch_size,
@@ -390,6 +393,16 @@ def _run(plan: Plan, group: Group) -> int:
           + format_accuracy(after, before), flush=True)
     print(f"run folder: {run_dir.resolve()}", flush=True)
     return 0
+
+
+def progress_line(state: loop.LoopState, total: int, window: int) -> str:
+    """``step 45/300  loss 0.8123  lr 4.68e-04  1.23 steps/s`` over the last ``window`` steps."""
+    recent = state.metrics[-window:]
+    start = state.metrics[-window - 1]["seconds"] if len(state.metrics) > window else 0.0
+    seconds = recent[-1]["seconds"] - start
+    rate = f"{len(recent) / seconds:.2f} steps/s" if seconds > 0 else ""
+    loss = sum(r["loss"] for r in recent) / len(recent)
+    return f"step {state.step}/{total}  loss {loss:.4f}  lr {recent[-1]['lr']:.2e}  {rate}"
 
 
 def _stopped(exc: distributed.LostPeer, group: Group) -> int:
