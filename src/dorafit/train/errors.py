@@ -17,6 +17,10 @@ def report_errors(command: Callable[[], int]) -> int:
         return command()
     try:
         return command()
+    except ModuleNotFoundError as exc:  # a training dependency is not installed
+        print(f"error: the Python package {exc.name!r} is missing; install the training extras with: "
+              "pip install 'dorafit[train]'", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
