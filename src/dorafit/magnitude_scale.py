@@ -72,25 +72,28 @@ class _MagnitudeScale(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):
         saved, magnitude, norm, scale, bias_b = ctx.saved_tensors
         cd = ctx.channel_dim
+        need_pre, need_m, need_n, need_b = ctx.needs_input_grad[:4]
         grad_pre = grad_m = grad_n = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_pre = grad_y * scale
         grad_sum = None  # sum(g) over tokens, [out]
-        if bias_b is not None and (ctx.needs_input_grad[3] or ctx.saves_output):
+        if bias_b is not None and (need_b or (ctx.saves_output and (need_m or need_n))):
             grad_sum = _reduce_except_channel(grad_y, cd)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            g_dot = _reduce_except_channel(grad_y * saved, cd)  # sum(g * y) or sum(g * pre), [out]
+        product = None  # [tokens, out]; its storage is reused for grad_pre
+        if need_m or need_n:
+            product = grad_y * saved  # g * y or g * pre
+            g_dot = _reduce_except_channel(product, cd)  # [out]
             if ctx.saves_output:  # sum(g * pre) / n == (sum(g * y) - b sum(g)) / m
                 if bias_b is not None:
                     g_dot = g_dot - bias_b.flatten().to(g_dot.dtype) * grad_sum
                 g_pre_over_n = torch.where(magnitude == 0, torch.zeros_like(g_dot), g_dot / magnitude)
             else:
                 g_pre_over_n = g_dot / norm
-            if ctx.needs_input_grad[1]:
+            if need_m:
                 grad_m = g_pre_over_n.to(magnitude.dtype)
-            if ctx.needs_input_grad[2]:
+            if need_n:
                 grad_n = (-(magnitude / norm) * g_pre_over_n).to(norm.dtype)
-        if bias_b is not None and ctx.needs_input_grad[3]:
+        if need_pre:
+            grad_pre = grad_y * scale if product is None else torch.mul(grad_y, scale, out=product)
+        if bias_b is not None and need_b:
             grad_b = grad_sum.to(ctx.bias_dtype)
         return grad_pre, grad_m, grad_n, grad_b, None, None
 

@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import socket
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -51,15 +52,25 @@ _FIELD = {"train": "step_ms", "saved": "saved_mib", "peak": "peak_mib", "inferen
 
 
 def ratios(result: dict) -> dict[str, dict]:
-    """Every ratio computable from one workload's result: {key: {label, value, target, met}}."""
+    """Every ratio computable from one workload's result: {key: {label, value, target, met, ...}}.
+
+    A time ratio is the median over rounds of the ratio of the two variants' times in the same round (both
+    measured within seconds of each other, so a change of machine load between rounds cancels out);
+    ``ratio_of_medians`` is given beside it.
+    """
     out: dict[str, dict] = {}
     for key, label, section, num, den, target in RATIOS:
         table = result["inference" if section == "inference" else "train"]
-        a, b = table.get(num, {}).get(_FIELD[section]), table.get(den, {}).get(_FIELD[section])
+        field = _FIELD[section]
+        a, b = table.get(num, {}).get(field), table.get(den, {}).get(field)
         if a is None or b is None:
             continue
-        value = a / b
-        out[key] = {"label": label, "value": value, "target": target, "met": None if target is None else value <= target}
+        entry = {"label": label, "value": a / b, "target": target}
+        if field + "_all" in table[num]:
+            pairs = zip(table[num][field + "_all"], table[den][field + "_all"])
+            entry.update(value=statistics.median(x / y for x, y in pairs), ratio_of_medians=a / b)
+        entry["met"] = None if target is None else entry["value"] <= target
+        out[key] = entry
     train = result["train"]
     for key, label, field in OVERHEAD_RATIOS:
         prefix = "peft_" if key.startswith("peft") else ""
