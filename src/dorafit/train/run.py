@@ -141,7 +141,8 @@ def resume_config(run_dir: Path, explicit: dict) -> TrainConfig:
     cfg = from_dict(stored, str(run_dir / rundir.CONFIG))
     for name, value in explicit.items():
         if name not in RESUME_MAY_CHANGE and getattr(cfg, name) != value:
-            raise ValueError(f"--{name.replace('_', '-')} {value!r} differs from the resumed run's {getattr(cfg, name)!r}; "
+            raise ValueError(f"--{name.replace('_', '-')} {value!r} differs from the resumed run's "
+                             f"{getattr(cfg, name)!r}; "
                              "a resumed run keeps its config (start a new run to change it)")
     changes = {name: explicit[name] for name in RESUME_MAY_CHANGE if name in explicit and name != "resume"}
     return dataclasses.replace(cfg, resume=str(run_dir), **changes)
@@ -224,7 +225,8 @@ def describe(setup: Setup, total: int, warmup: int, group: Group = SINGLE) -> st
         f"model   {cfg.model} ({setup.loaded.folder}), {type(model).__name__}, on {setup.device}",
         f"task    {cfg.task}: {len(data.train)} training / {tests} test examples"
         + (f", labels {', '.join(data.labels)}" if data.kind == "classification" else f", {len(data.test)} test sets"),
-        f"method  {what}{head}: {trainable:,} of {everything:,} parameters trainable ({100 * trainable / everything:.3f}%)",
+        f"method  {what}{head}: {trainable:,} of {everything:,} parameters trainable "
+        f"({100 * trainable / everything:.3f}%)",
         f"steps   {total} of {batch}, lr {cfg.lr:g} {cfg.schedule}, "
         f"warm-up {warmup}, seed {cfg.seed}",
     ])
@@ -274,7 +276,8 @@ def plan_run(cfg: TrainConfig, explicit: dict, world_size: int) -> Plan:
     else:
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         if (run_dir / rundir.CONFIG).exists():
-            raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+            raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                             "or choose another --out")
     validate(cfg)
     before = _read_json(run_dir / rundir.EVAL).get("before")
     return Plan(cfg, run_dir, resuming, resuming and checkpoint.exists(run_dir), before)
