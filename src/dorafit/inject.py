@@ -51,7 +51,7 @@ def _no_match_error(what: str, target, model: nn.Module) -> ValueError:
         if close:
             hint = f"; did you mean {', '.join(close)}?"
     return ValueError(
-        f"{what} {target!r} matches no module of this {type(model).__name__}{hint} "
+        f"{what} {target!r} matches no module of this {type(model).__name__}{hint or '.'} "
         f"Adaptable layer names in this model: {', '.join(leaf_names) or '(none)'}"
     )
 
