@@ -161,3 +161,22 @@ def test_csv_task_with_separate_eval_file(tmp_path, assets):  # noqa: F811
                      tmp_path / "held.csv", "--method", "lora", "--steps", 2, "--no-eval-before")
     assert "60 training / 13 test examples, labels neg, pos" in out
     assert json.loads((run / "eval.json").read_text())["tasks"]["train"]["n"] == 13
+
+
+def test_run_folder_works_from_another_directory(tmp_path, assets, monkeypatch):  # noqa: F811
+    import os
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    code, _, err = run_cli("train", "--model", os.path.relpath(assets["bert"]), "--task",
+                           os.path.relpath(assets["jsonl"]), "--steps", 2, "--out", "run", "--no-eval-before")
+    assert code == 0, err
+    stored = json.loads((work / "run" / "config.json").read_text())["config"]
+    assert stored["model"] == str(assets["bert"].resolve()) and stored["task"] == str(assets["jsonl"].resolve())
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run_cli("eval", work / "run")
+    assert code == 0, err
+    code, _, err = run_cli("train", "--resume", work / "run", "--model", assets["bert"])  # same model, other spelling
+    assert code == 0, err

@@ -23,8 +23,10 @@ from ..config import AdapterConfig
 from ..inject import adapter_state_dict, apply, trainable_parameter_count
 from ..io import load_adapter, save_adapter
 from . import checkpoint, distributed, loop, rundir
+from .data import PRESETS as TASK_PRESETS
 from .data import load_task
 from .evaluate import evaluate
+from .models import PRESETS as MODEL_PRESETS
 from .models import LoadedModel, ModelError, default_targets, load_model, resolve_model
 from .options import TrainConfig, from_dict, to_dict
 from .distributed import SINGLE, Group
@@ -110,6 +112,7 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
     )
     if cfg.steps is None and cfg.epochs is None:
         resolved[data.duration[0]] = data.duration[1]
+    resolved.update(absolute_paths({"model": cfg.model, "task": cfg.task, "eval_file": cfg.eval_file}))
     cfg = dataclasses.replace(cfg, **resolved)
     if data.kind == "classification":
         task = ClassificationTask(data, loaded.tokenizer, cfg.max_length)
@@ -135,8 +138,20 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{model}-{task}-{cfg.method}-{stamp}"
 
 
+def absolute_paths(options: dict) -> dict:
+    """Model and task folders or files and the eval file as absolute paths (preset names stay), so that a run
+    folder's config.json means the same from any working directory."""
+    out = dict(options)
+    for name, presets in (("model", MODEL_PRESETS), ("task", TASK_PRESETS), ("eval_file", ())):
+        value = out.get(name)
+        if value and value not in presets and Path(value).expanduser().exists():
+            out[name] = str(Path(value).expanduser().resolve())
+    return out
+
+
 def resume_config(run_dir: Path, explicit: dict) -> TrainConfig:
     """The run's stored config; options given now must agree with it."""
+    explicit = absolute_paths(explicit)
     stored, _ = rundir.read_config(run_dir)
     cfg = from_dict(stored, str(run_dir / rundir.CONFIG))
     for name, value in explicit.items():
