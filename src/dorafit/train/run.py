@@ -372,13 +372,13 @@ def _run(plan: Plan, group: Group) -> int:
 
     def after_step(st: loop.LoopState) -> None:
         done = st.step == total
+        if cfg.save_every and (st.step % cfg.save_every == 0 or done):
+            snapshot(st.step)  # before the checkpoint: a run killed between the two repeats this step on resume
         if st.step % cfg.checkpoint_every == 0 or done:
             checkpoint.save(run_dir, model, optimizer, scheduler, st.step, st.seconds, st.metrics, group)
         if group.is_main and (st.step % cfg.checkpoint_every == 0 or done or time.monotonic() - last_write[0] > 10):
             rundir.write_metrics(run_dir, st.metrics)
             last_write[0] = time.monotonic()
-        if cfg.save_every and (st.step % cfg.save_every == 0 or done):
-            snapshot(st.step)
         if group.is_main and not progress and (st.step % log_every == 0 or done):
             say(progress_line(st, total, log_every), flush=True)  # no progress bar (not a terminal): a log line
 
