@@ -130,27 +130,6 @@ def test_inplace_magnitude_scale_equals_out_of_place(channel_dim):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_blocked_magnitude_backward_equals_unblocked(monkeypatch, with_bias):
-    """CPU backward sweeps row blocks; several blocks (and a short last one) give the unblocked gradients."""
-    import dorafit.magnitude_scale as ms
-
-    g = _gen()
-    x = torch.randn(2, 13, 6, dtype=torch.float64, generator=g, requires_grad=True)
-    m = (torch.rand(6, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
-    n = (torch.rand(6, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
-    b = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
-    upstream = torch.randn(2, 13, 6, dtype=torch.float64, generator=g)
-    results = []
-    for block_bytes in (0, 4 * 6 * 8):  # unblocked; 4 rows per block: 26 rows = 6 blocks + 2 rows
-        monkeypatch.setattr(ms, "BLOCK_BYTES", block_bytes)
-        y = magnitude_scale(x * 1.0, m, n, b, -1, inplace=True)
-        inputs = [t for t in (x, m, n, b) if t is not None]
-        results.append(torch.autograd.grad((y * upstream).sum(), inputs))
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
 def test_inplace_magnitude_scale_is_caught_when_its_input_was_saved():
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     pre = x.exp()  # exp saves its output for backward

@@ -40,44 +40,6 @@ def _reduce_except_channel(t: Tensor, channel_dim: int) -> Tensor:
     return t.sum(dim=dims, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
-#: Backward on CPU reads g and the saved tensor in row blocks of about this many bytes, so that a block's
-#: product g * y is still in cache when it is summed; 0 turns blocks off. (Unblocked, the three results take
-#: five passes over [tokens, out] in memory; blocked, three. On GPU the unblocked kernels are used.)
-BLOCK_BYTES = 1 << 18
-
-
-def _sweep(grad_y: Tensor, saved: Tensor, scale: Tensor, channel_dim: int, want_pre: bool, want_dot: bool,
-           want_sum: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(g * scale, sum_tokens(g * saved), sum_tokens(g))``, each only if wanted (sums in the norm dtype)."""
-    acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
-    out = grad_y.shape[channel_dim]
-    rows = BLOCK_BYTES // max(1, out * grad_y.element_size())
-    channel_last = channel_dim % grad_y.dim() == grad_y.dim() - 1
-    if rows < 1 or grad_y.device.type != "cpu" or not channel_last or not (grad_y.is_contiguous() and saved.is_contiguous()):
-        product = grad_y * saved if want_dot else None
-        dot = _reduce_except_channel(product, channel_dim) if want_dot else None
-        total = _reduce_except_channel(grad_y, channel_dim) if want_sum else None
-        grad_pre = None
-        if want_pre:  # reuses the product's storage
-            grad_pre = grad_y * scale if product is None else torch.mul(grad_y, scale, out=product)
-        return grad_pre, dot, total
-    g2, s2, scale1 = grad_y.view(-1, out), saved.view(-1, out), scale.view(out)  # [tokens, out], [out]
-    dot = torch.zeros(out, dtype=acc, device=g2.device) if want_dot else None
-    total = torch.zeros(out, dtype=acc, device=g2.device) if want_sum else None
-    grad_pre = torch.empty_like(g2) if want_pre else None
-    block = torch.empty(min(rows, len(g2)), out, dtype=g2.dtype, device=g2.device) if want_dot else None
-    for start in range(0, len(g2), rows):
-        g = g2[start : start + rows]
-        if want_dot:
-            product = torch.mul(g, s2[start : start + rows], out=block[: len(g)])
-            dot += product.sum(dim=0, dtype=acc)
-        if want_sum:
-            total += g.sum(dim=0, dtype=acc)
-        if want_pre:
-            torch.mul(g, scale1, out=grad_pre[start : start + rows])
-    return (None if grad_pre is None else grad_pre.view(grad_y.shape)), dot, total
-
-
 def _saves_output(pre: Tensor, bias: Tensor | None) -> bool:
     """Whether backward can work from y instead of pre (see the module docstring)."""
     return bias is None or pre.dtype in (torch.float32, torch.float64)
@@ -112,10 +74,13 @@ class _MagnitudeScale(torch.autograd.Function):
         cd = ctx.channel_dim
         need_pre, need_m, need_n, need_b = ctx.needs_input_grad[:4]
         grad_pre = grad_m = grad_n = grad_b = None
-        want_dot = need_m or need_n
-        want_sum = bias_b is not None and (need_b or (ctx.saves_output and want_dot))
-        grad_pre, g_dot, grad_sum = _sweep(grad_y, saved, scale, cd, need_pre, want_dot, want_sum)
-        if want_dot:  # g_dot = sum(g * y) or sum(g * pre), [out]
+        grad_sum = None  # sum(g) over tokens, [out]
+        if bias_b is not None and (need_b or (ctx.saves_output and (need_m or need_n))):
+            grad_sum = _reduce_except_channel(grad_y, cd)
+        product = None  # [tokens, out]; its storage is reused for grad_pre
+        if need_m or need_n:
+            product = grad_y * saved  # g * y or g * pre
+            g_dot = _reduce_except_channel(product, cd)  # [out]
             if ctx.saves_output:  # sum(g * pre) / n == (sum(g * y) - b sum(g)) / m
                 if bias_b is not None:
                     g_dot = g_dot - bias_b.flatten().to(g_dot.dtype) * grad_sum
@@ -126,6 +91,8 @@ class _MagnitudeScale(torch.autograd.Function):
                 grad_m = g_pre_over_n.to(magnitude.dtype)
             if need_n:
                 grad_n = (-(magnitude / norm) * g_pre_over_n).to(norm.dtype)
+        if need_pre:
+            grad_pre = grad_y * scale if product is None else torch.mul(grad_y, scale, out=product)
         if bias_b is not None and need_b:
             grad_b = grad_sum.to(ctx.bias_dtype)
         return grad_pre, grad_m, grad_n, grad_b, None, None
