@@ -81,7 +81,8 @@ def main() -> None:
         spec = WorkloadSpec(model="minilm", batch=args.batch or 32, seq=args.seq or 128)
     workload = build_workload(spec)
     print(f"{workload.description}\n")
-    print("| variant | adapted layer | output MiB (all blocks) | who keeps the output for backward | kept only by the layer itself MiB |")
+    print("| variant | adapted layer | output MiB (all blocks) | who keeps the output for backward "
+          "| kept only by the layer itself MiB |")
     print("|---|---|---:|---|---:|")
     for variant in ("lora", "dora"):
         for kind, row in inventory(workload, variant).items():

@@ -53,7 +53,9 @@ def test_low_rank_linear_matches_dense_formula(with_bias, w0_trains):
 def _dora_linear(dropout=0.0, detach_norm=True, bias=True):
     torch.manual_seed(0)
     model = Wrapper(nn.Linear(7, 5, bias=bias)).double()
-    cfg = dorafit.AdapterConfig(method="dora", r=2, alpha=3, targets=["layer"], dropout=dropout, detach_norm=detach_norm)
+    cfg = dorafit.AdapterConfig(
+        method="dora", r=2, alpha=3, targets=["layer"], dropout=dropout, detach_norm=detach_norm
+    )
     dorafit.apply(model, cfg)
     randomize_adapter(model)
     return model

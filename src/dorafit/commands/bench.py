@@ -57,7 +57,9 @@ def _check(args) -> list[str]:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if not models or unknown:
-        raise SystemExit(f"dorafit bench: --models takes a comma-separated list of {', '.join(MODELS)}; got {args.models!r}")
+        raise SystemExit(
+            f"dorafit bench: --models takes a comma-separated list of {', '.join(MODELS)}; got {args.models!r}"
+        )
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("dorafit bench: --device cuda asked for, but torch sees no CUDA device; use --device cpu")
     if args.device != "cpu" and not args.device.startswith("cuda"):

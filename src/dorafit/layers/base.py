@@ -50,7 +50,9 @@ class LayerOps:
         """``P u``: rank r back to the output units. p: [out, r]."""
         raise NotImplementedError
 
-    def low_rank(self, module: nn.Module, x: Tensor, x_adapter: Tensor, p: Tensor, q: Tensor, with_bias: bool) -> Tensor:
+    def low_rank(
+        self, module: nn.Module, x: Tensor, x_adapter: Tensor, p: Tensor, q: Tensor, with_bias: bool
+    ) -> Tensor:
         """``W0 x + P Q x_adapter`` (+ the bias if ``with_bias``); ``x_adapter`` is x after the adapter's dropout.
 
         Generic: from :meth:`base`, :meth:`down` and :meth:`up`. Families with a faster equivalent override it.

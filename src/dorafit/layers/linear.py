@@ -23,7 +23,9 @@ class LinearOps(LayerOps):
     def up(self, module: nn.Module, u: Tensor, p: Tensor) -> Tensor:
         return F.linear(u, p)  # [..., out]
 
-    def low_rank(self, module: nn.Module, x: Tensor, x_adapter: Tensor, p: Tensor, q: Tensor, with_bias: bool) -> Tensor:
+    def low_rank(
+        self, module: nn.Module, x: Tensor, x_adapter: Tensor, p: Tensor, q: Tensor, with_bias: bool
+    ) -> Tensor:
         """The fused :func:`low_rank_linear` when x feeds both paths (no dropout) and nothing casts dtypes."""
         w0 = self.weight_matrix(module)
         bias = module.bias if with_bias else None
