@@ -71,6 +71,10 @@ class TrainConfig:
     detach_norm: bool = opt(True, "DoRA: treat the weight norm as a constant in backward (paper section 4.3)")
     init: str = opt("kaiming", "init of lora_A", choices=("kaiming", "gaussian"))
     vera_seed: int = opt(0, "seed of VeRA's shared frozen projections")
+    init_from: Optional[str] = opt(
+        None, "start from a trained adapter: a PEFT adapter folder (adapter_model.safetensors) or a dorafit one "
+        "(adapter.safetensors); its config sets the method, rank, alpha, rslora, targets and dropout", metavar="DIR",
+    )
 
     # ---- optimisation ------------------------------------------------------------------------------------
     lr: Optional[float] = opt(None, "peak learning rate (default: full 2e-5, lora/dora 5e-4, vera/dvora 5e-3)")

@@ -20,8 +20,9 @@ import torch
 
 from .. import __version__
 from ..config import AdapterConfig
-from ..inject import adapter_state_dict, apply, trainable_parameter_count
-from ..io import load_adapter, save_adapter
+from ..inject import adapted_modules, adapter_state_dict, apply, get_config, trainable_parameter_count
+from ..io import TENSORS_FILE, load_adapter, save_adapter
+from ..peft_format import PEFT_TENSORS_FILE, import_peft
 from . import checkpoint, distributed, loop, rundir
 from .data import PRESETS as TASK_PRESETS
 from .data import load_task
@@ -106,7 +107,7 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
     loaded = load_model(folder, data.kind, getattr(data, "labels", None))
     resolved = dict(
         max_length=cfg.max_length or data.max_length,
-        lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method],
+        lr=cfg.lr if cfg.lr is not None or cfg.init_from else DEFAULT_LR[cfg.method],  # --init-from: by its method
         targets=cfg.targets or default_targets(loaded.model),
         head=cfg.head if cfg.head is not None else loaded.head,
     )
@@ -122,12 +123,37 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
         task = CommonsenseTask(data, loaded.tokenizer, cfg.max_length, cfg.train_on_prompt)
     device = device or pick_device(cfg.device)
     loaded.model.to(device)
-    if cfg.method == "full":
+    if cfg.init_from:
+        cfg, adapted = _adapt_from(cfg, loaded.model)
+    elif cfg.method == "full":
         loaded.model.requires_grad_(True)
         adapted = []
     else:
         adapted = apply(loaded.model, adapter_config(cfg, cfg.head))
     return Setup(cfg, data, task, loaded, device, adapted)
+
+
+def _adapt_from(cfg: TrainConfig, model) -> tuple[TrainConfig, list[str]]:
+    """``--init-from``: adapt ``model`` with a saved adapter (PEFT or dorafit format) and record what it set."""
+    folder = Path(cfg.init_from)
+    if cfg.method == "full":
+        raise ValueError("--init-from loads an adapter; it does not combine with --method full")
+    if (folder / PEFT_TENSORS_FILE).is_file():
+        adapted = import_peft(model, folder, extra_trainable=cfg.head)
+    elif (folder / TENSORS_FILE).is_file():
+        adapted = load_adapter(model, folder)
+    else:
+        raise ValueError(f"--init-from {folder}: no {PEFT_TENSORS_FILE} (PEFT) or {TENSORS_FILE} (dorafit) in that folder")
+    ac = get_config(model)
+    layers = dict(adapted_modules(model))
+    magnitude_only = [n for n in adapted if layers[n].dorafit.update is None]
+    cfg = dataclasses.replace(
+        cfg, init_from=str(folder.resolve()), method=ac.method, rank=ac.r, alpha=ac.alpha, rslora=ac.rslora,
+        dropout=ac.dropout, detach_norm=ac.detach_norm, vera_seed=ac.vera_seed,
+        targets=[n for n in adapted if n not in magnitude_only], magnitude_only=magnitude_only or None,
+        head=list(model.dorafit_extra_trainable), lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[ac.method],
+    )
+    return cfg, adapted
 
 
 # ---- the run folder ------------------------------------------------------------------------------------------
@@ -204,7 +230,7 @@ def load_trained(run_dir: Path, device: str | None = None) -> Setup:
     if not (run_dir / rundir.ADAPTER).is_dir():
         raise ValueError(f"{run_dir} has no trained adapter yet ({rundir.ADAPTER}/ is missing); finish it with "
                          f"dorafit train --resume {run_dir}")
-    setup = prepare(dataclasses.replace(cfg, method="full", magnitude_only=None))  # the base model, not adapted
+    setup = prepare(dataclasses.replace(cfg, method="full", magnitude_only=None, init_from=None))  # the base model
     setup.loaded.model.requires_grad_(False)
     setup.adapted = load_adapter(setup.model, run_dir / rundir.ADAPTER)
     setup.model.to(setup.device)
