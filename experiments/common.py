@@ -128,17 +128,42 @@ def validation_files(task: str, n_val: int, seed: int = 0) -> tuple[str, str]:
     return str(train_path), str(val_path)
 
 
-def select_lr(experiment: str, name: str, grid: list[float], task: str, n_val: int, **options) -> dict:
-    """Train ``name`` once per learning rate of ``grid`` on the training split minus ``n_val`` validation
-    examples (seed 0) and return {"best": lr, "grid": {lr: validation accuracy}}. Ties go to the smaller lr."""
+def select_lr(experiment: str, name: str, grid: list[float], task: str, n_val: int, extend: int = 2,
+              **options) -> dict:
+    """Train ``name`` once per learning rate on the training split minus ``n_val`` validation examples (seed 0)
+    and return {"best": lr, "grid": {lr: validation accuracy}}. Ties go to the smaller lr.
+
+    The grid is on the 1-3-10 sequence (1e-4, 3e-4, 1e-3, ...); while the best value is at an edge of it, the
+    next value of the sequence beyond that edge is tried, at most ``extend`` times: the same rule for every method.
+    """
     train_file, val_file = validation_files(task, n_val)
-    scores = {}
-    for lr in grid:
+    grid, scores = sorted(grid), {}
+
+    def score(lr: float) -> float:
         run = train_run(experiment, f"lr-{name}-{task}-{lr:g}", task=train_file, eval_file=val_file, lr=lr, seed=0,
                         **options)
-        scores[lr] = run["average"]
+        return run["average"]
+
+    for lr in grid:
+        scores[lr] = score(lr)
+    for _ in range(extend):
+        best = max(grid, key=lambda lr: (scores[lr], -lr))
+        if best not in (grid[0], grid[-1]):
+            break
+        lr = one_three_ten(best, up=best == grid[-1])
+        grid = sorted([*grid, lr])
+        scores[lr] = score(lr)
     best = max(grid, key=lambda lr: (scores[lr], -lr))
     return {"best": best, "grid": {f"{lr:g}": scores[lr] for lr in grid}, "validation_examples": n_val}
+
+
+def one_three_ten(x: float, up: bool) -> float:
+    """The neighbour of ``x`` on the 1-3-10 sequence: 1e-3 -> 3e-3 (up) or 3e-4 (down); 3e-3 -> 1e-2 or 1e-3."""
+    exponent = math.floor(math.log10(x) + 1e-9)
+    ones = round(x / 10**exponent) == 1
+    if up:
+        return float(f"{(3 if ones else 10) * 10**exponent:.1g}")
+    return float(f"{(0.3 if ones else 1) * 10**exponent:.1g}")
 
 
 def seeds_result(experiment: str, name: str, task: str, setting: dict, options: dict, seeds, lr: float | None = None,
@@ -150,8 +175,8 @@ def seeds_result(experiment: str, name: str, task: str, setting: dict, options: 
     common = {"steps": setting["steps"], "max_length": setting["max_length"]}
     chosen = {"best": lr} if grid is None else select_lr(experiment, name, grid, task, setting["n_val"], **common,
                                                          **options)
-    runs = [train_run(experiment, f"{name}-{task}-s{seed}", task=task, lr=chosen["best"], seed=seed, **common,
-                      **options) for seed in seeds]
+    runs = [train_run(experiment, f"{name}-{task}-lr{chosen['best']:g}-s{seed}", task=task, lr=chosen["best"],
+                      seed=seed, **common, **options) for seed in seeds]
     accs = [r["average"] for r in runs]
     mean, std = mean_std(accs)
     summary = {"lr": chosen, "test_accuracy": accs, "mean": mean, "std": std,

@@ -6,7 +6,7 @@ all-MiniLM-L6-v2 on the two tasks and budgets of experiments/method_comparison.p
 bbc 30 steps, max_length 32), 3 seeds. Shared frozen random projections of rank 256 on q, k, v, intermediate and
 output dense (the largest power of two below the 384-wide hidden size; VeRA uses high ranks since only the scaling
 vectors train), d initialised to 0.1, b to 0. Learning rate per method and task: the best of the grid 3e-3, 1e-2,
-3e-2 on the same validation split and budget as the method comparison. LoRA and DoRA (r 8) from the method
+3e-2 (extended at an edge as in the method comparison) on the same validation split and budget. LoRA and DoRA (r 8) from the method
 comparison are shown beside them.
 
 Writes experiments/results/vera_dvora/: results.json, results.md, accuracy.png.
@@ -53,8 +53,8 @@ def main() -> None:
         md.append(markdown_table(["method", "test acc %", "per seed", "lr", "adapter % params (no head)",
                                   "adapter params", "paper (MT-Bench)"], rows))
     md.append("\nValidation accuracy (%) of the learning-rate grid (seed 0):\n\n")
-    md.append(markdown_table(["task", "method", "lr 1", "lr 2", "lr 3"],
-                             [[task, LABEL[v]] + [f"{k}: {pct(a)}" for k, a in results[task][v]["lr"]["grid"].items()]
+    md.append(markdown_table(["task", "method", "learning rate: validation accuracy"],
+                             [[task, LABEL[v], "; ".join(f"{k}: {pct(a)}" for k, a in results[task][v]["lr"]["grid"].items())]
                               for task in TASKS for v in VARIANTS]))
     md.append(f"\n![accuracy](accuracy.png)\n\nRuntime: {seconds / 60:.1f} min for the {len(runs)} final runs + "
               f"{tuning / 60:.1f} min for the learning-rate grids, on 2 shared CPU cores (1 torch thread).\n")
