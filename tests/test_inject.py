@@ -167,3 +167,42 @@ def test_eval_mode_caches_the_norm_and_invalidates_on_update():
     assert n2 is not n1 and not torch.equal(n1, n2)
     dense = torch.linalg.norm(layer.weight + layer.dorafit.scale * layer.lora_B @ layer.lora_A, dim=1)
     torch.testing.assert_close(n2, dense)
+
+
+def test_tied_weights_are_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    with pytest.raises(ValueError, match="module 'embed' shares its weight with 'head' \\(tied weights\\)"):
+        dorafit.apply(Tied(), dorafit.AdapterConfig(r=2, targets=["embed"]))
+
+
+def test_model_cast_after_apply_keeps_float32_magnitude_and_exact_step_zero():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    dorafit.apply(model, dorafit.AdapterConfig(method="dora", r=2, targets=["0"]))
+    exact = model[0].magnitude.detach().clone()
+    model.to(torch.bfloat16)
+    assert model[0].magnitude.dtype == torch.float32 and model[0].weight.dtype == torch.bfloat16
+    assert torch.equal(model[0].magnitude, exact)  # not rounded through bf16
+    model.double()
+    assert model[0].magnitude.dtype == torch.float64
+
+
+def test_eval_drops_caches_so_writes_through_data_are_seen():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    dorafit.apply(model, dorafit.AdapterConfig(method="dora", r=2, targets=["0"]))
+    model.eval()
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        model(x)
+        model[0].lora_B.data.copy_(torch.randn(4, 2))  # .data writes do not bump version counters
+        model.eval()
+        fresh = copy.deepcopy(model)
+        fresh[0].dorafit.caches.clear()
+        torch.testing.assert_close(model(x), fresh(x))

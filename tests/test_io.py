@@ -230,3 +230,31 @@ def test_magnitude_only_adapter_round_trip(tmp_path):
     assert dorafit.load_adapter(base, tmp_path / "ad") == ["blocks.0.o_proj", "blocks.1.o_proj"]
     ids = torch.randint(0, 20, (2, 3))
     torch.testing.assert_close(base(ids), model(ids), rtol=0, atol=0)
+
+
+def test_loading_tensors_into_a_merged_model_keeps_base_weights(tmp_path):
+    base, model = _adapted_net()
+    dorafit.merge(model)
+    fresh_tensors = {k: torch.randn_like(v) for k, v in dorafit.adapter_state_dict(model).items()}
+    dorafit.set_adapter_state_dict(model, fresh_tensors)
+    assert model.blocks[0].q_proj.dorafit.merged
+    dorafit.unmerge(model)
+    torch.testing.assert_close(model.blocks[0].q_proj.weight, base.blocks[0].q_proj.weight, rtol=1e-5, atol=1e-5)
+
+
+def test_vera_adapter_saved_in_bf16_loads_in_float32(tmp_path):
+    base, model = _adapted_net("vera")
+    model.to(torch.bfloat16)
+    dorafit.save_adapter(model, tmp_path / "ad")
+    fresh = copy.deepcopy(base)
+    dorafit.load_adapter(fresh, tmp_path / "ad")
+    torch.testing.assert_close(fresh.blocks[0].q_proj.vera_lambda_b, model.blocks[0].q_proj.vera_lambda_b.float())
+
+
+def test_config_without_modules_entry_is_reported(tmp_path):
+    base, model = _adapted_net()
+    dorafit.save_adapter(model, tmp_path / "ad")
+    meta = json.loads((tmp_path / "ad" / CONFIG_FILE).read_text())
+    del meta["modules"]
+    (tmp_path / "ad" / CONFIG_FILE).write_text(json.dumps(meta))
+    _expect_load_error(tmp_path, base, "has no valid 'modules' entry")

@@ -176,6 +176,24 @@ class AdaptedLayer:
         st.ops.set_weight_matrix(self, w0)
         st.merged, st.merge_norm, st.merge_lost_rows = False, None, None
 
+    def train(self, mode: bool = True):
+        """Also drops the cached norms: ``model.eval()`` always starts from the current tensors, even after writes
+        through ``.data`` (which do not bump the version counters the caches are keyed on)."""
+        self.dorafit.caches.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(dtype)`` and friends keep DoRA's magnitude in float32 (float64 for float64 weights)."""
+        magnitude = self._parameters.get(MAGNITUDE_PARAM)
+        kept = magnitude.data if magnitude is not None else None
+        result = super()._apply(fn, recurse)
+        magnitude = self._parameters.get(MAGNITUDE_PARAM)
+        want = Fn.norm_dtype(self.weight.dtype)
+        if magnitude is not None and magnitude.dtype != want:
+            magnitude.data = kept.to(device=magnitude.device, dtype=want)
+        self.dorafit.caches.clear()
+        return result
+
     def extra_repr(self) -> str:
         st = self.dorafit
         kind = {("lora", False): "lora", ("lora", True): "dora", ("vera", False): "vera", ("vera", True): "dvora"}

@@ -141,6 +141,19 @@ def _adapt(name: str, module: nn.Module, config: AdapterConfig, magnitude_only: 
     adapt_module(module, state, tensors, buffers)
 
 
+def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> names of the distinct modules that hold it as a direct parameter."""
+    owners: dict[int, list[str]] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    return owners
+
+
 # ---- public API -------------------------------------------------------------------------------------------
 def adapted_modules(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
     """(name, layer) for every adapted layer of ``model``."""
@@ -171,8 +184,15 @@ def apply(model: nn.Module, config: AdapterConfig) -> list[str]:
     extra_names = find_modules(model, config.extra_trainable, "extra_trainable") if config.extra_trainable else []
     modules = dict(model.named_modules())
     chosen = sorted(set(full_names) | mag_names, key=list(modules).index)
+    owners = _weight_owners(model)
     for name in chosen:  # validate everything before changing anything
         _checked_ops(name, modules[name], config, name in mag_names)
+        others = [o for o in owners[id(modules[name].weight)] if o != name]
+        if others:
+            raise ValueError(
+                f"module {name!r} shares its weight with {others[0]!r} (tied weights): merging the adapter would change "
+                f"{others[0]!r} too. Untie them first (e.g. clone the weight into {others[0]!r}) or leave {name!r} out"
+            )
     setattr(model, _REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     shared: dict = {}
     for name in chosen:

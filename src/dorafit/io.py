@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
@@ -43,6 +42,12 @@ def _vera_key(layer) -> str:
     return f"{VERA_PREFIX}{out}x{inp}"
 
 
+def _seed_fingerprint(layer, config: AdapterConfig) -> str:
+    """Fingerprint of the float32 projections the config's seed generates for this layer (independent of dtype)."""
+    out, inp = layer.dorafit.ops.weight_matrix(layer).shape
+    return vera.seed_fingerprint(config.vera_seed, config.r, out, inp)
+
+
 def _describe(model: nn.Module) -> dict:
     config = get_config(model)
     modules, fingerprints = {}, {}
@@ -52,7 +57,7 @@ def _describe(model: nn.Module) -> dict:
         if layer.dorafit.update is None:
             mag_only.append(name)
         if layer.dorafit.update == "vera":
-            fingerprints[_vera_key(layer)] = vera.fingerprint(layer.vera_A, layer.vera_B)
+            fingerprints[_vera_key(layer)] = _seed_fingerprint(layer, config)
     resolved = dataclasses.replace(
         config,
         targets=[n for n in modules if n not in mag_only],
@@ -104,6 +109,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         raise AdapterFileError(f"{config_path} is not valid JSON ({exc}); the file is corrupt") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterFileError(f"{config_path} is not a dorafit adapter config (expected format {FORMAT!r})")
+    for key in ("config", "modules", "tensors_sha256"):
+        if not isinstance(meta.get(key), (dict, str)):
+            raise AdapterFileError(f"{config_path} has no valid {key!r} entry; the file is corrupt, save the adapter again")
     blob = tensors_path.read_bytes()
     if sha256_hex(blob) != meta.get("tensors_sha256"):
         raise AdapterFileError(
@@ -112,7 +120,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         )
     try:
         tensors = load_safetensors_bytes(blob)
-    except (SafetensorError, Exception) as exc:  # safetensors raises several types for malformed headers
+    except Exception as exc:  # safetensors raises several types (SafetensorError, ValueError, ...) for bad headers
         raise AdapterFileError(f"{tensors_path} is not a readable safetensors file: {exc}") from None
     return meta, tensors
 
@@ -138,7 +146,7 @@ def _check_and_copy(model: nn.Module, meta: dict, tensors: dict[str, Tensor]) ->
                     like = layer.vera_A
                     stored[key] = tuple(tensors[f"{key}.{ab}"].to(like.device, like.dtype) for ab in "AB")
                 layer.vera_A, layer.vera_B = stored[key]
-            if meta.get("vera_fingerprints", {}).get(key) != vera.fingerprint(layer.vera_A, layer.vera_B):
+            elif meta.get("vera_fingerprints", {}).get(key) != _seed_fingerprint(layer, get_config(model)):
                 raise AdapterFileError(
                     f"module {name!r}: VeRA's shared projections regenerated from seed {get_config(model).vera_seed} "
                     "differ from the ones the adapter was trained with (wrong seed, rank or shape)"
@@ -160,9 +168,14 @@ def set_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None
             raise AdapterFileError(
                 f"tensor {key!r}: file shape {list(value.shape)}, model shape {list(current[key].shape)}"
             )
+    merged = [layer for _, layer in adapted_modules(model) if layer.dorafit.merged]
+    for layer in merged:  # a merged weight folds in the old adapter: take it out before replacing the tensors
+        layer.unmerge()
     with torch.no_grad():
         for key, value in tensors.items():
             current[key].copy_(value)
+    for layer in merged:
+        layer.merge()
 
 
 def _exact_names(names: list[str]) -> str | list[str]:

@@ -10,6 +10,7 @@ saved with the adapter, and loading refuses projections that regenerate differen
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -41,3 +42,9 @@ def fingerprint(a: Tensor, b: Tensor) -> str:
     for t in (a, b):
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=256)
+def seed_fingerprint(seed: int, r: int, out: int, inp: int) -> str:
+    """Fingerprint of the float32 projections this seed generates for this shape (independent of any model dtype)."""
+    return fingerprint(*shared_projections(seed, r, out, inp))
