@@ -35,7 +35,8 @@ from .snapshots import save_snapshot, snapshot_keys
 from .tasks import ClassificationTask, CommonsenseTask
 
 DEFAULT_LR = {"full": 2e-5, "lora": 5e-4, "dora": 5e-4, "vera": 5e-3, "dvora": 5e-3}
-#: options that may differ between a run and its resumption (they do not change what is computed)
+#: options that may differ between a run and its resumption: they do not change the math, but a different
+#: --threads may change the order of float sums, so the resumed run then agrees to rounding, not bit for bit
 RESUME_MAY_CHANGE = ("resume", "threads", "eval_batch_size", "distributed")
 
 
