@@ -24,6 +24,8 @@ def test_saved_tensor_counter_counts_distinct_storages_except_parameters():
         h = layer(x)  # saves x and the weight (a parameter: not counted)
         y = h.exp()  # saves its output
         z = (x * x).sum() + (x.view(30) * 2).sum()  # saves x again, twice, once through a view
+        dropped = (x + 1).exp()  # saves its output, then the whole branch is dropped
+        del dropped
     assert counter.count == 2
     assert counter.nbytes == x.untyped_storage().nbytes() + y.untyped_storage().nbytes()
     assert z.requires_grad

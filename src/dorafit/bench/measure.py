@@ -2,10 +2,11 @@
 
 Saved for backward (deterministic, independent of the allocator): every tensor that autograd saves during
 the forward pass goes through ``torch.autograd.graph.saved_tensors_hooks``; we sum the sizes of the
-DISTINCT storages behind them (a view and its base count once, a tensor saved by two operations counts
-once), leaving out storages that belong to a model parameter or buffer (frozen weights, adapter tensors).
-What remains is what the forward pass keeps alive for backward: activations, dropout masks, softmax
-outputs, small derived tensors such as ``s * B`` or the DoRA norm.
+DISTINCT storages behind those still held at the end of the forward pass (a view and its base count once,
+a tensor saved by two operations counts once, a graph branch dropped during the forward counts nothing),
+leaving out storages that belong to a model parameter or buffer (frozen weights, adapter tensors). What
+remains is what the forward pass keeps alive for backward: activations, dropout masks, attention outputs,
+small derived tensors such as ``s * B`` or the DoRA norm.
 
 Peak memory: ``max_memory_allocated`` on CUDA; on CPU the process's peak resident set (VmHWM), read in a
 fresh process per variant (:mod:`dorafit.bench.peak`) because one process's allocator keeps memory that
@@ -18,6 +19,7 @@ import ctypes
 import gc
 import statistics
 import time
+import weakref
 from typing import Callable
 
 import torch
@@ -31,21 +33,32 @@ def model_storages(*models: nn.Module) -> set[int]:
 
 
 class SavedTensorCounter:
-    """Context manager: distinct storages autograd saves inside it, except those in ``exclude``.
+    """Context manager: distinct storages autograd saves inside it and still holds at its end, except ``exclude``.
 
-    After the block: ``nbytes`` (sum of storage sizes) and ``count`` (number of distinct storages).
+    After the block: ``nbytes`` (sum of storage sizes) and ``count`` (number of distinct storages), and
+    ``storages`` ({data pointer: bytes}). A tensor saved by a graph branch that was dropped before the end of
+    the block (e.g. a throw-away computation done with grad enabled) is not counted, and its memory, if reused
+    by a later saved tensor, is not mistaken for that tensor.
     """
 
     def __init__(self, exclude: set[int] = frozenset()):
         self.exclude = exclude
+        self._seen: dict[int, tuple[int, list]] = {}  # data pointer -> (bytes, weak references to saved tensors)
         self.storages: dict[int, int] = {}
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr not in self.exclude and storage.nbytes() > 0:
-            self.storages[ptr] = storage.nbytes()
-        return t
+        if ptr in self.exclude or storage.nbytes() == 0:
+            return t
+        # the graph keeps a detached alias (same storage and version counter, no grad_fn): a saved output would
+        # otherwise point back at its own graph node, a cycle through C++ that outlives a dropped branch
+        alias = t.detach()
+        entry = self._seen.get(ptr)
+        if entry is None or not any(ref() is not None for ref in entry[1]):  # new, or a dead storage's address
+            entry = self._seen[ptr] = (storage.nbytes(), [])
+        entry[1].append(weakref.ref(alias))
+        return alias
 
     def __enter__(self) -> "SavedTensorCounter":
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -54,6 +67,10 @@ class SavedTensorCounter:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+        self.storages = {
+            ptr: nbytes for ptr, (nbytes, refs) in self._seen.items() if any(ref() is not None for ref in refs)
+        }
+        self._seen.clear()
 
     @property
     def nbytes(self) -> int:
