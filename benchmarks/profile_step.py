@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/profile_step.py [--model llama|minilm] [--variants lora,dora,peft_dora]
         [--steps 3] [--threads N] [--layers 4] [--top 12]
 
-Each variant runs two warm-up steps, then ``--steps`` profiled steps; the table gives milliseconds per step
-of self CPU time for the operators that take the most time in any variant, and the total.
+All variants are built first and run two warm-up rounds (so that no variant's profile pays for growing the
+process's heap); then ``--steps`` rounds profile one step of every variant each, round-robin, so that a change
+of machine load hits all variants alike. The table gives milliseconds per step of self CPU time for the
+operators that take the most time in any variant, and the total.
 """
 
 from __future__ import annotations
@@ -20,17 +22,13 @@ from dorafit.bench.models import WorkloadSpec, build_workload, llama_sizes
 from dorafit.bench.suite import Trainer
 
 
-def self_cpu_ms_per_op(trainer: Trainer, steps: int) -> dict[str, float]:
-    for _ in range(2):
-        trainer.step()
+def profile_step(trainer: Trainer, totals: dict[str, float]) -> None:
+    """Profile one training step; add each operator's self CPU milliseconds to ``totals``."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            trainer.step()
-    times: dict[str, float] = collections.Counter()
+        trainer.step()
     for event in prof.key_averages():
         if event.key.startswith("aten::") or "Backward" in event.key or event.key.startswith("Optimizer"):
-            times[event.key] += event.self_cpu_time_total / 1e3 / steps
-    return times
+            totals[event.key] += event.self_cpu_time_total / 1e3
 
 
 def main() -> None:
@@ -51,7 +49,16 @@ def main() -> None:
         spec = WorkloadSpec(model="minilm", batch=32, seq=128)
     workload = build_workload(spec)
     variants = args.variants.split(",")
-    per_variant = {v: self_cpu_ms_per_op(Trainer(workload, v), args.steps) for v in variants}
+    trainers = {v: Trainer(workload, v) for v in variants}
+    for _ in range(2):
+        for trainer in trainers.values():
+            trainer.step()
+    per_variant: dict[str, dict[str, float]] = {v: collections.Counter() for v in variants}
+    for _ in range(args.steps):
+        for v, trainer in trainers.items():
+            profile_step(trainer, per_variant[v])
+    per_variant = {v: collections.Counter({op: ms / args.steps for op, ms in t.items()})
+                   for v, t in per_variant.items()}
     top = sorted({op for t in per_variant.values() for op, _ in t.most_common(args.top)},
                  key=lambda op: -max(t.get(op, 0.0) for t in per_variant.values()))
     print(f"{workload.description}; {torch.get_num_threads()} threads; self CPU ms per step, {args.steps} steps\n")
