@@ -6,7 +6,7 @@
 
 Sized for 2 shared CPU cores, far below the paper's budget (3 epochs of 170k examples):
   training: the available train splits (ARC-Challenge, ARC-Easy, BoolQ, OpenBookQA: 17,754 examples) in the
-            seeded order of dorafit's loop; --steps x --batch-size of them are seen (default 60 x 4 = 240),
+            seeded order of dorafit's loop; --steps x --batch-size of them are seen (default 100 x 4 = 400),
             max_length 192 (prompts cut from the left), loss on the response tokens only;
   testing:  the first --eval-limit questions (default 50) of each of the seven test sets (ARC-C, ARC-E, BoolQ,
             OBQA, PIQA, SIQA, WinoGrande: 350 questions), answered by the likelihood of each allowed label.
@@ -34,7 +34,7 @@ PAPER = {"lora_r32": 74.7, "dora_r32": 78.4, "dora_r16": 77.5}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-limit", type=int, default=50)
     parser.add_argument("--lr", type=float, default=3e-4)
