@@ -14,7 +14,7 @@ from dorafit.bench.measure import SavedTensorCounter, interleaved_times, model_s
 from dorafit.bench.models import TRAIN_VARIANTS, WorkloadSpec, llama_sizes
 
 TINY = ["--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2", "--vocab", "50", "--batch", "2",
-        "--seq", "8", "--r", "4"]
+        "--seq", "8", "--r", "4", "--vera-r", "8"]
 
 
 def test_saved_tensor_counter_counts_distinct_storages_except_parameters():
@@ -56,14 +56,34 @@ def test_bench_on_a_tiny_llama_writes_every_figure(tmp_path, capsys):
     assert max(losses) - min(losses) < 1e-5 * abs(losses[0]), "every variant starts as the same model"
     assert train["base"]["trainable_params"] == 0
     assert train["dora"]["trainable_params"] == train["peft_dora"]["trainable_params"]
+    # VeRA: d [r] and b [out] per adapted layer (q, k, v: 32 -> 32, up: 32 -> 64, down: 64 -> 32); DVoRA adds m [out]
+    outs = [32, 32, 32, 64, 32]
+    assert train["vera"]["trainable_params"] == train["peft_vera"]["trainable_params"] == sum(o + 8 for o in outs)
+    assert train["dvora"]["trainable_params"] == train["vera"]["trainable_params"] + sum(outs)
     assert all(train[v]["step_ms"] > 0 and train[v]["saved_mib"] > 0 for v in TRAIN_VARIANTS)
     assert train["dora"]["saved_mib"] < train["peft_dora"]["saved_mib"]
-    assert set(result["inference"]) == {"base", "dora_merged", "dora", "lora", "peft_dora"}
+    assert set(result["inference"]) == {"base", "dora_merged", "dora", "lora", "dvora", "vera", "peft_dora"}
     ratios = result["ratios"]
     assert ratios["dora_vs_lora_step"]["target"] == 1.10
     assert "dora_vs_lora_peak" not in ratios  # peak memory was not measured
+    assert {"dvora_vs_vera_step", "vera_vs_peft_vera_step", "dvora_vs_vera_saved"} <= set(ratios)
     table = capsys.readouterr().out
     assert "| our DoRA step / our LoRA step |" in table
+
+
+def test_bench_variants_option_runs_the_base_and_the_named_variants_only(tmp_path):
+    out = tmp_path / "result.json"
+    args = ["bench", "--models", "llama", *TINY, "--warmup", "0", "--steps", "1", "--inference-steps", "1",
+            "--peak-steps", "0", "--variants", "vera,dvora", "--out", str(out)]
+    assert cli.main(args) == 0
+    result = json.loads(out.read_text())["workloads"]["llama"]
+    assert set(result["train"]) == set(result["inference"]) == {"base", "vera", "dvora"}
+    assert set(result["ratios"]) == {"dvora_vs_vera_step", "dvora_vs_vera_saved", "dvora_vs_vera_inference"}
+
+
+def test_bench_refuses_an_unknown_variant(capsys):
+    with pytest.raises(SystemExit, match="--variants takes a comma-separated list of dora, dora_full_norm, dvora"):
+        cli.main(["bench", "--models", "llama", "--variants", "dora,qlora"])
 
 
 def test_peak_entry_point_reports_resident_memory(capsys):

@@ -9,14 +9,17 @@ A workload is a frozen base model, one fixed batch, a loss and the adapter targe
              second half, cosine similarity x 20). Targets query, key, value, intermediate.dense and the
              feed-forward output.dense: the same roles as q, k, v, up, down.
 
-Variants share the base model's frozen tensors (each has its own module tree), so six variants cost one
-copy of the weights. Every adapter uses the same rank, alpha and targets, dropout 0:
+Variants share the base model's frozen tensors (each has its own module tree), so the variants cost one
+copy of the weights. Every adapter uses the same targets and dropout 0; LoRA and DoRA the spec's rank and alpha,
+VeRA and DVoRA the spec's ``vera_r`` (VeRA trains only two vectors per layer, so it is run at a high rank):
 
     base            the frozen model; its input embeddings require grad, so backward runs through every
                     layer (what any adapter has to pay for), and there is no optimizer
     lora, dora      dorafit, ``AdapterConfig(method=..., detach_norm=True)``
     dora_full_norm  dorafit DoRA with ``detach_norm=False`` (the norm's exact gradient, paper eq. 6)
+    vera, dvora     dorafit VeRA and DVoRA (DoRA with VeRA's directional update, norm detached)
     peft_lora, peft_dora   the PEFT library, ``LoraConfig(use_dora=...)``
+    peft_vera       the PEFT library, ``VeraConfig`` (PEFT has no DVoRA)
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from torch import Tensor, nn
 
 import dorafit
 
-TRAIN_VARIANTS = ("base", "lora", "dora", "dora_full_norm", "peft_lora", "peft_dora")
-INFERENCE_VARIANTS = ("base", "dora_merged", "dora", "lora", "peft_dora")
+TRAIN_VARIANTS = ("base", "lora", "dora", "dora_full_norm", "vera", "dvora", "peft_lora", "peft_dora", "peft_vera")
+INFERENCE_VARIANTS = ("base", "dora_merged", "dora", "lora", "dvora", "vera", "peft_dora")
 MODELS = ("llama", "minilm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,6 +55,7 @@ class WorkloadSpec:
     seq: int = 256
     r: int = 16
     alpha: float = 32.0
+    vera_r: int = 256
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
@@ -164,16 +168,22 @@ def shared_copy(model: nn.Module) -> nn.Module:
 
 def dorafit_config(workload: Workload, method: str, detach_norm: bool = True) -> dorafit.AdapterConfig:
     s = workload.spec
+    r = s.vera_r if method in ("vera", "dvora") else s.r
     return dorafit.AdapterConfig(
-        method=method, r=s.r, alpha=s.alpha, targets=workload.targets, dropout=0.0, detach_norm=detach_norm
+        method=method, r=r, alpha=s.alpha, targets=workload.targets, dropout=0.0, detach_norm=detach_norm
     )
 
 
-def peft_model(model: nn.Module, workload: Workload, use_dora: bool) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+def peft_model(model: nn.Module, workload: Workload, method: str) -> nn.Module:
+    """PEFT's LoRA, DoRA (``LoraConfig(use_dora=True)``) or VeRA (``VeraConfig``) on the workload's targets."""
+    from peft import LoraConfig, VeraConfig, get_peft_model
 
     s = workload.spec
-    cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, target_modules=workload.targets, lora_dropout=0.0, use_dora=use_dora)
+    if method == "vera":
+        cfg = VeraConfig(r=s.vera_r, target_modules=workload.targets, vera_dropout=0.0)
+    else:
+        cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, target_modules=workload.targets, lora_dropout=0.0,
+                         use_dora=method == "dora")
     return get_peft_model(model, cfg)
 
 
@@ -186,13 +196,13 @@ def build_variant(workload: Workload, name: str, own_weights: bool = False) -> n
     model = copy.deepcopy(base) if own_weights or name == "dora_merged" else shared_copy(base)
     if name == "base":
         model.enable_input_require_grads()  # transformers: the input embeddings' output requires grad
-    elif name in ("lora", "dora", "dora_full_norm", "dora_merged"):
-        method = "lora" if name == "lora" else "dora"
+    elif name in ("lora", "dora", "dora_full_norm", "dora_merged", "vera", "dvora"):
+        method = name.removesuffix("_full_norm").removesuffix("_merged")
         dorafit.apply(model, dorafit_config(workload, method, detach_norm=name != "dora_full_norm"))
         if name == "dora_merged":
             dorafit.merge(model)
-    elif name in ("peft_lora", "peft_dora"):
-        model = peft_model(model, workload, use_dora=name == "peft_dora")
+    elif name in ("peft_lora", "peft_dora", "peft_vera"):
+        model = peft_model(model, workload, name.removeprefix("peft_"))
     else:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(TRAIN_VARIANTS + INFERENCE_VARIANTS)}")
     return model

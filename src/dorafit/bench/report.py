@@ -26,19 +26,26 @@ RATIOS = [
     ("peft_dora_vs_peft_lora_step", "PEFT DoRA step / PEFT LoRA step", "train", "peft_dora", "peft_lora", None),
     ("full_norm_vs_detached_step", "our DoRA step, norm not detached / detached", "train", "dora_full_norm", "dora",
      None),
+    ("dvora_vs_vera_step", "our DVoRA step / our VeRA step", "train", "dvora", "vera", None),
+    ("vera_vs_peft_vera_step", "our VeRA step / PEFT VeRA step", "train", "vera", "peft_vera", None),
     ("dora_vs_lora_saved", "our DoRA saved activations / our LoRA", "saved", "dora", "lora", 1.05),
     ("peft_dora_vs_peft_lora_saved", "PEFT DoRA saved activations / PEFT LoRA", "saved", "peft_dora", "peft_lora",
      None),
     ("dora_vs_peft_dora_saved", "our DoRA saved activations / PEFT DoRA", "saved", "dora", "peft_dora", None),
     ("full_norm_vs_detached_saved", "our DoRA saved, norm not detached / detached", "saved", "dora_full_norm", "dora",
      None),
+    ("dvora_vs_vera_saved", "our DVoRA saved activations / our VeRA", "saved", "dvora", "vera", None),
+    ("vera_vs_peft_vera_saved", "our VeRA saved activations / PEFT VeRA", "saved", "vera", "peft_vera", None),
     ("dora_vs_lora_peak", "our DoRA peak memory / our LoRA", "peak", "dora", "lora", None),
     ("dora_vs_peft_dora_peak", "our DoRA peak memory / PEFT DoRA", "peak", "dora", "peft_dora", None),
     ("full_norm_vs_detached_peak", "our DoRA peak, norm not detached / detached", "peak", "dora_full_norm", "dora",
      None),
+    ("vera_vs_peft_vera_peak", "our VeRA peak memory / PEFT VeRA", "peak", "vera", "peft_vera", None),
     ("merged_vs_base_inference", "our merged DoRA inference / base", "inference", "dora_merged", "base", 1.02),
     ("dora_vs_lora_inference", "our unmerged DoRA inference / our unmerged LoRA", "inference", "dora", "lora", 1.10),
     ("peft_dora_vs_dora_inference", "PEFT unmerged DoRA inference / ours", "inference", "peft_dora", "dora", None),
+    ("dvora_vs_vera_inference", "our unmerged DVoRA inference / our unmerged VeRA", "inference", "dvora", "vera",
+     None),
 ]
 # (key, label, field): the adapters' own saved activations, (DoRA - base) / (LoRA - base), which does not depend
 # on how much the frozen model saves. (Not done for time: the base variant backpropagates into the first layer's
@@ -74,7 +81,10 @@ def ratios(result: dict) -> dict[str, dict]:
     train = result["train"]
     for key, label, field in OVERHEAD_RATIOS:
         prefix = "peft_" if key.startswith("peft") else ""
-        base, lora, dora = (train[v][field] for v in ("base", prefix + "lora", prefix + "dora"))
+        names = ("base", prefix + "lora", prefix + "dora")
+        if not all(v in train for v in names):
+            continue
+        base, lora, dora = (train[v][field] for v in names)
         if lora - base > 0:
             out[key] = {"label": label, "value": (dora - base) / (lora - base), "target": None, "met": None}
     return out

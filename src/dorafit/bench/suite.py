@@ -60,10 +60,20 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
 
 
-def run_training(workload: Workload, warmup: int, steps: int, peak_steps: int, threads: int, log: Callable) -> dict:
+def selected(all_variants: tuple[str, ...], variants: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The variants of ``all_variants`` to run: every one if ``variants`` is None, else the frozen base (the
+    reference of every ratio) and those named in ``variants`` (``dora`` brings ``dora_merged`` with it)."""
+    if variants is None:
+        return all_variants
+    return tuple(v for v in all_variants if v == "base" or v.removesuffix("_merged") in variants)
+
+
+def run_training(workload: Workload, warmup: int, steps: int, peak_steps: int, threads: int, log: Callable,
+                 variants: tuple[str, ...] | None = None) -> dict:
     """Per training variant: median step time, saved-for-backward bytes, peak memory, first loss."""
     device = workload.spec.device
-    trainers = {name: Trainer(workload, name) for name in TRAIN_VARIANTS}
+    names = selected(TRAIN_VARIANTS, variants)
+    trainers = {name: Trainer(workload, name) for name in names}
     results: dict[str, dict] = {}
     for name, trainer in trainers.items():
         loss, counter = trainer.counted_step()
@@ -84,15 +94,16 @@ def run_training(workload: Workload, warmup: int, steps: int, peak_steps: int, t
     del trainers
     gc.collect()
     if peak_steps and not device.startswith("cuda"):
-        for name in TRAIN_VARIANTS:
+        for name in names:
             log(f"  peak RSS of {name} in a fresh process")
             results[name].update(cpu_peak_in_subprocess(workload.spec, name, peak_steps, threads))
     return results
 
 
-def run_inference(workload: Workload, warmup: int, steps: int, log: Callable) -> dict:
+def run_inference(workload: Workload, warmup: int, steps: int, log: Callable,
+                  variants: tuple[str, ...] | None = None) -> dict:
     """Per inference variant: median latency of one forward pass over the batch."""
-    models = {name: build_variant(workload, name).eval() for name in INFERENCE_VARIANTS}
+    models = {name: build_variant(workload, name).eval() for name in selected(INFERENCE_VARIANTS, variants)}
 
     def forward(model: nn.Module) -> Callable[[], object]:
         def run():
@@ -116,13 +127,13 @@ def cpu_peak_in_subprocess(spec: WorkloadSpec, variant: str, steps: int, threads
 
 
 def run_workload(spec: WorkloadSpec, warmup: int, steps: int, inference_steps: int, peak_steps: int, threads: int,
-                 log: Callable = print) -> dict:
+                 log: Callable = print, variants: tuple[str, ...] | None = None) -> dict:
     """Every measurement of one workload, as a JSON-ready dict."""
     log(f"{spec.model}: building")
     workload = build_workload(spec)
     log(f"  {workload.description}")
-    training = run_training(workload, warmup, steps, peak_steps, threads, log)
-    inference = run_inference(workload, warmup, inference_steps, log)
+    training = run_training(workload, warmup, steps, peak_steps, threads, log, variants)
+    inference = run_inference(workload, warmup, inference_steps, log, variants)
     return {
         "spec": spec.to_dict(),
         "description": workload.description,

@@ -15,13 +15,16 @@ import torch
 
 DESCRIPTION = (
     "Measure training-step time, activations saved for backward, peak memory and inference latency of the frozen "
-    "base model, dorafit LoRA/DoRA and PEFT LoRA/DoRA on a LLaMA-shaped model and all-MiniLM-L6-v2."
+    "base model, dorafit LoRA/DoRA/VeRA/DVoRA and PEFT LoRA/DoRA/VeRA on a LLaMA-shaped model and all-MiniLM-L6-v2."
 )
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="speed and memory benchmark against PEFT", description=DESCRIPTION)
     p.add_argument("--models", default="llama,minilm", help="comma-separated: llama, minilm (default: both)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset of the variants (the frozen base always runs): "
+                        "lora, dora, dora_full_norm, vera, dvora, peft_lora, peft_dora, peft_vera (default: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--warmup", type=int, default=2, help="rounds run and discarded before timing (default: 2)")
@@ -37,6 +40,8 @@ def register(subparsers) -> None:
     g = p.add_argument_group("adapter")
     g.add_argument("--r", type=int, default=16, help="rank (default: 16)")
     g.add_argument("--alpha", type=float, default=32.0, help="alpha (default: 32)")
+    g.add_argument("--vera-r", type=int, default=256,
+                   help="rank of VeRA's and DVoRA's shared random projections (default: 256)")
     g = p.add_argument_group("llama workload (random weights)")
     g.add_argument("--hidden", type=int, default=1024)
     g.add_argument("--intermediate", type=int, default=2816)
@@ -49,6 +54,20 @@ def register(subparsers) -> None:
     g.add_argument("--minilm-batch", type=int, default=32, help="even: the loss pairs the two halves (default: 32)")
     g.add_argument("--minilm-seq", type=int, default=128)
     p.set_defaults(func=lambda args: run(args, p))
+
+
+def _variants(args) -> tuple[str, ...] | None:
+    from dorafit.bench.models import INFERENCE_VARIANTS, TRAIN_VARIANTS
+
+    if args.variants is None:
+        return None
+    known = sorted(set(TRAIN_VARIANTS + INFERENCE_VARIANTS) - {"base", "dora_merged"})
+    names = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = [v for v in names if v not in known]
+    if not names or unknown:
+        raise SystemExit(f"dorafit bench: --variants takes a comma-separated list of {', '.join(known)}; "
+                         f"got {args.variants!r}")
+    return names
 
 
 def _check(args) -> list[str]:
@@ -64,7 +83,7 @@ def _check(args) -> list[str]:
         raise SystemExit("dorafit bench: --device cuda asked for, but torch sees no CUDA device; use --device cpu")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise SystemExit(f"dorafit bench: --device must be cpu or cuda[:N], got {args.device!r}")
-    for name in ("steps", "inference_steps", "r"):
+    for name in ("steps", "inference_steps", "r", "vera_r"):
         if getattr(args, name) < 1:
             raise SystemExit(f"dorafit bench: --{name.replace('_', '-')} must be at least 1")
     for name in ("warmup", "peak_steps", "threads"):
@@ -87,6 +106,7 @@ def _command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     models = _check(args)
+    variants = _variants(args)
     from dorafit.bench import measure, report
     from dorafit.bench.models import WorkloadSpec, llama_sizes
     from dorafit.bench.suite import run_workload
@@ -94,7 +114,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     kept = False if args.system_malloc else measure.keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    common = dict(r=args.r, alpha=args.alpha, device=args.device, dtype=args.dtype, seed=args.seed)
+    common = dict(r=args.r, alpha=args.alpha, vera_r=args.vera_r, device=args.device, dtype=args.dtype, seed=args.seed)
     specs = {
         "llama": WorkloadSpec(model="llama", batch=args.batch, seq=args.seq, sizes=llama_sizes(
             args.hidden, args.intermediate, args.layers, args.heads, args.vocab), **common),
@@ -107,7 +127,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     workloads = {}
     for name in models:
         result = run_workload(specs[name], args.warmup, args.steps, args.inference_steps, args.peak_steps,
-                              args.threads, log)
+                              args.threads, log, variants)
         result["ratios"] = report.ratios(result)
         workloads[name] = result
     meta["load_average_end"] = report.load_average()
