@@ -41,12 +41,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--name", default=NAME, help=f"experiment folder for the runs and results (default: {NAME})")
     args = parser.parse_args()
 
     results, runs, before = {}, [], None
     for seed in args.seeds:
         for variant, (method, r) in VARIANTS.items():
-            run = train_run(NAME, f"{variant}-s{seed}", model="gemma-3-270m", task="commonsense", method=method,
+            run = train_run(args.name, f"{variant}-s{seed}", model="gemma-3-270m", task="commonsense", method=method,
                             rank=r, alpha=2.0 * r, dropout=0.05, lr=args.lr, steps=args.steps,
                             batch_size=args.batch_size, eval_batch_size=8, max_length=args.max_length, warmup=0.1,
                             eval_limit=args.eval_limit, eval_before=not runs, seed=seed)
@@ -75,15 +76,16 @@ def main() -> None:
         rows.append([f"paper LLaMA-7B {variant} (8-task average)"] + ["" for _ in TASK_ORDER] + [f"{average}", "", ""])
     seeds = ", ".join(str(s) for s in args.seeds)
     md = (f"# Gemma-3-270M on commonsense reasoning (experiment 6)\n\n`python experiments/gemma_commonsense.py "
-          f"--steps {args.steps} --batch-size {args.batch_size} --eval-limit {args.eval_limit} --seeds "
-          f"{' '.join(str(s) for s in args.seeds)}`: {args.steps} steps of {args.batch_size} = "
+          f"--steps {args.steps} --batch-size {args.batch_size} --eval-limit {args.eval_limit} --lr {args.lr:g} "
+          f"--seeds {' '.join(str(s) for s in args.seeds)}" + (f" --name {args.name}" if args.name != NAME else "")
+          + f"`: {args.steps} steps of {args.batch_size} = "
           f"{args.steps * args.batch_size} training examples (of 17,754), max_length {args.max_length}, lr {args.lr:g}, "
           f"seeds {seeds}; test: the first {args.eval_limit} questions of each test set. Accuracy in % (per task: the "
           "mean over seeds).\n\n" + markdown_table(header, rows)
           + f"\nWith {args.eval_limit} questions per task one question is {100 / args.eval_limit:.0f} points of "
           f"that task's accuracy and {100 / (args.eval_limit * len(TASK_ORDER)):.2f} points of the average.\n\n"
           f"Runtime: {seconds / 60:.1f} min for {len(runs)} runs on 2 shared CPU cores (1 torch thread).\n")
-    write_results(NAME, {"settings": vars(args), "results": results, "base_model": before, "paper": PAPER,
+    write_results(args.name, {"settings": vars(args), "results": results, "base_model": before, "paper": PAPER,
                          "runtime_seconds": seconds,
                          "runs": [{k: r[k] for k in ("folder", "average", "wall_seconds", "train_seconds")}
                                   for r in runs]}, md)
