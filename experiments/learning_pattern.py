@@ -64,6 +64,7 @@ def main() -> None:
                      f"{corr_mean:+.2f}" + (f" ± {corr_std:.2f}" if len(corrs) > 1 else ""),
                      ", ".join(f"{per_seed[s][m]['slope']:.3g}" for s in args.seeds),
                      ", ".join(f"{per_seed[s][m]['within_step_correlation']:+.2f}" for s in args.seeds),
+                     ", ".join(f"{per_seed[s][m]['mean_dM'] / per_seed[s][m]['mean_dD']:.2f}" for s in args.seeds),
                      f"{analysis.PAPER_CORRELATIONS[m]:+.2f}", pct(*mean_std(accs)) if len(accs) > 1 else pct(accs[0])])
     seconds = runtime_seconds(runs)
     command = " ".join(["python experiments/learning_pattern.py --seeds", *map(str, args.seeds)]
@@ -73,10 +74,12 @@ def main() -> None:
           f"{args.every} steps, query+value weights of 6 layers ({args.steps // args.every} snapshots x 12 layers "
           f"= {12 * (args.steps // args.every)} points per method and seed; step 0 left out of the fit).\n\n"
           + markdown_table(["method", "lr", "correlation per seed", "mean", "slope per seed",
-                            "within-step correlation per seed", "paper correlation", "test accuracy %"], rows)
+                            "within-step correlation per seed", "mean dM / mean dD per seed", "paper correlation",
+                            "test accuracy %"], rows)
           + "\nCorrelation and slope: of dM on dD over all points (the paper's measure). Within-step correlation: "
           "the mean over snapshot steps of the correlation across the 12 layers at that step, which leaves out the "
-          "growth that all layers share over training.\n"
+          "growth that all layers share over training. Mean dM / mean dD: how much a method changes magnitudes "
+          "for a given change of direction.\n"
           + f"\n![dD vs dM](decomposition.png)\n\nRuntime: {seconds / 60:.1f} min of training runs on 2 shared "
           f"CPU cores (1 torch thread).\n")
     write_results(args.name, {"seeds": args.seeds, "steps": args.steps, "every": args.every, "per_seed": per_seed,

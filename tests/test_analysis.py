@@ -80,6 +80,8 @@ def test_csv_and_plot(tmp_path):
     assert summary["dora"]["correlation"] == pytest.approx(-1.0)
     assert summary["lora"]["within_step_correlation"] == pytest.approx(1.0)
     assert summary["dora"]["within_step_correlation"] == pytest.approx(-1.0)
+    assert summary["lora"]["mean_dM"] == pytest.approx(0.7) and summary["dora"]["mean_dM"] == pytest.approx(0.3)
+    assert summary["lora"]["mean_dD"] == summary["dora"]["mean_dD"] == pytest.approx(0.2)
     analysis.plot(points, tmp_path / "p.png", title="test")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

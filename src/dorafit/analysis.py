@@ -96,8 +96,10 @@ def write_csv(points: list[Point], path: str | Path) -> None:
 
 def summarize(points: list[Point]) -> dict[str, dict[str, float]]:
     """Per method: number of points, slope and correlation of dM on dD over all points (the paper's reading of
-    Figure 2), and ``within_step_correlation``: the mean over steps of the correlation across layers at one step
-    (NaN if no step has 3 or more layers), which leaves out what all layers share by growing over training."""
+    Figure 2), ``within_step_correlation``: the mean over steps of the correlation across layers at one step
+    (NaN if no step has 3 or more layers), which leaves out what all layers share by growing over training, and
+    ``mean_dM`` / ``mean_dD``: the means over all points (their ratio says how much a method changes magnitudes
+    for a given change of direction)."""
     out = {}
     for method in dict.fromkeys(p.method for p in points):
         pts = [p for p in points if p.method == method]
@@ -109,7 +111,9 @@ def summarize(points: list[Point]) -> dict[str, dict[str, float]]:
                 per_step.append(line_fit([p.delta_d for p in at], [p.delta_m for p in at])[1])
         per_step = [c for c in per_step if math.isfinite(c)]
         within = sum(per_step) / len(per_step) if per_step else math.nan
-        out[method] = {"points": len(pts), "slope": slope, "correlation": corr, "within_step_correlation": within}
+        out[method] = {"points": len(pts), "slope": slope, "correlation": corr, "within_step_correlation": within,
+                       "mean_dM": sum(p.delta_m for p in pts) / len(pts),
+                       "mean_dD": sum(p.delta_d for p in pts) / len(pts)}
     return out
 
 
