@@ -30,7 +30,7 @@ def test_minilm_dora_step_then_merged_equals_unmerged():
     names = dorafit.apply(model, dorafit.AdapterConfig(method="dora", r=8, alpha=16, targets=["query", "value"]))
     assert len(names) == 12
     with torch.no_grad():
-        torch.testing.assert_close(model(**enc).last_hidden_state, base_out, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(**enc).last_hidden_state, base_out, rtol=0, atol=1e-5)  # float32: m/n = 1 only to rounding
 
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
