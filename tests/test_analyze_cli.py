@@ -10,8 +10,8 @@ import pytest
 
 from dorafit import analysis
 from dorafit.inject import merge_and_unload
-from dorafit.train.models import load_model
-from dorafit.train.run import load_trained
+from dorafit.train.models import load_classifier
+from dorafit.train.setup import load_trained
 
 from .cli_support import make_bert, make_jsonl, run_cli
 
@@ -72,7 +72,7 @@ def test_last_snapshot_matches_the_trained_model(runs, tmp_path, method):
     last = {p.layer: p for p in points if p.step == STEPS}
     setup = load_trained(runs[method])
     model = setup.model if method == "full" else merge_and_unload(setup.model)
-    pretrained = load_model(runs["bert"], "classification", ["neg", "pos"]).model
+    pretrained = load_classifier(runs["bert"], ["neg", "pos"]).model
     for layer in LAYERS:
         w0 = pretrained.get_submodule(layer).weight
         w = model.get_submodule(layer).weight

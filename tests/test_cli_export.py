@@ -11,8 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2Model
 
 import dorafit
-from dorafit.train.merge import outputs
-from dorafit.train.run import load_trained
+from dorafit.train.setup import load_trained
 
 from .cli_support import assets, run_cli  # noqa: F401 (fixture)
 from .conftest import randomize_adapter
@@ -39,8 +38,9 @@ def test_export_training_run_loads_in_peft(tmp_path, assets):  # noqa: F811
     base = AutoModelForSequenceClassification.from_pretrained(assets["bert"], num_labels=2)
     theirs = PeftModel.from_pretrained(base, out).eval()
     examples = next(iter(setup.data.test_sets().values()))
-    torch.testing.assert_close(outputs(setup.task, theirs, examples, setup.device),
-                               outputs(setup.task, setup.model, examples, setup.device), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(setup.task.check_outputs(theirs, examples, setup.device),
+                               setup.task.check_outputs(setup.model.eval(), examples, setup.device),
+                               rtol=1e-5, atol=1e-5)
 
     code, _, err = run_cli("export", run, "--out", out)
     assert code == 2 and "is not an empty folder" in err

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dorafit
-from dorafit.train.run import load_trained
+from dorafit.train.setup import load_trained
 
 from .cli_support import assets, run_cli  # noqa: F401 (fixture)
 

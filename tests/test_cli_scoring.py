@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dorafit.train.data import load_commonsense
-from dorafit.train.evaluate import choice_scores
 from dorafit.train.loop import DataOrder, derived_seed
-from dorafit.train.models import load_model
-from dorafit.train.tasks import ANSWER_PREFIX, CommonsenseTask
+from dorafit.train.models import load_causal_lm
+from dorafit.train.options import TrainConfig
+from dorafit.train.tasks.multiple_choice import ANSWER_PREFIX, MultipleChoiceTask, load_commonsense
 
 from .cli_support import assets  # noqa: F401 (fixture)
 
@@ -31,12 +30,12 @@ def plain_scores(task, model, record, choices) -> list[float]:
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_choice_scores_match_plain_full_logit_scoring(assets, batch_size):  # noqa: F811
     data = load_commonsense(assets["commonsense"])
-    loaded = load_model(assets["llama"], "commonsense")
-    task = CommonsenseTask(data, loaded.tokenizer, max_length=256)
+    loaded = load_causal_lm(assets["llama"])
+    task = MultipleChoiceTask(data, loaded.tokenizer, TrainConfig(max_length=256))
     multi = {"instruction": "Pick one.\n\nAnswer format: apple pie/banana split cake/cherry", "input": "",
              "output": "the correct answer is cherry", "answer": "cherry"}  # candidates differ in 1-3 tokens
     records = data.test["task_a"][:6] + data.test["task_b"][:5] + [multi]
-    ours = choice_scores(task, loaded.model, records, torch.device("cpu"), batch_size)
+    ours = task.choice_scores(loaded.model, records, torch.device("cpu"), batch_size)
     for record, (choices, scores) in zip(records, ours):
         reference = plain_scores(task, loaded.model, record, choices)
         # the tokens shared by all candidates add the same amount to each: compare differences

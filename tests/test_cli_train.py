@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dorafit.train.merge import load_plain, outputs
-from dorafit.train.run import load_trained
+from dorafit.train.setup import load_trained
 
 from .cli_support import assets, read_jsonl, run_cli  # noqa: F401 (fixture)
 
@@ -23,9 +22,14 @@ def train(tmp_path, *args) -> tuple:
     return run, out
 
 
-def all_test_outputs(setup) -> torch.Tensor:
+def all_test_outputs(setup, model=None) -> torch.Tensor:
     examples = next(iter(setup.data.test_sets().values()))
-    return outputs(setup.task, setup.model, examples, setup.device)
+    return setup.task.check_outputs((model or setup.model).eval(), examples, torch.device("cpu"))
+
+
+def load_plain(setup, folder):
+    """The merged folder loaded with plain transformers, by the run's task type."""
+    return type(setup.task).load_model(folder, setup.data.extra).model
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -33,7 +37,7 @@ def test_classification_run_eval_and_merge(tmp_path, assets, method):  # noqa: F
     run, out = train(tmp_path, "--model", assets["bert"], "--task", assets["jsonl"], "--method", method,
                      "--steps", 6, "--lr", 3e-3 if method != "full" else 1e-3)
     assert out.strip().splitlines()[-1] == f"run folder: {run.resolve()}"
-    assert "test accuracy before training" in out and "test accuracy after training" in out
+    assert "before training:\n  pairs            accuracy" in out and "after training:\n  pairs" in out
     for name in ("config.json", "metrics.jsonl", "eval.json", "loss.png", "checkpoint.safetensors"):
         assert (run / name).is_file(), name
     assert (run / ("model" if method == "full" else "adapter")).is_dir()
@@ -66,9 +70,9 @@ def test_classification_run_eval_and_merge(tmp_path, assets, method):  # noqa: F
     assert code == 0, err
     setup = load_trained(run, "cpu")
     adapted = all_test_outputs(setup)
-    plain = load_plain(merged_dir, "classification")
+    plain = load_plain(setup, merged_dir)
     assert not any(hasattr(m, "dorafit") for m in plain.modules())
-    merged = outputs(setup.task, plain, next(iter(setup.data.test_sets().values())), torch.device("cpu"))
+    merged = all_test_outputs(setup, plain)
     assert torch.equal(merged.argmax(-1), adapted.argmax(-1))
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
 
@@ -94,10 +98,8 @@ def test_commonsense_causal_lm_run_eval_and_merge(tmp_path, assets, method):  # 
     assert code == 0, err
     assert "predicts what the adapted model predicts" in out
     setup = load_trained(run, "cpu")
-    records = setup.data.test["task_a"]
-    plain = load_plain(tmp_path / "merged", "commonsense")
-    torch.testing.assert_close(outputs(setup.task, plain, records, torch.device("cpu")),
-                               outputs(setup.task, setup.model, records, setup.device), rtol=1e-4, atol=1e-5)
+    plain = load_plain(setup, tmp_path / "merged")
+    torch.testing.assert_close(all_test_outputs(setup, plain), all_test_outputs(setup), rtol=1e-4, atol=1e-5)
 
 
 def test_config_file_with_command_line_override(tmp_path, assets):  # noqa: F811

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 import dorafit
 from dorafit.config import AdapterConfig
 from dorafit.train import checkpoint, distributed
-from dorafit.train.run import load_trained
+from dorafit.train.setup import load_trained
 
 from .cli_support import make_jsonl, read_jsonl, run_cli, tokenizer
 
@@ -130,7 +130,7 @@ def test_fsdp_adapter_loads_into_a_plain_model_and_predicts_the_same(runs, data)
     run, _ = runs("dora", "fsdp")
     plain, reference = load_trained(run, device="cpu"), load_trained(single, device="cpu")
     assert not isinstance(plain.model, FSDPModule)
-    texts = [text for text, _ in plain.data.test]
+    texts = [text for text, _ in plain.data.test["pairs"]]
     logits = plain.task.predict(plain.model, texts, plain.device)  # (N, classes)
     torch.testing.assert_close(logits, reference.task.predict(reference.model, texts, reference.device),
                                rtol=1e-5, atol=1e-6)
@@ -138,7 +138,7 @@ def test_fsdp_adapter_loads_into_a_plain_model_and_predicts_the_same(runs, data)
     from dorafit.train.evaluate import evaluate
 
     stored = json.loads((run / "eval.json").read_text())
-    assert evaluate(plain.task, plain.model, plain.device, limit=8, progress=False)["tasks"] == stored["tasks"]
+    assert evaluate(plain.task, plain.model, plain.device, limit=8, progress=False)[0]["tasks"] == stored["tasks"]
 
 
 # ---- DoRA's norm under FSDP2: from full rows, not from a shard --------------------------------------------------

@@ -116,12 +116,15 @@ def test_applying_twice_is_an_error():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(method="adalora"), "unknown method 'adalora'"),
-        (dict(r=0), "r must be a positive integer"),
-        (dict(dropout=1.0), "dropout must be in"),
+        (dict(method="adalora"), "method must be one of lora, dora, vera, dvora, got 'adalora'"),
+        (dict(r=0), "r must be an integer >= 1, got 0"),
+        (dict(r=True), "r must be an integer >= 1, got True"),
+        (dict(alpha=0), "alpha must be a number > 0"),
+        (dict(alpha=float("nan")), "alpha must be a number > 0"),
+        (dict(dropout=1.0), "dropout must be a number >= 0 and < 1"),
         (dict(method="lora", magnitude_only=["o_proj"]), "magnitude_only needs a decomposed method"),
         (dict(targets="(unclosed"), "not a valid regular expression"),
-        (dict(init="xavier"), "unknown init"),
+        (dict(init="xavier"), "init must be one of kaiming, gaussian"),
     ],
 )
 def test_bad_config_values(kwargs, message):

@@ -233,15 +233,14 @@ def run_points(run_dir: Path, modules: list[str] | None = None, label: str | Non
 
     The run's base model is loaded once; adapter snapshots are set into it in turn.
     """
-    from .train import rundir
-    from .train.models import load_model, resolve_model
-    from .train.options import from_dict
+    from .train.models import resolve_model
+    from .train.setup import stored_config
+    from .train.tasks import by_kind
 
     run_dir = Path(run_dir)
-    stored, resolved = rundir.read_config(run_dir)
-    cfg = from_dict(stored, str(run_dir / rundir.CONFIG))
+    cfg, resolved = stored_config(run_dir)
     steps = snapshots(run_dir)
-    model = load_model(resolve_model(cfg.model), resolved["kind"], resolved.get("labels")).model
+    model = by_kind(resolved["kind"]).load_model(resolve_model(cfg.model), resolved).model
     model.requires_grad_(False)
     weights = _full_weights if cfg.method == "full" else _adapter_weights
     label = label or cfg.method

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # sub-command modules under dorafit.commands, in the order `dorafit --help` lists them
-COMMANDS = ("train", "eval", "merge", "bench", "export", "analyze")
+COMMANDS = ("train", "eval", "generate", "chat", "merge", "export", "analyze", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from torch import nn
+
+from . import fields
+from .fields import option
 
 #: how targets are named: a list of names (a module matches if its full name equals one or ends with
 #: "." + one), a regular expression string (full match on the module name), or a (name, module) -> bool callable.
@@ -23,47 +26,41 @@ INITS = ("kaiming", "gaussian")
 
 @dataclass
 class AdapterConfig:
-    """How to adapt a model. Defaults follow the DoRA paper's commonsense set-up where one exists."""
+    """How to adapt a model. Defaults follow the DoRA paper's commonsense set-up where one exists.
 
-    method: str = "dora"
-    """'lora' (Hu et al. 2021), 'dora' (Liu et al. 2024), 'vera' (Kopiczko et al. 2023), or 'dvora' (DoRA whose
-    directional update is VeRA's, DoRA paper section 5.5)."""
-    r: int = 8
-    """rank of the update (for VeRA: rank of the shared random projections)."""
-    alpha: float = 16.0
-    """LoRA scale numerator: s = alpha / r, or alpha / sqrt(r) with rslora. Unused by VeRA."""
-    targets: Targets = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """modules that get the full method: a list of names or name suffixes, a regex, or a (name, module) callable."""
-    magnitude_only: Targets | None = None
-    """modules that get only a trainable DoRA magnitude, no directional update (paper Table 6); dora/dvora only."""
-    rslora: bool = False
-    """rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r."""
-    dropout: float = 0.0
-    """dropout on the adapter input: y = (m/n) * (W0 x + dW dropout(x)) + b (no effect on embeddings)."""
-    detach_norm: bool = True
-    """treat the norm ||W0 + dW|| as a constant in backward (paper section 4.3); False: full gradient (eqs. 6-7)."""
-    init: str = "kaiming"
-    """init of lora_A: 'kaiming' (uniform, like nn.Linear) or 'gaussian' (normal, std 1/r); lora_B starts at 0."""
-    extra_trainable: list[str] = field(default_factory=list)
-    """modules trained in full next to the adapters (e.g. a classification head); saved with the adapter."""
-    vera_seed: int = 0
-    """seed of VeRA's shared frozen projections; the same seed and shapes regenerate them exactly."""
-    vera_d_init: float = 0.1
-    """initial value of VeRA's lambda_d (its lambda_b starts at 0)."""
-    save_vera_projections: bool = False
-    """also store VeRA's shared projections in the adapter file (otherwise regenerated from the seed)."""
-    eps: float = 1e-12
-    """floor on the norm n; all-zero weight rows give n = eps instead of 0/0."""
+    Every field is declared with :func:`dorafit.fields.option` (help text, choices, range), and
+    ``dorafit train`` derives its adapter options from these declarations, so both validate alike.
+    """
+
+    method: str = option("dora", "lora (Hu et al. 2021), dora (Liu et al. 2024), vera (Kopiczko et al. 2023) or "
+                         "dvora (DoRA whose directional update is VeRA's, DoRA paper section 5.5)", choices=METHODS)
+    r: int = option(8, "rank r of the update (VeRA/DVoRA: rank of the shared random projections)", minimum=1)
+    alpha: float = option(16.0, "LoRA scale numerator: s = alpha / r (alpha / sqrt(r) with rslora); unused by VeRA",
+                          above=0)
+    targets: Targets = option(["q_proj", "v_proj"], "modules that get the full method: a list of names or name "
+                              "suffixes, a regex, or a (name, module) callable")
+    magnitude_only: Targets | None = option(None, "dora/dvora: modules that get only a trainable magnitude, no "
+                                            "directional update (paper Table 6)")
+    rslora: bool = option(False, "rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r")
+    dropout: float = option(0.0, "dropout on the adapter input: y = (m/n) * (W0 x + dW dropout(x)) + b (no effect "
+                            "on embeddings)", minimum=0, below=1)
+    detach_norm: bool = option(True, "DoRA: treat the weight norm ||W0 + dW|| as a constant in backward (paper "
+                               "section 4.3); false: its full gradient (paper eqs. 6-7)")
+    init: str = option("kaiming", "init of lora_A: kaiming (uniform, like nn.Linear) or gaussian (normal, std 1/r); "
+                       "lora_B starts at 0", choices=INITS)
+    extra_trainable: list[str] = option([], "modules trained in full next to the adapters (e.g. a classification "
+                                        "head); saved with the adapter")
+    vera_seed: int = option(0, "seed of VeRA's shared frozen projections; the same seed and shapes regenerate them "
+                            "exactly", minimum=0)
+    vera_d_init: float = option(0.1, "initial value of VeRA's lambda_d (its lambda_b starts at 0)")
+    save_vera_projections: bool = option(False, "also store VeRA's shared projections in the adapter file "
+                                         "(otherwise regenerated from the seed)")
+    eps: float = option(1e-12, "floor on the norm n; all-zero weight rows give n = eps instead of 0/0", above=0)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+        if isinstance(self.extra_trainable, str):
+            self.extra_trainable = [self.extra_trainable]
+        fields.check(self)
         if self.magnitude_only is not None and not self.decomposed:
             raise ValueError(f"magnitude_only needs a decomposed method (dora or dvora), not {self.method!r}")
         for name, value in (("targets", self.targets), ("magnitude_only", self.magnitude_only)):
@@ -72,8 +69,6 @@ class AdapterConfig:
                     re.compile(value)
                 except re.error as exc:
                     raise ValueError(f"{name} is not a valid regular expression: {exc}") from None
-        if isinstance(self.extra_trainable, str):
-            self.extra_trainable = [self.extra_trainable]
 
     @property
     def decomposed(self) -> bool:

@@ -69,14 +69,14 @@ def _check_with_peft(setup, out: Path, n: int) -> None:
         print("not checked: the peft package is not installed (pip install peft)")
         return
     from ..inject import unload
-    from ..train.merge import outputs
+    from ..train.merge import check_examples
 
-    examples = next(iter(setup.data.test_sets().values()))[:n]
+    examples = check_examples(setup, n)
     if not examples:
         return
-    ours = outputs(setup.task, setup.model, examples, setup.device)
+    ours = setup.task.check_outputs(setup.model.eval(), examples, setup.device)
     theirs_model = PeftModel.from_pretrained(unload(copy.deepcopy(setup.model)), out).eval()
-    theirs = outputs(setup.task, theirs_model, examples, setup.device)
+    theirs = setup.task.check_outputs(theirs_model, examples, setup.device)
     diff = float((ours - theirs).abs().max())
     differ = int((ours.argmax(-1) != theirs.argmax(-1)).sum())
     if differ or diff > 1e-3:
@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
         from ..io import CONFIG_FILE
         from ..peft_format import export_peft
         from ..train import rundir
-        from ..train.run import load_trained
+        from ..train.setup import load_trained
 
         run, out = Path(args.run), Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
 
     def command() -> int:
         from ..train.options import config_from_args
-        from ..train.run import train
+        from ..train.runner import train
 
         cfg, explicit = config_from_args(args)
         return train(cfg, explicit)

@@ -1,15 +1,20 @@
 """Fine-tuning on real models and data: the machinery behind ``dorafit train / eval / merge``.
 
-    options.py     TrainConfig: every option, its default and help; config files; the generated CLI parser
-    models.py      model presets (minilm, gemma-3-270m) and local folders, loaded offline
-    data.py        task presets (tweets, bbc, commonsense) and .jsonl/.csv / commonsense-folder data
-    tasks.py       examples -> model inputs and training loss (classification, causal-LM commonsense)
-    evaluate.py    test accuracy per task and average
-    loop.py        the training loop (AdamW, accumulation, schedules, deterministic data order and dropout)
-    checkpoint.py  resumable checkpoints (one safetensors file, atomic)
-    snapshots.py   adapter / weight snapshots for the weight-decomposition analysis
-    rundir.py      the run folder's files (config, metrics, eval, loss plot)
-    run.py         one run from options to run folder, and a run folder back to its trained model
+    options.py      TrainConfig: every option, its default, help and domain; config files; the generated parser
+    models.py       model presets (minilm, gemma-3-270m) and local folders, loaded offline
+    tasks/          the Task interface and its registry: classification, multiple-choice (commonsense),
+                    instruction (Alpaca / messages / ShareGPT files, bbc-headlines), one file each
+    setup.py        options -> data, task and adapted model; a run folder -> its trained model
+    runner.py       one run: plan, lock, evaluate, train, checkpoint, finish
+    loop.py         the training loop (AdamW, accumulation, schedules, deterministic data order and dropout)
+    evaluate.py     a task's evaluation in eval mode
+    report.py       what is printed: description, progress lines
+    metrics_log.py  metrics.jsonl and TensorBoard
+    checkpoint.py   resumable checkpoints (one safetensors file, atomic)
+    snapshots.py    adapter / weight snapshots for the weight-decomposition analysis
+    rundir.py       the run folder's files (config, metrics, eval, samples, loss plot) and its lock
+    merge.py        a run's merged model as a plain transformers folder, checked against the adapted one
+    distributed.py  torchrun: DDP and FSDP2
 
 Nothing is downloaded: importing this package sets HF_HUB_OFFLINE=1 unless the environment says otherwise.
 """

@@ -149,3 +149,12 @@ def load(run_dir: Path, model, optimizer, scheduler, group: Group = SINGLE) -> d
 
 def exists(run_dir: Path) -> bool:
     return (run_dir / FILE).is_file()
+
+
+def step_of(run_dir: Path) -> int | str:
+    """The step of the run's checkpoint, read from its metadata alone ("?" if it cannot be read)."""
+    try:
+        with safe_open(str(run_dir / FILE), framework="pt") as f:
+            return json.loads(f.metadata()["state"])["step"]
+    except Exception:  # noqa: BLE001 - used in messages and checks that handle "?"
+        return "?"

@@ -164,7 +164,7 @@ class Group:
         return self.device
 
     def load_device(self) -> torch.device | None:
-        """Where :func:`dorafit.train.run.prepare` puts the model: FSDP2 shards it from the CPU onto the devices."""
+        """Where :func:`dorafit.train.setup.prepare` puts the model: FSDP2 shards it from the CPU onto the devices."""
         if not self.several:
             return None
         return torch.device("cpu") if self.strategy == "fsdp" else self.device

@@ -113,39 +113,72 @@ def _quiet_transformers():
     warnings.filterwarnings("ignore", message=".*were not initialized.*")
 
 
-def load_model(folder: Path, kind: str, labels: list[str] | None = None) -> LoadedModel:
-    """Load a model for ``kind`` ('classification' with ``labels``, or 'commonsense' = causal LM) in float32.
-
-    The caller seeds torch first, so a freshly initialised head is a function of the seed.
-    """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer, with a pad token (its EOS if it has none)."""
+    from transformers import AutoTokenizer
 
     _quiet_transformers()
-    common = dict(local_files_only=True, dtype=torch.float32, output_loading_info=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # transformers raises OSError / ValueError / TypeError for missing tokenizer files
         raise ModelError(f"cannot load a tokenizer from {folder}: {exc}; save one there with "
                          "tokenizer.save_pretrained(folder)") from None
-    try:
-        if kind == "classification":
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                folder, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                label2id={lab: i for i, lab in enumerate(labels)}, **common,
-            )
-        else:
-            model, info = AutoModelForCausalLM.from_pretrained(folder, **common)
-    except ValueError as exc:
-        what = "sequence classification" if kind == "classification" else "causal language modelling"
-        raise ModelError(f"the model in {folder} cannot be loaded for {what}: {exc}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
         if tokenizer.pad_token_id is None:
             raise ModelError(f"the tokenizer in {folder} has neither a pad nor an eos token")
+    return tokenizer
+
+
+def _from_pretrained(auto, folder: Path, what: str, **kw):
+    try:
+        return auto.from_pretrained(folder, local_files_only=True, dtype=torch.float32, output_loading_info=True, **kw)
+    except ValueError as exc:
+        raise ModelError(f"the model in {folder} cannot be loaded for {what}: {exc}") from None
+
+
+def load_classifier(folder: Path, labels: list[str]) -> LoadedModel:
+    """A sequence classifier with ``len(labels)`` outputs, in float32; a fresh head where the checkpoint has none.
+
+    The caller seeds torch first, so a freshly initialised head is a function of the seed.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(folder)
+    model, info = _from_pretrained(
+        AutoModelForSequenceClassification, folder, "sequence classification", num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)})
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    head = head_modules(model, info.get("missing_keys", [])) if kind == "classification" else []
-    return LoadedModel(model.eval(), tokenizer, folder, head)
+    return LoadedModel(model.eval(), tokenizer, folder, head_modules(model, info.get("missing_keys", [])))
+
+
+def load_causal_lm(folder: Path) -> LoadedModel:
+    """A causal language model in float32; an error if the folder holds another kind of model (e.g. an encoder,
+    which transformers would otherwise load as a language-model head that sees the future)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(folder)
+    model, info = _from_pretrained(AutoModelForCausalLM, folder, "causal language modelling")
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if not is_causal(model):
+        arch = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+        raise ModelError(
+            f"the model in {folder} ({arch}) is not a causal language model: its output at a position depends on "
+            "later tokens, so it cannot be trained to write text. This task needs a decoder model (e.g. --model "
+            "gemma-3-270m or a folder of a *ForCausalLM model); use an encoder for classification tasks")
+    return LoadedModel(model.eval(), tokenizer, folder, [])
+
+
+@torch.no_grad()
+def is_causal(model: nn.Module) -> bool:
+    """Whether the model's outputs at positions 0..2 are unchanged when only token 3 changes."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]]) % vocab
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device)).logits.float()  # (2, 4, V)
+    return torch.allclose(logits[0, :3], logits[1, :3], rtol=1e-4, atol=1e-4)
 
 
 def head_modules(model: nn.Module, missing_keys) -> list[str]:

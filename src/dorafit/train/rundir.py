@@ -2,7 +2,10 @@
 
     RUN/config.json              the resolved options ("config") and what they resolved to ("resolved")
     RUN/metrics.jsonl            one row per optimizer step: step, loss, lr, seconds, tokens_per_s
-    RUN/eval.json                test accuracy per task and average, before and after training, parameter counts
+    RUN/eval.json                the task's metrics per test set, before and after training, parameter counts
+    RUN/samples-before.jsonl     generative tasks: (prompt, reference, generated) per evaluated example, before
+    RUN/samples.jsonl            ... and after training
+    RUN/tensorboard/             with --log tensorboard: TensorBoard event files
     RUN/adapter/                 the adapter (dorafit.save_adapter format); RUN/model/ for --method full
     RUN/loss.png                 the loss curve
     RUN/checkpoint.safetensors   the resumable state (see dorafit.train.checkpoint)
@@ -12,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -62,6 +66,16 @@ def unlock(handle) -> None:
         handle.close()  # closing the file releases the flock
 
 
+@contextlib.contextmanager
+def locked(run_dir: Path):
+    """The run folder's lock, held for the block."""
+    handle = lock(run_dir)
+    try:
+        yield
+    finally:
+        unlock(handle)
+
+
 def write_config(run_dir: Path, config: dict, resolved: dict) -> None:
     atomic_write_json(run_dir / CONFIG, {"config": config, "resolved": resolved})
 
@@ -91,6 +105,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def write_eval(run_dir: Path, result: dict) -> None:
     atomic_write_json(run_dir / EVAL, result)
+
+
+def samples_file(run_dir: Path, when: str) -> Path:
+    return run_dir / ("samples.jsonl" if when == "after" else f"samples-{when}.jsonl")
+
+
+def write_samples(run_dir: Path, when: str, samples: list[dict]) -> Path:
+    """The generated samples of the evaluation ``when`` ("before" or "after" training), one JSON object a line."""
+    path = samples_file(run_dir, when)
+    atomic_write_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    return path
 
 
 def plot_loss(run_dir: Path, rows: list[dict], title: str) -> Path | None:
@@ -123,3 +148,12 @@ def plot_loss(run_dir: Path, rows: list[dict], title: str) -> Path | None:
     path = run_dir / PLOT
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a run folder (its config.json holds "config" and "resolved", unlike a model's)."""
+    try:
+        data = json.loads((Path(path) / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "resolved" in data and "config" in data

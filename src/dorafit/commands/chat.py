@@ -1,0 +1,96 @@
+"""``dorafit chat RUN|MODEL_DIR``: talk to a trained run's model in the terminal.
+
+Each line you type is a user turn; the answer streams as it is generated, and the conversation so far is the
+context of the next answer (cut from the left when it outgrows the model's context). ``/reset`` starts a new
+conversation, ``/exit`` (or end of input) leaves. Prompts use the chat template the run was trained with (a
+model folder: its tokenizer's, or dorafit's plain role-tagged template if it has none).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+COMMANDS = {"/reset": "start a new conversation", "/exit": "leave"}
+
+
+def register(subparsers) -> None:
+    from .generate import add_model_arguments
+
+    parser = subparsers.add_parser(
+        "chat", help="an interactive chat with a trained run's model (or any causal LM)",
+        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--system", metavar="TEXT", default=None, help="a system message that opens the conversation")
+    parser.set_defaults(func=main)
+
+
+def chat(gen, options, system: str | None, read_line, write) -> None:
+    """The conversation loop: ``read_line()`` gives the user's lines (None at the end), ``write`` shows text."""
+    from transformers import TextStreamer
+
+    from ..generation import generate_ids
+    from .generate import context_room
+
+    opening = [{"role": "system", "content": system}] if system else []
+    messages = list(opening)
+    room = context_room(gen.model, options.max_new_tokens)
+    streamer = TextStreamer(gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    while True:
+        line = read_line()
+        if line is None or line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            messages = list(opening)
+            write("(new conversation)\n")
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = generate_ids(gen.model, gen.tokenizer, [gen.format.prompt_ids(messages, room)], options,
+                           streamer=streamer)[0]
+        write("\n")
+        messages.append({"role": "assistant", "content": gen.tokenizer.decode(ids, skip_special_tokens=True).strip()})
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..train.errors import report_errors
+
+    def command() -> int:
+        import sys
+
+        import torch
+
+        from ..chat_format import ChatFormat
+        from ..fields import from_arguments
+        from ..generation import SamplingOptions
+        from ..train.generator import load_generator
+
+        options = from_arguments(SamplingOptions, args)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError("--threads must be at least 1")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        gen = load_generator(args.source, args.device)
+        if gen.format is None:
+            gen.format = ChatFormat.choose(gen.tokenizer, "plain")
+        interactive = sys.stdin.isatty()
+        if interactive:
+            import readline  # noqa: F401 - line editing and history for input()
+        print(f"chatting with {gen.source}; chat format: {gen.format.describe()}. "
+              + ", ".join(f"{c}: {what}" for c, what in COMMANDS.items()), flush=True)
+
+        def read_line():
+            try:
+                return input("> ") if interactive else (sys.stdin.readline() or None)
+            except EOFError:
+                return None
+
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        chat(gen, options, args.system, read_line, write)
+        return 0
+
+    return report_errors(command)

@@ -1,0 +1,126 @@
+"""``dorafit generate RUN|MODEL_DIR --prompt TEXT``: what a trained (or any) causal LM writes.
+
+``--prompts FILE.jsonl`` reads one request per line (``{"prompt": str}``, ``{"messages": [...]}`` to continue a
+conversation, or Alpaca ``{"instruction", "input"}``) and writes each row back with ``"generated"`` added, as
+JSON Lines (to ``--out FILE`` or standard output). Prompts are rendered with the chat template the run was
+trained with (a model folder: its tokenizer's, if any); ``--raw`` sends the text as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """What ``generate`` and ``chat`` share: the model, the device and how tokens are chosen."""
+    from ..fields import add_arguments
+    from ..generation import SamplingOptions
+
+    parser.add_argument("source", metavar="RUN|MODEL_DIR",
+                        help="a run folder of dorafit train (its adapter is kept unmerged), a merged folder of "
+                        "dorafit merge, a model preset or any local causal-LM folder")
+    add_arguments(parser, SamplingOptions)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="complete prompts with a trained run's model (or any causal LM)",
+        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(parser)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", metavar="TEXT", help="one prompt (a user message, rendered by the chat template)")
+    what.add_argument("--prompts", metavar="FILE.jsonl", help="one request per line; writes JSON Lines")
+    parser.add_argument("--out", metavar="FILE", default=None, help="with --prompts: write here (default: stdout)")
+    parser.add_argument("--batch-size", type=int, default=8, help="with --prompts: prompts per batch (default: 8)")
+    parser.add_argument("--raw", action="store_true", help="use the prompt text as it is, without the chat template")
+    parser.set_defaults(func=main)
+
+
+def read_requests(path: str) -> list[dict]:
+    """The rows of a --prompts file, each checked: "prompt", "messages" or "instruction" (+ "input")."""
+    from pathlib import Path
+
+    from ..train.tasks.base import DataError, clip
+    from ..train.tasks.classification import jsonl_records
+
+    rows = []
+    if not Path(path).is_file():
+        raise DataError(f"--prompts {path} does not exist")
+    for number, record, line in jsonl_records(Path(path)):
+        ok = (isinstance(record.get("prompt"), str) or isinstance(record.get("instruction"), str)
+              or isinstance(record.get("messages"), list))
+        if not ok:
+            raise DataError(f"{path}: line {number}: expected \"prompt\" (a string), \"messages\" (a list of turns) or "
+                            f"\"instruction\" (+ \"input\"): {clip(line)}")
+        rows.append(record)
+    return rows
+
+
+def messages_of(record: dict) -> list[dict]:
+    if isinstance(record.get("messages"), list):
+        return record["messages"]
+    if isinstance(record.get("instruction"), str):
+        turn = {"role": "user", "content": record["instruction"]}
+        return [{**turn, "input": record["input"]} if record.get("input") else turn]
+    return [{"role": "user", "content": record["prompt"]}]
+
+
+def prompt_tokens(gen, record: dict, raw: bool, room: int | None) -> list[int]:
+    """A request's prompt tokens: rendered by the chat format, or its text as it is (``--raw``, or no template)."""
+    if raw or gen.format is None:
+        text = record.get("prompt") or record.get("instruction") or ""
+        if not text:
+            raise ValueError("--raw (or a model without a chat template) needs a \"prompt\" text, not messages")
+        ids = gen.tokenizer(text)["input_ids"]
+        return ids[-room:] if room and len(ids) > room else ids
+    return gen.format.prompt_ids(messages_of(record), room)
+
+
+def context_room(model, max_new_tokens: int) -> int | None:
+    """How many prompt tokens fit beside ``max_new_tokens`` in the model's context (None: unknown)."""
+    window = getattr(model.config, "max_position_embeddings", None)
+    return max(1, window - max_new_tokens) if window else None
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..train.errors import report_errors
+
+    def command() -> int:
+        import json
+        import sys
+
+        import torch
+
+        from ..fields import from_arguments
+        from ..files import atomic_write_text
+        from ..generation import SamplingOptions, generate_text
+        from ..train.generator import load_generator
+
+        options = from_arguments(SamplingOptions, args)
+        if args.threads is not None and args.threads < 1 or args.batch_size < 1:
+            raise ValueError("--threads and --batch-size must be at least 1")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        rows = read_requests(args.prompts) if args.prompts else [{"prompt": args.prompt}]
+        gen = load_generator(args.source, args.device)
+        if gen.format is None and not args.raw:
+            print(f"note: {gen.source} has no chat template: prompts are used as plain text", file=sys.stderr)
+        room = context_room(gen.model, options.max_new_tokens)
+        prompts = [prompt_tokens(gen, r, args.raw, room) for r in rows]
+        texts = []
+        for start in range(0, len(prompts), args.batch_size):
+            texts += generate_text(gen.model, gen.tokenizer, prompts[start : start + args.batch_size], options)
+        if not args.prompts:
+            print(texts[0])
+            return 0
+        out = "".join(json.dumps({**r, "generated": t}, ensure_ascii=False) + "\n" for r, t in zip(rows, texts))
+        if args.out:
+            atomic_write_text(args.out, out)
+        else:
+            sys.stdout.write(out)
+        return 0
+
+    return report_errors(command)

@@ -1,0 +1,162 @@
+"""From options to a ready model: data, task and adapted model for a new run, or a finished run's model.
+
+:func:`prepare` turns a :class:`TrainConfig` into data, a task and an adapted model, filling in every ``None``
+option with the task's, model's or method's default; :func:`load_trained` rebuilds a finished run's model
+(base + adapter, kept unmerged, or the fully fine-tuned weights) with the task it was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..inject import adapted_modules, apply, get_config
+from ..io import TENSORS_FILE, load_adapter
+from ..peft_format import PEFT_TENSORS_FILE, import_peft
+from . import rundir
+from .models import PRESETS as MODEL_PRESETS
+from .models import LoadedModel, default_targets, resolve_model
+from .options import TrainConfig, adapter_config, adapter_options, from_dict, validate
+from .tasks import all_presets, by_kind, task_type
+
+DEFAULT_LR = {"full": 2e-5, "lora": 5e-4, "dora": 5e-4, "vera": 5e-3, "dvora": 5e-3}
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig  # every None resolved
+    task: object  # a dorafit.train.tasks.Task
+    loaded: LoadedModel
+    device: torch.device
+    adapted: list[str]  # adapted module names ([] for full fine-tuning)
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def data(self):
+        return self.task.data
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or name == "auto" and torch.cuda.is_available() else "cpu")
+
+
+def absolute_paths(options: dict) -> dict:
+    """Model and task folders or files and the eval file as absolute paths (preset names stay), so that a run
+    folder's config.json means the same from any working directory."""
+    out = dict(options)
+    for name, presets in (("model", MODEL_PRESETS), ("task", all_presets()), ("eval_file", ())):
+        value = out.get(name)
+        if value and value not in presets and Path(value).expanduser().exists():
+            out[name] = str(Path(value).expanduser().resolve())
+    return out
+
+
+def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.device | None = None,
+            kind: str | None = None) -> Setup:
+    """Data, task and model for ``cfg``, the model seeded by ``cfg.seed`` and adapted (not yet trained).
+
+    ``device`` overrides ``--device`` (a process of a torchrun job: its own GPU, or the CPU for FSDP2 to shard);
+    ``kind`` names the task type (a stored run's), else it follows from ``--task``.
+    """
+    validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    task_cls = by_kind(kind) if kind else task_type(cfg.task)
+    data = task_cls.load_data(cfg.task, cfg)
+    folder = model_folder or resolve_model(cfg.model)
+    torch.manual_seed(cfg.seed)  # a freshly initialised head and the adapter init follow from the seed
+    loaded = task_cls.load_model(folder, data.extra)
+    resolved = dict(
+        max_length=cfg.max_length or data.max_length,
+        lr=cfg.lr if cfg.lr is not None or cfg.init_from else DEFAULT_LR[cfg.method],  # --init-from: by its method
+        targets=cfg.targets or default_targets(loaded.model),
+        head=cfg.head if cfg.head is not None else loaded.head,
+        eval_limit=cfg.eval_limit if cfg.eval_limit is not None else data.eval_limit,
+    )
+    if cfg.head and not task_cls.has_head:
+        raise ValueError(f"--head is for classification tasks; a {task_cls.kind} task trains no head")
+    if cfg.steps is None and cfg.epochs is None:
+        resolved[data.duration[0]] = data.duration[1]
+    resolved.update(absolute_paths({"model": cfg.model, "task": cfg.task, "eval_file": cfg.eval_file}))
+    cfg = validate(dataclasses.replace(cfg, **resolved))
+    task = task_cls(data, loaded.tokenizer, cfg)
+    device = device or pick_device(cfg.device)
+    loaded.model.to(device)
+    if cfg.init_from:
+        cfg, adapted = _adapt_from(cfg, loaded.model)
+    elif cfg.method == "full":
+        loaded.model.requires_grad_(True)
+        adapted = []
+    else:
+        adapted = apply(loaded.model, adapter_config(cfg, cfg.targets, cfg.head))
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(loaded.model)
+    return Setup(cfg, task, loaded, device, adapted)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' own: each block's activations are recomputed in backward instead of kept (non-reentrant
+    checkpointing, so frozen inputs need no gradient and the adapter gradients are unchanged)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _adapt_from(cfg: TrainConfig, model) -> tuple[TrainConfig, list[str]]:
+    """``--init-from``: adapt ``model`` with a saved adapter (PEFT or dorafit format) and record what it set."""
+    folder = Path(cfg.init_from)
+    if (folder / PEFT_TENSORS_FILE).is_file():
+        adapted = import_peft(model, folder, extra_trainable=cfg.head)
+    elif (folder / TENSORS_FILE).is_file():
+        adapted = load_adapter(model, folder)
+    else:
+        raise ValueError(f"--init-from {folder}: no {PEFT_TENSORS_FILE} (PEFT) or {TENSORS_FILE} (dorafit) in that folder")
+    ac = get_config(model)
+    layers = dict(adapted_modules(model))
+    magnitude_only = [n for n in adapted if layers[n].dorafit.update is None]
+    options = adapter_options(ac)
+    options.update(targets=[n for n in adapted if n not in magnitude_only], magnitude_only=magnitude_only or None)
+    cfg = dataclasses.replace(
+        cfg, **options, init_from=str(folder.resolve()), head=list(model.dorafit_extra_trainable),
+        lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[ac.method],
+    )
+    return cfg, adapted
+
+
+def stored_config(run_dir: Path) -> tuple[TrainConfig, dict]:
+    """(options, what they resolved to) of a run folder, read and validated."""
+    stored, resolved = rundir.read_config(run_dir)
+    return from_dict(stored, str(run_dir / rundir.CONFIG)), resolved
+
+
+def load_trained(run_dir: Path, device: str | None = None) -> Setup:
+    """The trained model of a finished run: base model + its adapter (unmerged), or its fully fine-tuned weights,
+    with the run's task (its kind as stored)."""
+    run_dir = Path(run_dir)
+    cfg, resolved = stored_config(run_dir)
+    kind = resolved.get("kind")
+    if device:
+        cfg = dataclasses.replace(cfg, device=device)
+    if cfg.method == "full":
+        if not (run_dir / rundir.MODEL / "config.json").is_file():
+            raise ValueError(f"{run_dir} has no trained model yet ({rundir.MODEL}/ is missing); finish it with "
+                             f"dorafit train --resume {run_dir}")
+        return prepare(cfg, model_folder=run_dir / rundir.MODEL, kind=kind)
+    if not (run_dir / rundir.ADAPTER).is_dir():
+        raise ValueError(f"{run_dir} has no trained adapter yet ({rundir.ADAPTER}/ is missing); finish it with "
+                         f"dorafit train --resume {run_dir}")
+    base = dataclasses.replace(cfg, method="full", magnitude_only=None, init_from=None, gradient_checkpointing=False)
+    setup = prepare(base, kind=kind)
+    setup.model.requires_grad_(False)
+    setup.adapted = load_adapter(setup.model, run_dir / rundir.ADAPTER)
+    setup.model.to(setup.device)
+    setup.cfg = cfg
+    return setup
