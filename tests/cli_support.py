@@ -52,6 +52,57 @@ def make_llama(folder: Path) -> Path:
     return folder
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_tokenizer(chat_template: str | None = None):
+    """The MiniLM tokenizer as a causal LM's: [CLS] as BOS, [SEP] as EOS, optionally a chat template."""
+    tok = tokenizer()
+    tok.bos_token, tok.eos_token = "[CLS]", "[SEP]"
+    if chat_template:
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = chat_template
+    return tok
+
+
+def make_chat_llama(folder: Path, chat_template: str | None = None) -> Path:
+    """A 2-layer LLaMA (no dropout) with :func:`chat_tokenizer`: BOS/EOS, and the chat template if given."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = chat_tokenizer(chat_template)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+WORDS = "red blue green small big cat dog bird runs jumps sleeps".split()
+
+
+def make_instruction_files(folder: Path, n: int = 48, seed: int = 0) -> dict[str, Path]:
+    """The same echo task ("repeat these words") in the three instruction formats (2 turns for messages and
+    ShareGPT, with a system message)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = {"alpaca": [], "messages": [], "sharegpt": []}
+    for _ in range(n):
+        a, b = " ".join(rng.sample(WORDS, 3)), " ".join(rng.sample(WORDS, 2))
+        rows["alpaca"].append({"instruction": "Repeat the words.", "input": a, "output": a})
+        turns = [("system", "Echo."), ("user", a), ("assistant", a), ("user", b), ("assistant", b)]
+        rows["messages"].append({"messages": [{"role": r, "content": c} for r, c in turns]})
+        names = {"system": "system", "user": "human", "assistant": "gpt"}
+        rows["sharegpt"].append({"conversations": [{"from": names[r], "value": c} for r, c in turns]})
+    paths = {}
+    for fmt, records in rows.items():
+        paths[fmt] = folder / f"{fmt}.jsonl"
+        paths[fmt].write_text("".join(json.dumps(r) + "\n" for r in records))
+    return paths
+
+
 def sentence(rng: random.Random, positive: bool) -> str:
     words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if positive else NEGATIVE)]
     rng.shuffle(words)
@@ -108,6 +159,9 @@ def read_jsonl(path: Path) -> list[dict]:
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli-assets")
     return {
+        **make_instruction_files(root / "instruct"),
+        "chat_llama": make_chat_llama(root / "chat_llama"),
+        "chatml_llama": make_chat_llama(root / "chatml_llama", CHATML),
         "bert": make_bert(root / "bert"),
         "llama": make_llama(root / "llama"),
         "jsonl": make_jsonl(root / "pairs.jsonl"),

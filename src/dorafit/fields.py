@@ -74,7 +74,8 @@ def problem(kind: Any, is_list: bool, optional: bool, meta: dict, value: Any) ->
         return None if optional else "a value is required"
     if is_list:
         if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
-            return f"expected a list of {describe_domain(kind, {})}s"
+            plural = {str: "strings", int: "integers", float: "numbers", bool: "true/false values"}.get(kind, "values")
+            return f"must be a list of {plural}"
         return None
     if kind is object:
         return None

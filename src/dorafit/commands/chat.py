@@ -48,8 +48,7 @@ def chat(gen, options, system: str | None, read_line, write) -> None:
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         ids = generate_ids(gen.model, gen.tokenizer, [gen.format.prompt_ids(messages, room)], options,
-                           streamer=streamer)[0]
-        write("\n")
+                           streamer=streamer)[0]  # the streamer ends the answer's line
         messages.append({"role": "assistant", "content": gen.tokenizer.decode(ids, skip_special_tokens=True).strip()})
 
 

@@ -68,12 +68,18 @@ def unlock(handle) -> None:
 
 @contextlib.contextmanager
 def locked(run_dir: Path):
-    """The run folder's lock, held for the block."""
+    """The run folder's lock, held for the block. A folder the block created and left holding nothing but the
+    lock file (a new run that failed before writing anything) is removed again."""
+    created = not run_dir.exists()
     handle = lock(run_dir)
     try:
         yield
     finally:
         unlock(handle)
+        if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+            with contextlib.suppress(OSError):
+                (run_dir / LOCK).unlink()
+                run_dir.rmdir()
 
 
 def write_config(run_dir: Path, config: dict, resolved: dict) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...chat_format import ChatFormat, EncodeStats
+from ...chat_format import ChatFormat, ChatFormatError, EncodeStats
 from ...generation import SamplingOptions, generate_text
 from .. import models
 from . import conversations
@@ -52,8 +52,10 @@ class InstructionTask:
         self.max_new_tokens = cfg.max_new_tokens or data.extra["max_new_tokens"]
         self.format = ChatFormat.choose(tokenizer, conversations.DEFAULT_TEMPLATE[data.extra["format"]])
         self.stats = EncodeStats()
-        encoded = [self.format.encode(e.messages, self.max_length, self.train_on_prompt, self.stats)
-                   for e in data.train]
+        encoded = [self.encode(e, self.train_on_prompt, self.stats) for e in data.train]
+        for examples in data.test_sets().values():  # a test record the template cannot render fails now, not later
+            for e in examples:
+                self.encode(e)
         self.train = [(e.ids, e.trained) for e in encoded if e is not None]
         if not self.train:
             raise DataError(f"no training example of {data.name} fits --max-length {self.max_length}: "
@@ -98,6 +100,13 @@ class InstructionTask:
         return ChatFormat(tokenizer, resolved["chat_format"], resolved["chat_template"])
 
     # ---- training ------------------------------------------------------------------------------------------
+    def encode(self, example, train_on_prompt: bool = False, stats: EncodeStats | None = None):
+        """:meth:`ChatFormat.encode` of one example; a template error names the example's file and line."""
+        try:
+            return self.format.encode(example.messages, self.max_length, train_on_prompt, stats)
+        except ChatFormatError as exc:
+            raise DataError(f"{example.source}: {exc}") from None
+
     def batch(self, examples: list[tuple[list[int], list[bool]]]) -> dict[str, Tensor]:
         return label_rows(examples, self.tokenizer.pad_token_id)
 
@@ -109,7 +118,7 @@ class InstructionTask:
         """(ids, flags) with only the final response's tokens flagged, for the held-out loss."""
         rows = []
         for e in examples:
-            enc = self.format.encode(e.messages, self.max_length)
+            enc = self.encode(e)
             if enc is not None:
                 rows.append((enc.ids, [i >= enc.response_start for i in range(len(enc.ids))]))
         return rows
