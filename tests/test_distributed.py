@@ -30,7 +30,7 @@ from dorafit.config import AdapterConfig
 from dorafit.train import checkpoint, distributed
 from dorafit.train.setup import load_trained
 
-from .cli_support import make_jsonl, read_jsonl, run_cli, tokenizer
+from .cli_support import make_chat_llama, make_instruction_files, make_jsonl, read_jsonl, run_cli, tokenizer
 
 TIMEOUT = 240  # seconds for one torchrun job on a loaded 2-core machine
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -51,7 +51,8 @@ def make_bert_without_dropout(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("distributed")
-    return {"root": root, "bert": make_bert_without_dropout(root / "bert"), "jsonl": make_jsonl(root / "pairs.jsonl")}
+    return {"root": root, "bert": make_bert_without_dropout(root / "bert"), "jsonl": make_jsonl(root / "pairs.jsonl"),
+            "llama": make_chat_llama(root / "llama"), **make_instruction_files(root / "instruct", n=40)}
 
 
 def options(data, method: str, steps: int, *extra) -> list[str]:
@@ -123,6 +124,26 @@ def test_two_processes_train_the_adapter_one_process_trains(runs, method, strate
     assert len(losses(run)) == 6
     stored = json.loads((run / "config.json").read_text())
     assert stored["resolved"]["world_size"] == 2 and stored["config"]["distributed"] == strategy
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_instruction_tuning_in_two_processes_equals_one_process(data, strategy):
+    """A causal LM on multi-turn chat data: the same steps as one process with --grad-accum 2, and the
+    evaluation (held-out loss, greedy generation) of the sharded or replicated model is the plain one's."""
+    args = ["--model", str(data["llama"]), "--task", str(data["messages"]), "--method", "dora", "--steps", "3",
+            "--batch-size", "4", "--lr", "1e-2", "--seed", "1", "--eval-limit", "3", "--max-new-tokens", "4",
+            "--no-eval-before", "--threads", "1"]
+    single = data["root"] / "instruct-single"
+    if not single.exists():
+        one_process(single, *args)
+    run = data["root"] / f"instruct-{strategy}"
+    two_processes(run, *args, "--distributed", strategy)
+    assert_same_adapter(single, run)
+    assert losses(run) == pytest.approx(losses(single), rel=1e-5)
+    a, b = (json.loads((r / "eval.json").read_text())["tasks"]["messages"] for r in (single, run))
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert [r["generated"] for r in read_jsonl(run / "samples.jsonl")] == \
+        [r["generated"] for r in read_jsonl(single / "samples.jsonl")]
 
 
 def test_fsdp_adapter_loads_into_a_plain_model_and_predicts_the_same(runs, data):
