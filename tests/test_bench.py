@@ -67,8 +67,13 @@ def test_bench_on_a_tiny_llama_writes_every_figure(tmp_path, capsys):
     assert ratios["dora_vs_lora_step"]["target"] == 1.10
     assert "dora_vs_lora_peak" not in ratios  # peak memory was not measured
     assert {"dvora_vs_vera_step", "vera_vs_peft_vera_step", "dvora_vs_vera_saved"} <= set(ratios)
+    generation = result["generation"]
+    assert set(generation) == {"dora_merged", "dora", "lora", "peft_dora"}
+    assert all(g["tokens_per_s"] > 0 and g["new_tokens"] == 32 for g in generation.values())
+    assert generation["dora"]["same_tokens_as_merged"] is True  # greedy, unmerged (norm cached) == merged
+    assert ratios["dora_vs_merged_generation"]["target"] == pytest.approx(1 / 0.95, rel=1e-3)
     table = capsys.readouterr().out
-    assert "| our DoRA step / our LoRA step |" in table
+    assert "| our DoRA step / our LoRA step |" in table and "| generation variant |" in table
 
 
 def test_bench_variants_option_runs_the_base_and_the_named_variants_only(tmp_path):
@@ -79,6 +84,7 @@ def test_bench_variants_option_runs_the_base_and_the_named_variants_only(tmp_pat
     result = json.loads(out.read_text())["workloads"]["llama"]
     assert set(result["train"]) == set(result["inference"]) == {"base", "vera", "dvora"}
     assert set(result["ratios"]) == {"dvora_vs_vera_step", "dvora_vs_vera_saved", "dvora_vs_vera_inference"}
+    assert set(result["generation"]) == {"dora_merged"}  # the reference always runs
 
 
 def test_bench_refuses_an_unknown_variant(capsys):

@@ -46,6 +46,13 @@ RATIOS = [
     ("peft_dora_vs_dora_inference", "PEFT unmerged DoRA inference / ours", "inference", "peft_dora", "dora", None),
     ("dvora_vs_vera_inference", "our unmerged DVoRA inference / our unmerged VeRA", "inference", "dvora", "vera",
      None),
+    # generation: time per generate call; <= 1/0.95 is the target "unmerged tokens/s >= 0.95x the merged model's"
+    ("dora_vs_merged_generation", "our unmerged DoRA generation time / merged (tokens/s >= 0.95x merged)",
+     "generation", "dora", "dora_merged", round(1 / 0.95, 4)),
+    ("lora_vs_merged_generation", "our unmerged LoRA generation time / merged", "generation", "lora", "dora_merged",
+     None),
+    ("peft_dora_vs_dora_generation", "PEFT unmerged DoRA generation time / ours", "generation", "peft_dora", "dora",
+     None),
 ]
 # (key, label, field): the adapters' own saved activations, (DoRA - base) / (LoRA - base), which does not depend
 # on how much the frozen model saves. (Not done for time: the base variant backpropagates into the first layer's
@@ -55,7 +62,9 @@ OVERHEAD_RATIOS = [
     ("peft_dora_vs_peft_lora_saved_over_base", "PEFT DoRA / PEFT LoRA saved activations above the frozen base",
      "saved_mib"),
 ]
-_FIELD = {"train": "step_ms", "saved": "saved_mib", "peak": "peak_mib", "inference": "latency_ms"}
+_FIELD = {"train": "step_ms", "saved": "saved_mib", "peak": "peak_mib", "inference": "latency_ms",
+          "generation": "gen_ms"}
+_TABLE = {"inference": "inference", "generation": "generation"}  # sections measured in their own table
 
 
 def ratios(result: dict) -> dict[str, dict]:
@@ -67,7 +76,7 @@ def ratios(result: dict) -> dict[str, dict]:
     """
     out: dict[str, dict] = {}
     for key, label, section, num, den, target in RATIOS:
-        table = result["inference" if section == "inference" else "train"]
+        table = result.get(_TABLE.get(section, "train"), {})
         field = _FIELD[section]
         a, b = table.get(num, {}).get(field), table.get(den, {}).get(field)
         if a is None or b is None:
@@ -167,6 +176,14 @@ def markdown(record: dict) -> str:
         lines += ["", "| inference variant | latency ms |", "|---|---:|"]
         for variant, r in result["inference"].items():
             lines.append(f"| {variant} | {_fmt(r['latency_ms'])} |")
+        if result.get("generation"):
+            first = next(iter(result["generation"].values()))
+            lines += ["", f"Greedy generation of {first['new_tokens']} tokens after {first['batch']} x "
+                      f"{first['prompt']} prompt tokens (KV cache):", "",
+                      "| generation variant | ms per call | tokens/s | same tokens as merged |", "|---|---:|---:|---|"]
+            for variant, r in result["generation"].items():
+                same = {True: "yes", False: "NO", None: ""}[r.get("same_tokens_as_merged")]
+                lines.append(f"| {variant} | {_fmt(r['gen_ms'])} | {_fmt(r['tokens_per_s'])} | {same} |")
         lines += ["", "| ratio | value | target |", "|---|---:|---|"]
         for r in result["ratios"].values():
             target = "" if r["target"] is None else f"<= {r['target']:.2f} ({'met' if r['met'] else 'NOT met'})"

@@ -127,17 +127,25 @@ def cpu_peak_in_subprocess(spec: WorkloadSpec, variant: str, steps: int, threads
 
 
 def run_workload(spec: WorkloadSpec, warmup: int, steps: int, inference_steps: int, peak_steps: int, threads: int,
-                 log: Callable = print, variants: tuple[str, ...] | None = None) -> dict:
-    """Every measurement of one workload, as a JSON-ready dict."""
+                 log: Callable = print, variants: tuple[str, ...] | None = None,
+                 generation: dict | None = None) -> dict:
+    """Every measurement of one workload, as a JSON-ready dict. ``generation`` (causal LMs only): the options of
+    :func:`dorafit.bench.generation.run_generation` (``repeats``, ``batch``, ``prompt``, ``new_tokens``)."""
     log(f"{spec.model}: building")
     workload = build_workload(spec)
     log(f"  {workload.description}")
     training = run_training(workload, warmup, steps, peak_steps, threads, log, variants)
     inference = run_inference(workload, warmup, inference_steps, log, variants)
-    return {
+    result = {
         "spec": spec.to_dict(),
         "description": workload.description,
         "targets": workload.targets,
         "train": training,
         "inference": inference,
     }
+    if generation and generation.get("repeats") and hasattr(workload.base, "generate"):
+        from .generation import run_generation
+
+        options = dict(generation)
+        result["generation"] = run_generation(workload, warmup, options.pop("repeats"), log, variants, **options)
+    return result

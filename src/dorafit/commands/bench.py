@@ -50,6 +50,12 @@ def register(subparsers) -> None:
     g.add_argument("--vocab", type=int, default=32000, help="default: LLaMA-2's 32,000")
     g.add_argument("--batch", type=int, default=4)
     g.add_argument("--seq", type=int, default=256)
+    g = p.add_argument_group("greedy generation (llama workload)")
+    g.add_argument("--generation-steps", type=int, default=3,
+                   help="timed generate calls per variant, 0 to skip generation (default: 3)")
+    g.add_argument("--gen-batch", type=int, default=1, help="prompts generated at once (default: 1)")
+    g.add_argument("--gen-prompt", type=int, default=64, help="prompt tokens (default: 64)")
+    g.add_argument("--gen-tokens", type=int, default=32, help="tokens generated per prompt (default: 32)")
     g = p.add_argument_group("minilm workload (all-MiniLM-L6-v2)")
     g.add_argument("--minilm-batch", type=int, default=32, help="even: the loss pairs the two halves (default: 32)")
     g.add_argument("--minilm-seq", type=int, default=128)
@@ -86,7 +92,10 @@ def _check(args) -> list[str]:
     for name in ("steps", "inference_steps", "r", "vera_r"):
         if getattr(args, name) < 1:
             raise SystemExit(f"dorafit bench: --{name.replace('_', '-')} must be at least 1")
-    for name in ("warmup", "peak_steps", "threads"):
+    for name in ("gen_batch", "gen_prompt", "gen_tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"dorafit bench: --{name.replace('_', '-')} must be at least 1")
+    for name in ("warmup", "peak_steps", "threads", "generation_steps"):
         if getattr(args, name) < 0:
             raise SystemExit(f"dorafit bench: --{name.replace('_', '-')} must not be negative")
     return models
@@ -124,10 +133,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "command": _command_line(args, parser),
             "load_average_start": report.load_average()}
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    generation = dict(repeats=args.generation_steps, batch=args.gen_batch, prompt=args.gen_prompt,
+                      new_tokens=args.gen_tokens)
     workloads = {}
     for name in models:
         result = run_workload(specs[name], args.warmup, args.steps, args.inference_steps, args.peak_steps,
-                              args.threads, log, variants)
+                              args.threads, log, variants, generation)
         result["ratios"] = report.ratios(result)
         workloads[name] = result
     meta["load_average_end"] = report.load_average()
