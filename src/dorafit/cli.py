@@ -15,9 +15,12 @@ COMMANDS = ("train", "eval", "generate", "chat", "merge", "export", "analyze", "
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="dorafit", description="Fine-tune pretrained models with LoRA, DoRA and their relatives."
     )
+    parser.add_argument("--version", action="version", version=f"dorafit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"dorafit.commands.{name}").register(sub)

@@ -50,8 +50,9 @@ def _no_match_error(what: str, target, model: nn.Module) -> ValueError:
         close = difflib.get_close_matches(target, leaf_names, n=3)
         if close:
             hint = f"; did you mean {', '.join(close)}?"
+    shown = repr(target) if len(repr(target)) <= 80 else repr(target)[:77] + "...'"
     return ValueError(
-        f"{what} {target!r} matches no module of this {type(model).__name__}{hint or '.'} "
+        f"{what} {shown} matches no module of this {type(model).__name__}{hint or '.'} "
         f"Adaptable layer names in this model: {', '.join(leaf_names) or '(none)'}"
     )
 

@@ -67,6 +67,15 @@ def _describe(model: nn.Module) -> dict:
     return {"config": resolved.to_dict(), "modules": modules, "vera_fingerprints": fingerprints}
 
 
+def model_description(model: nn.Module) -> dict:
+    """What rebuilds the model an adapter belongs to: its class name and, for a classifier, its labels."""
+    info: dict = {"class": type(model).__name__}
+    config = getattr(model, "config", None)
+    if info["class"].endswith("Classification") and getattr(config, "id2label", None):
+        info["id2label"] = {str(k): v for k, v in config.id2label.items()}
+    return info
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model: str | None = None,
                  tensors: dict[str, Tensor] | None = None) -> Path:
     """Write the model's adapter to the folder ``path`` (created if needed); returns the folder.
@@ -88,7 +97,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model: str | No
                 tensors[f"{key}.B"] = layer.vera_B.detach().contiguous().cpu()
     blob = save_safetensors_bytes(tensors, metadata={"format": FORMAT})
     meta = _describe(model)
-    meta.update(format=FORMAT, dorafit_version=__version__, tensors_sha256=sha256_hex(blob))
+    meta.update(format=FORMAT, dorafit_version=__version__, tensors_sha256=sha256_hex(blob),
+                model=model_description(model))
     if base_model is not None:
         meta["base_model"] = base_model
     atomic_write_bytes(folder / TENSORS_FILE, blob)
@@ -183,9 +193,29 @@ def _exact_names(names: list[str]) -> str | list[str]:
     return "|".join(re.escape(n) for n in names) if names else []
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
+def _check_modules(model: nn.Module, meta: dict, path) -> None:
+    """Every module the adapter was saved for exists in ``model``; else say which and what the model is."""
+    have = dict(model.named_modules())
+    saved = list(meta["modules"]) + list(meta["config"].get("extra_trainable") or [])
+    missing = [n for n in saved if n not in have]
+    if not missing:
+        return
+    saved_on = (meta.get("model") or {}).get("class")
+    first = missing[0]
+    close = [n for n in have if n and (first.endswith("." + n) or n.endswith("." + first))]
+    hint = (f"; this model names it {close[0]!r}: the adapter was saved on a model with another head or wrapper"
+            if close else "")
+    built = f" (it was saved on a {saved_on})" if saved_on else ""
+    raise AdapterFileError(
+        f"the adapter in {path} does not fit this {type(model).__name__}{built}: {len(missing)} of its {len(saved)} "
+        f"modules are missing, e.g. {first!r}{hint}. Load it into the model class it was trained on")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, extra: bool = True) -> list[str]:
     """Apply the saved config to a base ``model`` (in place), then load the saved tensors.
 
+    ``extra=False`` keeps the model's own tensors of the saved ``extra_trainable`` modules (e.g. a fresh
+    classification head for another label set) instead of the saved ones; they stay trainable.
     Returns the adapted module names. On any error the model is left as it was.
     """
     meta, tensors = read_adapter(path)
@@ -199,10 +229,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         )
     except (TypeError, ValueError) as exc:
         raise AdapterFileError(f"{Path(path) / CONFIG_FILE}: invalid adapter config: {exc}") from None
+    _check_modules(model, meta, path)
     try:
         names = apply(model, config)
     except ValueError as exc:
         raise AdapterFileError(f"the adapter in {path} does not fit this model: {exc}") from None
+    if not extra:
+        prefixes = tuple(f"{n}." for n in model.dorafit_extra_trainable)
+        own = {k: v.detach().clone() for k, v in adapter_state_dict(model).items() if k.startswith(prefixes)}
+        tensors = {**{k: v for k, v in tensors.items() if not k.startswith(prefixes)}, **own}
     try:
         _check_and_copy(model, meta, tensors)
     except BaseException:

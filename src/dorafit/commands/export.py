@@ -37,15 +37,22 @@ def register(subparsers) -> None:
     parser.set_defaults(func=main)
 
 
-def _load_base(folder: Path):
-    """A transformers model folder, loaded with the class its config.json names (float32, no network)."""
+def _load_base(folder: Path, saved_on: dict):
+    """The base model an adapter was saved on: the class (and classifier labels) its adapter_config.json records,
+    else the class the folder's config.json names (float32, no network)."""
     import torch
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    names = getattr(config, "architectures", None) or []
+    names = [saved_on["class"]] if saved_on.get("class") else getattr(config, "architectures", None) or []
     cls = getattr(transformers, names[0], None) if names else None
-    return (cls or transformers.AutoModel).from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    kw = {}
+    if saved_on.get("id2label"):
+        labels = {int(k): v for k, v in saved_on["id2label"].items()}
+        kw = dict(num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()})
+    torch.manual_seed(0)  # a head the folder lacks is replaced by the adapter's saved head
+    return (cls or transformers.AutoModel).from_pretrained(folder, local_files_only=True, dtype=torch.float32,
+                                                           **kw).eval()
 
 
 def _adapted_from_adapter_folder(folder: Path, base_model: str | None):
@@ -56,7 +63,7 @@ def _adapted_from_adapter_folder(folder: Path, base_model: str | None):
     base = base_model or meta.get("base_model")
     if not base:
         raise ValueError(f"the adapter in {folder} does not record its base model; name it with --base-model")
-    model = _load_base(resolve_model(base))
+    model = _load_base(resolve_model(base), meta.get("model") or {})
     load_adapter(model, folder)
     return model
 

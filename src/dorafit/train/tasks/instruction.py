@@ -70,7 +70,7 @@ class InstructionTask:
     def load_data(cls, spec: str, cfg) -> TaskData:
         if spec == "bbc-headlines":
             train, test = seeded_split(conversations.bbc_headlines(), 0.1, cfg.split_seed)
-            return TaskData("bbc-headlines", train, {"bbc-headlines": test}, max_length=384, duration=("epochs", 1),
+            return TaskData("bbc-headlines", train, {"bbc-headlines": test}, max_length=256, duration=("epochs", 1),
                             eval_limit=100, extra={"format": "alpaca", "max_new_tokens": 32})
         path = Path(spec).expanduser()
         fmt, examples = conversations.read_file(path)
