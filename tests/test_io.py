@@ -155,7 +155,7 @@ def test_mismatched_base_model(tmp_path):
             self.blocks[1].q_proj = nn.Linear(8, 16)
 
     _expect_load_error(tmp_path, Wider(), "module 'blocks.1.q_proj': the adapter was saved for a weight of shape")
-    _expect_load_error(tmp_path, nn.Sequential(nn.Linear(4, 4)), "does not fit this model")
+    _expect_load_error(tmp_path, nn.Sequential(nn.Linear(4, 4)), "does not fit this Sequential")
 
 
 def test_tensor_shape_and_key_mismatch(tmp_path):
