@@ -84,12 +84,21 @@ def _repo_root():
     return Path(__file__).resolve().parents[1]
 
 
+def write_config(folder, meta: dict) -> None:
+    """An adapter_config.json with edited entries and a matching checksum (to reach the checks behind it)."""
+    from dorafit.io import _config_digest
+
+    meta = dict(meta)
+    meta["config_sha256"] = _config_digest(meta)
+    (folder / CONFIG_FILE).write_text(json.dumps(meta))
+
+
 def test_vera_wrong_seed_is_refused(tmp_path):
     base, model = _adapted_net("vera")
     dorafit.save_adapter(model, tmp_path / "ad")
     meta = json.loads((tmp_path / "ad" / CONFIG_FILE).read_text())
     meta["config"]["vera_seed"] = 1
-    (tmp_path / "ad" / CONFIG_FILE).write_text(json.dumps(meta))
+    write_config(tmp_path / "ad", meta)
     fresh = copy.deepcopy(base)
     with pytest.raises(dorafit.AdapterFileError, match="regenerated from seed 1 differ"):
         dorafit.load_adapter(fresh, tmp_path / "ad")
@@ -170,7 +179,7 @@ def test_tensor_shape_and_key_mismatch(tmp_path):
         blob = save(new_tensors)
         (tmp_path / "ad" / TENSORS_FILE).write_bytes(blob)
         meta["tensors_sha256"] = sha256_hex(blob)
-        (tmp_path / "ad" / CONFIG_FILE).write_text(json.dumps(meta))
+        write_config(tmp_path / "ad", meta)
 
     rewrite({**tensors, "blocks.0.q_proj.lora_A": torch.zeros(3, 8)})
     _expect_load_error(tmp_path, base, r"tensor 'blocks.0.q_proj.lora_A': file shape \[3, 8\], model shape \[2, 8\]")
@@ -185,7 +194,7 @@ def test_unknown_config_key_is_named(tmp_path):
     dorafit.save_adapter(model, tmp_path / "ad")
     meta = json.loads((tmp_path / "ad" / CONFIG_FILE).read_text())
     meta["config"]["use_magic"] = True
-    (tmp_path / "ad" / CONFIG_FILE).write_text(json.dumps(meta))
+    write_config(tmp_path / "ad", meta)
     _expect_load_error(tmp_path, base, "unknown adapter config keys: use_magic")
 
 
@@ -256,5 +265,35 @@ def test_config_without_modules_entry_is_reported(tmp_path):
     dorafit.save_adapter(model, tmp_path / "ad")
     meta = json.loads((tmp_path / "ad" / CONFIG_FILE).read_text())
     del meta["modules"]
-    (tmp_path / "ad" / CONFIG_FILE).write_text(json.dumps(meta))
+    write_config(tmp_path / "ad", meta)
     _expect_load_error(tmp_path, base, "has no valid 'modules' entry")
+
+
+def test_an_edited_config_or_bad_tensors_are_refused(tmp_path):
+    from safetensors.torch import save
+
+    from dorafit.files import sha256_hex
+
+    base, model = _adapted_net()
+    dorafit.save_adapter(model, tmp_path / "ad")
+    meta = json.loads((tmp_path / "ad" / CONFIG_FILE).read_text())
+    edited = {**meta, "config": {**meta["config"], "alpha": 99.0}}
+    (tmp_path / "ad" / CONFIG_FILE).write_text(json.dumps(edited))
+    _expect_load_error(tmp_path, base, "was edited or is damaged: its checksum differs")
+    dorafit.save_adapter(model, tmp_path / "ad")
+    meta, tensors = dorafit.read_adapter(tmp_path / "ad")
+    for bad, message in ((float("nan"), "holds NaN or infinite values"), (None, "has dtype torch.int64")):
+        changed = dict(tensors)
+        key = "blocks.0.q_proj.lora_B"
+        changed[key] = tensors[key].clone().fill_(bad) if bad is not None else tensors[key].long()
+        blob = save(changed)
+        (tmp_path / "ad" / TENSORS_FILE).write_bytes(blob)
+        write_config(tmp_path / "ad", {**meta, "tensors_sha256": sha256_hex(blob)})
+        _expect_load_error(tmp_path, base, message)
+
+
+def test_a_peft_folder_is_pointed_at_import_peft(tmp_path):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    with pytest.raises(dorafit.AdapterFileError, match=r"is a PEFT adapter folder .*dorafit.import_peft"):
+        dorafit.read_adapter(tmp_path)

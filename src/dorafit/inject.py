@@ -97,7 +97,9 @@ def _checked_ops(name: str, module: nn.Module, config: AdapterConfig, magnitude_
     except ValueError as exc:
         raise ValueError(f"module {name!r}: {exc}") from None
     out, inp = ops.weight_matrix(module).shape
-    if not magnitude_only and config.r > min(out, inp):
+    # LoRA's rank bounds the update; VeRA's r is the size of its shared random projections, which may exceed the
+    # layer's dimensions (the VeRA paper uses r = 256-1024 on every layer, as PEFT allows)
+    if not magnitude_only and config.update == "lora" and config.r > min(out, inp):
         raise ValueError(
             f"rank r={config.r} is larger than module {name!r} allows (weight {out} x {inp}: r <= {min(out, inp)}); "
             "lower r or leave this module out of targets"

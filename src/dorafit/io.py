@@ -101,6 +101,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model: str | No
                 model=model_description(model))
     if base_model is not None:
         meta["base_model"] = base_model
+    meta["config_sha256"] = _config_digest(meta)
     atomic_write_bytes(folder / TENSORS_FILE, blob)
     atomic_write_json(folder / CONFIG_FILE, meta)
     return folder
@@ -110,6 +111,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     """(metadata, tensors) of an adapter folder, checked for presence, format and integrity."""
     folder = Path(path)
     config_path, tensors_path = folder / CONFIG_FILE, folder / TENSORS_FILE
+    if not tensors_path.is_file() and (folder / "adapter_model.safetensors").is_file():
+        raise AdapterFileError(f"{folder} is a PEFT adapter folder (adapter_model.safetensors); load it with "
+                               "dorafit.import_peft(model, folder), or dorafit train --init-from")
     for p in (config_path, tensors_path):
         if not p.is_file():
             raise AdapterFileError(f"{p} does not exist; an adapter folder holds {CONFIG_FILE} and {TENSORS_FILE}")
@@ -122,6 +126,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     for key in ("config", "modules", "tensors_sha256"):
         if not isinstance(meta.get(key), (dict, str)):
             raise AdapterFileError(f"{config_path} has no valid {key!r} entry; the file is corrupt, save the adapter again")
+    if "config_sha256" in meta and meta["config_sha256"] != _config_digest(meta):
+        raise AdapterFileError(f"{config_path} was edited or is damaged: its checksum differs from its contents "
+                               "(alpha, targets or another entry changed after saving); save the adapter again")
     blob = tensors_path.read_bytes()
     if sha256_hex(blob) != meta.get("tensors_sha256"):
         raise AdapterFileError(
@@ -132,7 +139,19 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         tensors = load_safetensors_bytes(blob)
     except Exception as exc:  # safetensors raises several types (SafetensorError, ValueError, ...) for bad headers
         raise AdapterFileError(f"{tensors_path} is not a readable safetensors file: {exc}") from None
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterFileError(f"{tensors_path}: tensor {key!r} has dtype {t.dtype}; adapter tensors are floats")
+        if not bool(t.isfinite().all()):
+            raise AdapterFileError(f"{tensors_path}: tensor {key!r} holds NaN or infinite values; the adapter is "
+                                   "damaged or was saved from a diverged run")
     return meta, tensors
+
+
+def _config_digest(meta: dict) -> str:
+    """SHA-256 of the adapter config file's entries (all but this digest), as canonical JSON."""
+    rest = {k: v for k, v in meta.items() if k != "config_sha256"}
+    return sha256_hex(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
 
 def _check_and_copy(model: nn.Module, meta: dict, tensors: dict[str, Tensor]) -> None:

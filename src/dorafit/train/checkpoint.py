@@ -8,6 +8,9 @@
 and, in the safetensors header's metadata, a JSON ``state``: the step reached, the cumulative training seconds,
 the metrics rows so far, the optimizer's param groups and parameter names, and the LR scheduler's state dict.
 One file replaced by rename is atomic: a run killed at any moment leaves the previous checkpoint or the new one.
+Every byte of it (tensors, names, shapes, the state) is covered by a SHA-256 stored in the file (:mod:`dorafit.sealed`);
+a damaged checkpoint, or one holding NaN or infinite values, is refused with a message that names the file and
+how to go on.
 
 No random-number state is stored: data order and dropout are functions of (seed, step) (see
 :mod:`dorafit.train.loop`), so the step number is the whole data position.
@@ -24,14 +27,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, io_error
+from ..sealed import SealError, is_sealed, seal, unseal
 from .distributed import SINGLE, Group
 
 FILE = "checkpoint.safetensors"
-FORMAT = "dorafit-checkpoint/1"
+FORMAT = "dorafit-checkpoint/2"  # sealed; /1 (dorafit 0.1.0) had no seal and is still read
 
 
 class CheckpointError(ValueError):
@@ -70,7 +73,7 @@ def write(run_dir: Path, params: dict, optim: dict, scheduler_state: dict, step:
         "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]],
         "scheduler": scheduler_state,
     }
-    blob = save_safetensors_bytes(tensors, metadata={"state": json.dumps(state)})
+    blob = seal(tensors, {"state": json.dumps(state)})
     path = run_dir / FILE
     atomic_write_bytes(path, blob)
     return path
@@ -89,13 +92,25 @@ def read(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """(state, parameters by name, optimizer state dict keyed by parameter name) of ``RUN/checkpoint.safetensors``."""
     path = run_dir / FILE
     try:
-        with safe_open(str(path), framework="pt") as f:
-            state = json.loads(f.metadata()["state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"{path} cannot be read ({exc}); start the run again without --resume") from None
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a dorafit checkpoint (format {state.get('format')!r})")
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise io_error(exc, path, "read") from None
+    try:
+        if is_sealed(blob):
+            metadata, tensors = unseal(blob)
+        else:  # dorafit 0.1.0 wrote no seal
+            metadata, tensors = _unsealed(blob)
+        state = json.loads(metadata["state"])
+        if state.get("format") not in (FORMAT, "dorafit-checkpoint/1") or \
+                state["format"] == FORMAT and not is_sealed(blob):
+            raise SealError(f"its format is {state.get('format')!r}, not a dorafit checkpoint's")
+        bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+        if bad:
+            raise SealError(f"tensor {bad} holds NaN or infinite values")
+    except (SealError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint {path} is damaged: {exc}. Delete it to train the run again from "
+                              f"step 0 (rm {path}; dorafit train --resume {run_dir}), or start a new run with "
+                              "another --out") from None
     names = state["param_names"]
     params = {n: tensors[f"param/{n}"] for n in names}
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
@@ -108,6 +123,13 @@ def read(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
             _, index, name = key.split("/", 2)
             opt_state.setdefault(names[int(index)], {})[name] = value
     return state, params, {"state": opt_state, "param_groups": groups}
+
+
+def _unsealed(blob: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load
+
+    header = blob[8 : 8 + int.from_bytes(blob[:8], "little")]
+    return json.loads(header.decode("utf-8")).get("__metadata__", {}), load(blob)
 
 
 def restore(model: nn.Module, optimizer, params: dict, optim: dict) -> None:

@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Callable
 
+from ..files import io_error
+
 
 def report_errors(command: Callable[[], int]) -> int:
     if os.environ.get("DORAFIT_DEBUG") == "1":
@@ -21,6 +23,9 @@ def report_errors(command: Callable[[], int]) -> int:
         print(f"error: the Python package {exc.name!r} is missing; install the training extras with: "
               "pip install 'dorafit[train]'", file=sys.stderr)
         return 2
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
+        print(f"error: {io_error(exc, exc.filename or 'a file', 'use')}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

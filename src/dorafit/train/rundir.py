@@ -113,6 +113,27 @@ def write_eval(run_dir: Path, result: dict) -> None:
     atomic_write_json(run_dir / EVAL, result)
 
 
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete what a process killed while writing left behind: temporary files of atomic writes in the run folder
+    and its adapter / snapshot folders, and half-written model folders (``.model.*``). Returns what was removed."""
+    import shutil
+
+    from ..files import stale_temporary_files
+
+    removed = []
+    folders = [run_dir, run_dir / ADAPTER, *sorted((run_dir / SNAPSHOTS).glob("step-*"))]
+    for folder in folders:
+        if folder.is_dir():
+            for path in stale_temporary_files(folder):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    for path in run_dir.glob(f".{MODEL}.*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def samples_file(run_dir: Path, when: str) -> Path:
     return run_dir / ("samples.jsonl" if when == "after" else f"samples-{when}.jsonl")
 

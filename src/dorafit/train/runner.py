@@ -9,6 +9,9 @@
       Run.finish       the adapter (or model), the evaluation after training, eval.json, the loss plot
 
 A resumed run may raise ``--steps`` / ``--epochs`` beyond where it ended (see :func:`resume_config`).
+
+Ctrl-C (SIGINT) or SIGTERM during the steps of a one-process run finishes the current step, writes a checkpoint,
+prints the command that continues the run and exits with 130 / 143; a second signal stops at once.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -27,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..files import check_writable
 from ..inject import adapter_state_dict, trainable_parameter_count
 from ..io import save_adapter
 from . import checkpoint, distributed, loop, rundir
@@ -120,7 +125,9 @@ def plan_run(cfg: TrainConfig, explicit: dict, world_size: int, held: contextlib
         if (run_dir / rundir.CONFIG).exists():
             raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                              "or choose another --out")
+    check_writable(run_dir)  # now, not at the first checkpoint
     held.enter_context(rundir.locked(run_dir))  # a ValueError if another process trains it
+    rundir.remove_leftovers(run_dir)  # of a process killed while writing (we hold the lock: nobody else writes)
     before = _read_json(run_dir / rundir.EVAL).get("before")
     extended = resuming and any(name in explicit for name in RESUME_MAY_EXTEND)
     plan = Plan(cfg, run_dir, resuming, resuming and checkpoint.exists(run_dir), before, extended)
@@ -138,6 +145,34 @@ def report_if_complete(run_dir: Path, total: int | None) -> bool:
           f"with: dorafit eval {run_dir}; train it further with: dorafit train --resume {run_dir} --steps N "
           f"(N > {done})", flush=True)
     return True
+
+
+# ---- stopping on a signal ---------------------------------------------------------------------------------------
+class Stopped(Exception):
+    """A signal asked the run to stop; the step in progress was finished and checkpointed."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.step = signum, step
+
+
+@contextlib.contextmanager
+def stop_on_signals(requested: list):
+    """SIGINT and SIGTERM append their number to ``requested`` (the loop stops after the current step); a second
+    one raises KeyboardInterrupt at once."""
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        print(f"\n{signal.Signals(signum).name}: finishing the current step and writing a checkpoint (send it again "
+              "to stop at once)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
@@ -162,13 +197,21 @@ class Run:
             if self.cfg.save_every else []
         if self.cfg.save_every and state.step == 0:
             self.snapshot(0)
+        self.stop_requested: list = []
+        signals = stop_on_signals(self.stop_requested) if not self.group.several else contextlib.nullcontext()
         try:
-            loop.run(self.model, self.task, self.optimizer, self.scheduler, state, self.total, seed=self.cfg.seed,
-                     batch_size=self.cfg.batch_size, grad_accum=self.cfg.grad_accum,
-                     max_grad_norm=self.cfg.max_grad_norm, device=self.setup.device, after_step=self.after_step,
-                     progress=self.progress, group=self.group)
+            with signals:
+                loop.run(self.model, self.task, self.optimizer, self.scheduler, state, self.total, seed=self.cfg.seed,
+                         batch_size=self.cfg.batch_size, grad_accum=self.cfg.grad_accum,
+                         max_grad_norm=self.cfg.max_grad_norm, device=self.setup.device, after_step=self.after_step,
+                         progress=self.progress, group=self.group)
         except loop.NonFiniteLoss as exc:
             return self.stop_non_finite(exc, state)
+        except Stopped as stop:
+            print(f"stopped by {stop} after step {stop.step} of {self.total}; the checkpoint is in "
+                  f"{self.run_dir / checkpoint.FILE}. Continue with: dorafit train --resume {self.run_dir}",
+                  file=sys.stderr, flush=True)
+            return 128 + stop.signum
         finally:
             self.log.close()
         return self.finish(state)
@@ -184,8 +227,8 @@ class Run:
                                       self.cfg.epochs, self.cfg.steps)
         self.warmup = loop.warmup_steps(self.cfg.warmup, self.total)
         if self.plan.resuming and self.plan.has_checkpoint:
-            done = checkpoint.step_of(self.run_dir)
-            if isinstance(done, int) and self.total < done:
+            done = group.on_main(lambda: checkpoint.read(self.run_dir)[0]["step"])  # verified: a damaged one stops
+            if self.total < done:
                 raise ValueError(f"{self.run_dir} has trained {done} steps; --steps / --epochs may raise its length "
                                  f"on resume, not lower it below that (asked for {self.total} steps)")
             if done == self.total and group.on_main(lambda: report_if_complete(self.run_dir, self.total)):
@@ -252,7 +295,8 @@ class Run:
         cfg, done = self.cfg, state.step == self.total
         if cfg.save_every and (state.step % cfg.save_every == 0 or done):
             self.snapshot(state.step)  # before the checkpoint: a run killed between the two repeats this step
-        at_checkpoint = state.step % cfg.checkpoint_every == 0 or done
+        stopping = bool(self.stop_requested) and not done
+        at_checkpoint = state.step % cfg.checkpoint_every == 0 or done or stopping
         if at_checkpoint:
             checkpoint.save(self.run_dir, self.model, self.optimizer, self.scheduler, state.step, state.seconds,
                             state.metrics, self.group)
@@ -260,6 +304,8 @@ class Run:
         window = max(1, self.total // 20)
         if not self.progress and (state.step % window == 0 or done):
             self.say(progress_line(state, self.total, window))  # no progress bar (not a terminal): a log line
+        if stopping:
+            raise Stopped(self.stop_requested[0], state.step)
 
     def stop_non_finite(self, exc: loop.NonFiniteLoss, state: loop.LoopState) -> int:
         if not self.group.is_main:

@@ -145,7 +145,8 @@ def format_metrics(result: dict, before: dict | None, metrics: tuple[str, ...], 
             if was.get(metric) is not None:
                 part += f" (before {was[metric]:.4f})"
             parts.append(part)
-        lines.append(f"  {name:<16} " + "  ".join(parts) + f"  (n={values['n']})")
+        count = f"({values['correct']}/{values['n']})" if "correct" in values else f"(n={values['n']})"
+        lines.append(f"  {name:<16} " + "  ".join(parts) + f"  {count}")
     if average and len(result["tasks"]) > 1:
         was = f"  (before {before['average']:.4f})" if before and before.get("average") is not None else ""
         lines.append(f"  {'average':<16} {average} {result['average']:.4f}{was}")

@@ -8,7 +8,9 @@ seeded permutation (``split_seed``), so every run tests on the same examples.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -53,8 +55,29 @@ def _data(name, labels, train, test, **defaults) -> TaskData:
 
 
 # ---- files -----------------------------------------------------------------------------------------------------
+def utf8_lines(path: Path, encoding: str = "utf-8") -> list[str]:
+    """The file's lines (a UTF-8 byte-order mark dropped, as spreadsheets write one); a DataError naming the line
+    and column of a byte that is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    if encoding != "utf-8":
+        return data.decode(encoding).splitlines(keepends=True)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = data.splitlines(keepends=True)
+    for number, raw in enumerate(lines, 1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: line {number}, column {exc.start + 1}: byte 0x{raw[exc.start]:02x} is not UTF-8 "
+                            "text; save the file as UTF-8") from None
+    return [raw.decode("utf-8") for raw in lines]
+
+
 def _read_csv(path: Path, text_col: str, label_col: str, encoding: str = "utf-8") -> list[tuple[str, str]]:
-    with open(path, newline="", encoding=encoding) as f:
+    with io.StringIO("".join(utf8_lines(path, encoding)), newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         for col in (text_col, label_col):
@@ -78,35 +101,38 @@ def _read_csv(path: Path, text_col: str, label_col: str, encoding: str = "utf-8"
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, str]]:
-    rows = []
+    rows, kinds = [], {}
     for number, record, line in jsonl_records(path):
         if "text" not in record or "label" not in record:
             raise DataError(f"{path}: line {number}: expected an object with \"text\" and \"label\": {clip(line)}")
-        if not isinstance(record["text"], str) or isinstance(record["label"], (dict, list, type(None))):
+        label = record["label"]
+        if not isinstance(record["text"], str) or isinstance(label, (dict, list, type(None))):
             raise DataError(f"{path}: line {number}: \"text\" must be a string and \"label\" a string or number: "
                             f"{clip(line)}")
-        rows.append((record["text"], str(record["label"])))
+        kind = "true/false" if isinstance(label, bool) else "a number" if isinstance(label, (int, float)) else "text"
+        kinds.setdefault(kind, number)
+        if len(kinds) > 1:
+            other, at = next((k, n) for k, n in kinds.items() if k != kind)
+            raise DataError(f"{path}: line {number}: the label {label!r} is {kind}, but the label on line {at} is "
+                            f"{other}; write every label the same way (e.g. all as strings)")
+        rows.append((record["text"], json.dumps(label) if isinstance(label, bool) else str(label)))
     return rows
 
 
 def jsonl_records(path: Path):
     """(line number, object, line) for every non-blank line of a JSON Lines file; DataError on a bad line."""
     count = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg}): {clip(line)}") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}: line {number}: expected a JSON object: {clip(line)}")
-                count += 1
-                yield number, record, line
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    for number, line in enumerate(utf8_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg}): {clip(line)}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {number}: expected a JSON object: {clip(line)}")
+        count += 1
+        yield number, record, line
     if not count:
         raise DataError(f"{path}: no examples")
 
@@ -115,22 +141,31 @@ def read_text_label_file(path: Path) -> list[tuple[str, str]]:
     """(text, label string) rows of a .jsonl or .csv file."""
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    try:
-        if path.suffix.lower() == ".jsonl":
-            return _read_jsonl(path)
-        if path.suffix.lower() == ".csv":
-            return _read_csv(path, text_col="text", label_col="label")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    if path.suffix.lower() == ".jsonl":
+        return canonical_labels(_read_jsonl(path))
+    if path.suffix.lower() == ".csv":
+        return canonical_labels(_read_csv(path, text_col="text", label_col="label"))
     raise DataError(f"data file {path} must end in .jsonl or .csv")
 
 
+def canonical_labels(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Labels that are all numbers written alike: ``0``, ``0.0`` and ``00`` are one class ``0``, ``2.50`` is ``2.5``."""
+    try:
+        values = [float(label) for _, label in rows]
+    except ValueError:
+        return rows  # text labels stay as they are
+    if not all(math.isfinite(v) for v in values):
+        return rows
+    return [(text, str(int(v)) if v.is_integer() else repr(v)) for (text, _), v in zip(rows, values)]
+
+
 def _label_names(raw_labels: list[str]) -> list[str]:
-    """Distinct labels, in numeric order if all are integers, else alphabetical."""
+    """Distinct labels, in numeric order if all are numbers, else alphabetical."""
     distinct = set(raw_labels)
-    if all(s.lstrip("-").isdigit() for s in distinct):
-        return sorted(distinct, key=int)
-    return sorted(distinct)
+    try:
+        return sorted(distinct, key=float)
+    except ValueError:
+        return sorted(distinct)
 
 
 def load_file(path: Path, eval_file: str | None, test_size: float, split_seed: int) -> TaskData:
@@ -143,6 +178,11 @@ def load_file(path: Path, eval_file: str | None, test_size: float, split_seed: i
             raise DataError(f"{eval_file}: label(s) {', '.join(unseen)} do not occur in the training file {path}")
     else:
         train_rows, test_rows = seeded_split(rows, test_size, split_seed)
+        untrained = sorted({lab for _, lab in test_rows} - {lab for _, lab in train_rows})
+        if untrained:
+            raise DataError(f"{path}: label(s) {', '.join(untrained)} occur only in the held-out --test-size part "
+                            "(too few examples), so they could never be learnt; add examples of them, raise "
+                            "--test-size, or give an --eval-file")
     if len(labels) < 2:
         raise DataError(f"{path}: a classification task needs at least 2 labels, found {labels}")
     index = {lab: i for i, lab in enumerate(labels)}
