@@ -2,7 +2,7 @@
 statistics, and writing results (JSON + Markdown) with the machine they ran on.
 
 Runs go to ``runs/experiments/<experiment>/<run>/`` (git-ignored) through dorafit's own training tool
-(:func:`dorafit.train.run.train`); a run whose folder already holds a finished ``eval.json`` is read back instead
+(:func:`dorafit.train.runner.train`); a run whose folder already holds a finished ``eval.json`` is read back instead
 of trained again, so an interrupted experiment continues where it stopped. Every run uses one torch thread: the
 machine has 2 cores shared with other work, where two threads per process thrash (measured: 4.5 s vs 0.7 s per
 MiniLM step under load).
@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from dorafit.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
-from dorafit.train.data import load_task  # noqa: E402
 from dorafit.train.options import TrainConfig  # noqa: E402
+from dorafit.train.tasks import task_type  # noqa: E402
 
 RUNS = ROOT / "runs" / "experiments"
 RESULTS = ROOT / "experiments" / "results"
@@ -74,7 +74,7 @@ def finished(folder: Path) -> dict | None:
 
 def train_run(experiment: str, name: str, **options) -> dict:
     """Train (or read back) one run; returns its eval.json plus ``wall_seconds``, ``config`` and ``folder``."""
-    from dorafit.train.run import train
+    from dorafit.train.runner import train
 
     folder = RUNS / experiment / name
     options = {"eval_before": False, "threads": THREADS, "checkpoint_every": 10_000, **options}
@@ -118,11 +118,12 @@ def validation_files(task: str, n_val: int, seed: int = 0) -> tuple[str, str]:
     folder = RUNS / "data" / f"{task}-val{n_val}-seed{seed}"
     train_path, val_path = folder / "train.jsonl", folder / "val.jsonl"
     if not val_path.is_file():
-        data = load_task(task)
+        data = task_type(task).load_data(task, TrainConfig(task=task))
         rows = list(data.train)
         random.Random(seed).shuffle(rows)
+        labels = data.extra["labels"]
         write = lambda path, part: atomic_write_text(  # noqa: E731
-            path, "".join(json.dumps({"text": t, "label": data.labels[y]}) + "\n" for t, y in part))
+            path, "".join(json.dumps({"text": t, "label": labels[y]}) + "\n" for t, y in part))
         write(train_path, rows[n_val:])
         write(val_path, rows[:n_val])
     return str(train_path), str(val_path)

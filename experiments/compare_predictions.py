@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from dorafit.train.evaluate import choice_scores, limited  # noqa: E402
-from dorafit.train.run import load_trained  # noqa: E402
+from dorafit.train.setup import load_trained  # noqa: E402
+from dorafit.train.tasks.base import limited  # noqa: E402
 
 
 @torch.no_grad()
@@ -35,12 +35,12 @@ def predictions(run: str, eval_limit: int | None) -> dict[str, tuple[list, list,
     limit = eval_limit if eval_limit is not None else setup.cfg.eval_limit
     for name, examples in task.data.test_sets().items():
         examples = limited(examples, limit)
-        if task.kind == "classification":
+        if hasattr(task, "predict"):  # a classifier
             logits = torch.cat([task.predict(setup.model, [t for t, _ in examples[i:i + 64]], setup.device)
                                 for i in range(0, len(examples), 64)])
             out[name] = (logits.argmax(-1).tolist(), [y for _, y in examples], logits)
         else:
-            scored = choice_scores(task, setup.model, examples, setup.device, batch_size=8)
+            scored = task.choice_scores(setup.model, examples, setup.device, batch_size=8)
             out[name] = ([c[max(range(len(s)), key=s.__getitem__)] for c, s in scored],
                          [r["answer"] for r in examples], torch.tensor([x for _, s in scored for x in s]))
     return out

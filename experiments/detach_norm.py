@@ -81,17 +81,17 @@ def measure(variant: str, batch: int, tokens: int) -> dict:
 
     from dorafit.bench.measure import SavedTensorCounter, model_storages
     from dorafit.train.options import TrainConfig
-    from dorafit.train.run import prepare
+    from dorafit.train.setup import prepare
 
     torch.set_num_threads(THREADS)
     setup = prepare(TrainConfig(task="tweets", max_length=tokens, **MEMORY_VARIANTS[variant]))
     model, task = setup.model, setup.task
     if variant.startswith("dense_") and not use_dense_norm(model):
         raise RuntimeError("no DoRA layer to give a dense norm")
-    texts = [t for t, _ in setup.data.test[:batch]]
+    texts = [t for t, _ in setup.data.test["tweets"][:batch]]
     inputs = dict(setup.loaded.tokenizer(texts, padding="max_length", truncation=True, max_length=tokens,
                                          return_tensors="pt"))
-    inputs["labels"] = torch.tensor([y for _, y in setup.data.test[:batch]])
+    inputs["labels"] = torch.tensor([y for _, y in setup.data.test["tweets"][:batch]])
     model.train()
 
     def step(counter: SavedTensorCounter | None) -> None:

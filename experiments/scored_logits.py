@@ -25,14 +25,15 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from dorafit.files import atomic_write_json, atomic_write_text  # noqa: E402
 from dorafit.train.options import TrainConfig  # noqa: E402
-from dorafit.train.run import prepare  # noqa: E402
+from dorafit.train.setup import prepare  # noqa: E402
+from dorafit.train.tasks.lm import causal_lm_loss  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 
 
-def timed_step(task, model, batch) -> tuple[float, float]:
+def timed_step(model, batch, all_positions: bool) -> tuple[float, float]:
     started = time.perf_counter()
-    loss = task.loss(model, batch)
+    loss = causal_lm_loss(model, batch, all_positions)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - started, float(loss.detach())
@@ -50,16 +51,15 @@ def main() -> None:
     task, model = setup.task, setup.model
     model.train()
     scored = task.batch(task.train[: args.batch])
-    everywhere = {**scored, "keep": torch.tensor(0)}
     batch, width = scored["input_ids"].shape
-    keep = int(scored["keep"])
+    keep = width - int((scored["labels"] != -100).any(0).nonzero()[0]) + 1
     vocab = model.get_output_embeddings().weight.shape[0]
-    timed_step(task, model, scored)  # warm-up
+    timed_step(model, scored, False)  # warm-up
     times = {"scored": [], "all": []}
     losses = {}
     for _ in range(args.reps):
-        for name, b in (("scored", scored), ("all", everywhere)):
-            seconds, losses[name] = timed_step(task, model, b)
+        for name, everywhere in (("scored", False), ("all", True)):
+            seconds, losses[name] = timed_step(model, scored, everywhere)
             times[name].append(seconds)
     result = {
         "model": args.model, "batch": batch, "tokens_per_example": width, "scored_positions": keep, "vocab": vocab,

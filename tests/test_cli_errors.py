@@ -6,15 +6,7 @@ import json
 
 import pytest
 
-from .cli_support import assets, read_jsonl, run_cli  # noqa: F401 (fixture)
-
-
-def fails(*argv) -> str:
-    code, out, err = run_cli(*argv)
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+from .cli_support import assets, fails, read_jsonl, run_cli  # noqa: F401 (fixture)
 
 
 def test_unknown_model_preset_lists_presets(tmp_path):

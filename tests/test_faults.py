@@ -20,17 +20,9 @@ from safetensors.torch import load_file
 
 from dorafit.train import checkpoint
 
-from .cli_support import assets, read_jsonl, run_cli  # noqa: F401 (fixture)
+from .cli_support import assets, fails, read_jsonl, run_cli  # noqa: F401 (fixture)
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def fails(*argv) -> str:
-    code, out, err = run_cli(*argv)
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -10,15 +10,7 @@ import pytest
 from dorafit.train.options import FIELDS, ADAPTER_OPTIONS, TrainConfig, adapter_config, adapter_options, validate
 from dorafit.config import AdapterConfig
 
-from .cli_support import assets, read_jsonl, run_cli  # noqa: F401 (fixture)
-
-
-def fails(*argv) -> str:
-    code, out, err = run_cli(*argv)
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+from .cli_support import assets, fails, read_jsonl, run_cli  # noqa: F401 (fixture)
 
 
 # (option, bad value, expected message part) - every option with choices or a range

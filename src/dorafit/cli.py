@@ -13,7 +13,7 @@ import sys
 import threading
 
 # sub-command modules under dorafit.commands, in the order `dorafit --help` lists them
-COMMANDS = ("train", "eval", "generate", "chat", "merge", "export", "analyze", "bench")
+COMMANDS = ("train", "eval", "generate", "chat", "serve", "merge", "export", "analyze", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

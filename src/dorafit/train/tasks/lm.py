@@ -29,15 +29,16 @@ def alpaca_prompt(instruction: str, input: str | None = None) -> str:
     return ALPACA_PROMPT.format(instruction=instruction)
 
 
-def token_losses(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def token_losses(model, batch: dict[str, Tensor], all_positions: bool = False) -> tuple[Tensor, Tensor]:
     """(per-token negative log-likelihoods [B, K-1], mask of the labelled ones) for a left-padded batch.
 
-    Position t predicts token t+1, so the logits needed are those from one before the first labelled column on.
+    Position t predicts token t+1, so the logits needed are those from one before the first labelled column on
+    (``all_positions``: at every position, for comparison).
     """
     labels = batch["labels"]  # (B, T), -100 where not trained
     width = labels.shape[1]
     labelled = (labels != -100).any(0).nonzero()
-    first = max(1, int(labelled[0])) if len(labelled) else width - 1
+    first = max(1, int(labelled[0])) if len(labelled) and not all_positions else 1
     keep = width - first + 1
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], logits_to_keep=keep)
@@ -48,9 +49,9 @@ def token_losses(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return nll, targets != -100
 
 
-def causal_lm_loss(model, batch: dict[str, Tensor]) -> Tensor:
+def causal_lm_loss(model, batch: dict[str, Tensor], all_positions: bool = False) -> Tensor:
     """Mean next-token cross-entropy over the labelled tokens of the batch."""
-    nll, mask = token_losses(model, batch)
+    nll, mask = token_losses(model, batch, all_positions)
     return nll.sum() / mask.sum().clamp(min=1)
 
 

@@ -1,0 +1,285 @@
+"""The OpenAI-compatible HTTP API of ``dorafit serve`` (FastAPI), in front of the batching :class:`Engine`.
+
+    GET  /v1/models             the base model and every adapter, by name
+    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
+    POST /v1/chat/completions   {"model", "messages", ...}: rendered by the adapter's chat template
+    GET  /health                {"status": "ok", "active", "waiting", "decode_steps"}
+
+The request's ``model`` picks the adapter (the base model's name: no adapter). ``"stream": true`` answers with
+server-sent events (``data: {chunk}``, then ``data: [DONE]``) whose text pieces concatenate to the whole answer.
+Bad requests get OpenAI's error body ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status (404 for
+an unknown model, 400 for an invalid parameter or a prompt longer than the context); the server stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..chat_format import ChatFormat, ChatFormatError
+from ..generation import SamplingOptions
+from .engine import Engine, Request
+
+MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Served:
+    """What the server serves: one engine over one model, and the names it answers to with their chat formats."""
+
+    engine: Engine
+    base_name: str
+    formats: dict[str, ChatFormat]  # model name (base or adapter) -> how its chats are rendered
+    adapters: dict[str, str]  # adapter name -> where it was loaded from
+    max_new_tokens: int = 256  # a request's max_tokens when it gives none
+
+    def adapter_of(self, model) -> str | None:
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "'model' is required: the base model's or an adapter's name (see GET /v1/models)",
+                           "model", "missing_model")
+        if model == self.base_name:
+            return None
+        if model not in self.adapters:
+            known = ", ".join([self.base_name, *self.adapters])
+            raise ApiError(404, f"The model '{model}' does not exist; this server has: {known}", "model",
+                           "model_not_found")
+        return model
+
+
+# ---- request parsing ------------------------------------------------------------------------------------------
+def _number(body: dict, name: str, default, low=None, high=None, integer=False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if ok and (low is not None and value < low or high is not None and value > high):
+        ok = False
+    if not ok:
+        what = "an integer" if integer else "a number"
+        bounds = f" from {low} to {high}" if high is not None else f" >= {low}" if low is not None else ""
+        raise ApiError(400, f"'{name}' must be {what}{bounds}, got {value!r}", name, "invalid_value")
+    return value
+
+
+def sampling(body: dict, default_max_tokens: int) -> tuple[SamplingOptions, list[str]]:
+    """The request's sampling options and stop strings, each checked (400 naming the parameter)."""
+    if _number(body, "n", 1, 1, 1, integer=True) != 1:
+        raise ApiError(400, "only n = 1 is supported", "n", "invalid_value")
+    max_tokens = _number(body, "max_tokens", None, 1, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_completion_tokens", default_max_tokens, 1, integer=True)
+    temperature = _number(body, "temperature", 1.0, 0, MAX_TEMPERATURE)
+    top_p = _number(body, "top_p", 1.0, 0, 1)
+    if top_p == 0:
+        raise ApiError(400, "'top_p' must be above 0", "top_p", "invalid_value")
+    seed = _number(body, "seed", None, 0, integer=True)
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop", "invalid_value")
+    return SamplingOptions(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+                           seed=seed), stop
+
+
+def chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages",
+                       "invalid_value")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # OpenAI's content parts: the text parts, joined
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}] must be an object with a string 'role' and 'content'",
+                           f"messages[{i}]", "invalid_value")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+# ---- generation and answers -----------------------------------------------------------------------------------
+class Generation:
+    """One request in flight: tokens arrive from the engine thread into an asyncio queue."""
+
+    def __init__(self, served: Served, prompt: list[int], adapter: str | None, options: SamplingOptions,
+                 stop: list[str]):
+        context = served.engine.context
+        if context and len(prompt) >= context:
+            raise ApiError(400, f"This model's context is {context} tokens; the prompt has {len(prompt)}. Shorten it.",
+                           "messages", "context_length_exceeded")
+        self.served, self.prompt, self.stop = served, prompt, stop
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.request = Request(prompt, adapter, options, stop, self._on_token)
+        served.engine.submit(self.request)
+
+    def _on_token(self, token, reason) -> None:  # called by the engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason))
+
+    def cancel(self) -> None:
+        self.request.cancelled = True
+
+    def text(self) -> str:
+        """The text so far, cut at the first stop string."""
+        text = self.served.engine.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cuts = [text.find(s) for s in self.stop if s in text]
+        return text[: min(cuts)] if cuts else text
+
+    async def pieces(self):
+        """Text pieces as tokens arrive (held back while they might be the start of a stop string or an
+        incomplete character); the pieces concatenate to :meth:`text`. Sets ``finish_reason`` at the end."""
+        sent = 0
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        while True:
+            token, reason = await self.queue.get()
+            if reason is not None:
+                self.finish_reason = reason
+                rest = self.text()[sent:]
+                if rest:
+                    yield rest
+                return
+            self.tokens.append(token)
+            text = self.text()
+            ready = len(text) - hold if self.stop else len(text)
+            while ready > sent and text[ready - 1] == "\ufffd":  # a character still being decoded
+                ready -= 1
+            if ready > sent:
+                yield text[sent:ready]
+                sent = ready
+
+    async def whole(self) -> str:
+        async for _ in self.pieces():
+            pass
+        return self.text()
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
+                "total_tokens": len(self.prompt) + len(self.tokens)}
+
+
+def _reason(reason: str | None) -> str:
+    return {"stop": "stop", "length": "length"}.get(reason, reason or "stop")
+
+
+def create_app(served: Served):
+    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI(title="dorafit serve", version="1")
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def read_json(http: HttpRequest) -> dict:
+        try:
+            body = await http.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            raise ApiError(400, "the request body is not valid JSON", None, "invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+        return body
+
+    @app.get("/health")
+    async def health():
+        engine = served.engine
+        status = "error" if engine.error else "ok"
+        return {"status": status, **engine.load(), **({"error": str(engine.error)} if engine.error else {})}
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(time.time())
+        data = [{"id": served.base_name, "object": "model", "created": created, "owned_by": "dorafit"}]
+        data += [{"id": name, "object": "model", "created": created, "owned_by": "dorafit",
+                  "parent": served.base_name, "root": source} for name, source in served.adapters.items()]
+        return {"object": "list", "data": data}
+
+    def stream(gen: Generation, http: HttpRequest, chunk) -> StreamingResponse:
+        async def events():
+            try:
+                first = chunk(None, None, start=True)
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+                async for piece in gen.pieces():
+                    if await http.is_disconnected():
+                        gen.cancel()
+                        return
+                    yield f"data: {json.dumps(chunk(piece, None))}\n\n"
+                yield f"data: {json.dumps(chunk('', _reason(gen.finish_reason)))}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                if gen.finish_reason is None:
+                    gen.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest):
+        body = await read_json(http)
+        adapter = served.adapter_of(body.get("model"))
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string", "prompt", "invalid_value")
+        options, stop = sampling(body, served.max_new_tokens)
+        ids = served.engine.tokenizer(prompt)["input_ids"]
+        gen = Generation(served, ids, adapter, options, stop)
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(text, reason, start=False):
+            if start:
+                return None
+            return {"id": rid, "object": "text_completion", "created": created, "model": body["model"],
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+
+        if body.get("stream"):
+            return stream(gen, http, chunk)
+        text = await gen.whole()
+        answer = chunk(text, _reason(gen.finish_reason))
+        answer["usage"] = gen.usage()
+        return answer
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest):
+        body = await read_json(http)
+        adapter = served.adapter_of(body.get("model"))
+        messages = chat_messages(body)
+        options, stop = sampling(body, served.max_new_tokens)
+        try:
+            ids = served.formats[body["model"]].prompt_ids(messages)
+        except ChatFormatError as exc:
+            raise ApiError(400, str(exc), "messages", "invalid_value") from None
+        gen = Generation(served, ids, adapter, options, stop)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(text, reason, start=False):
+            delta = {"role": "assistant", "content": ""} if start else ({"content": text} if text else {})
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body["model"],
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": None if start else reason}]}
+
+        if body.get("stream"):
+            return stream(gen, http, chunk)
+        text = await gen.whole()
+        return {"id": rid, "object": "chat.completion", "created": created, "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": _reason(gen.finish_reason)}],
+                "usage": gen.usage()}
+
+    return app

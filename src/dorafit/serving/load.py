@@ -1,0 +1,75 @@
+"""The served model: a base causal LM with named adapters, each with the chat format it was trained with."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..chat_format import ChatFormat
+from ..multi import load_named_adapter
+from ..train import rundir
+from ..train.models import load_causal_lm, resolve_model
+from ..train.setup import stored_config
+from ..train.tasks import by_kind
+from .api import Served
+from .engine import Engine
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def parse_adapter_option(text: str) -> tuple[str, Path]:
+    """``NAME=DIR`` of ``--adapter``."""
+    name, sep, path = text.partition("=")
+    if not sep or not NAME.match(name) or not path:
+        raise ValueError(f"--adapter {text!r}: expected NAME=DIR, NAME of letters, digits and . _ : / - (e.g. "
+                         "--adapter headlines=runs/headlines)")
+    return name, Path(path).expanduser()
+
+
+def base_name_of(spec: str) -> str:
+    """How clients name the base model: a preset's name, or the folder's name."""
+    return Path(spec).name or spec
+
+
+def _adapter_source(name: str, path: Path, base_folder: Path, tokenizer, base_format: ChatFormat):
+    """(adapter folder, chat format) of a run folder or an adapter folder."""
+    if rundir.is_run_folder(path):
+        cfg, resolved = stored_config(path)
+        task_cls = by_kind(resolved.get("kind", "classification"))
+        if cfg.method == "full":
+            raise ValueError(f"--adapter {name}={path}: a full fine-tuning run has no adapter; serve its model "
+                             f"folder with --model {path / rundir.MODEL}")
+        if not task_cls.generative:
+            raise ValueError(f"--adapter {name}={path}: a {task_cls.kind} run, not a generative one")
+        if resolve_model(cfg.model) != base_folder:
+            raise ValueError(f"--adapter {name}={path} was trained on {cfg.model}, not on the served base model "
+                             f"{base_folder}")
+        return path / rundir.ADAPTER, task_cls.chat_format(tokenizer, resolved)
+    if (path / "adapter_config.json").is_file():
+        return path, base_format
+    raise ValueError(f"--adapter {name}={path}: neither a run folder of dorafit train nor an adapter folder")
+
+
+def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: str = "float32",
+                 max_batch_size: int = 8, max_new_tokens: int = 256) -> Served:
+    base_folder = resolve_model(model)
+    loaded = load_causal_lm(base_folder)
+    tokenizer = loaded.tokenizer
+    base_format = (ChatFormat(tokenizer, "model", tokenizer.chat_template) if tokenizer.chat_template
+                   else ChatFormat.choose(tokenizer, "plain"))
+    base_name = base_name_of(model)
+    formats, sources = {base_name: base_format}, {}
+    net = loaded.model.to(device=device, dtype=DTYPES[dtype]).eval()
+    for text in adapters:
+        name, path = parse_adapter_option(text)
+        if name == base_name or name in sources:
+            raise ValueError(f"--adapter {name}: the name is taken (the base model is {base_name!r}); give each "
+                             "adapter its own name")
+        folder, fmt = _adapter_source(name, path, base_folder, tokenizer, base_format)
+        load_named_adapter(net, folder, name)
+        formats[name], sources[name] = fmt, str(path)
+    engine = Engine(net, tokenizer, max_batch_size=max_batch_size)
+    return Served(engine, base_name, formats, sources, max_new_tokens)
