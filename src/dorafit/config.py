@@ -19,6 +19,7 @@ DECOMPOSED_METHODS = ("dora", "dvora")
 #: the directional update each method uses
 UPDATE_OF_METHOD = {"lora": "lora", "dora": "lora", "vera": "vera", "dvora": "vera"}
 INITS = ("kaiming", "gaussian")
+MAGNITUDE_GRADS = ("save", "recompute")
 
 
 @dataclass
@@ -42,6 +43,16 @@ class AdapterConfig:
     """dropout on the adapter input: y = (m/n) * (W0 x + dW dropout(x)) + b (no effect on embeddings)."""
     detach_norm: bool = True
     """treat the norm ||W0 + dW|| as a constant in backward (paper section 4.3); False: full gradient (eqs. 6-7)."""
+    magnitude_grad: str = "save"
+    """dora/dvora/magnitude-only: what the magnitude's gradient dL/dm_j = sum_tokens(g_j * pre_j) / n_j (paper
+    eq. 7; pre = W0 x + dW x, the layer output before the magnitude, without bias) keeps from forward to
+    backward. 'save': the layer's output y = (m/n) pre + b, one [tokens, out] tensor per layer, which costs no
+    memory where the next operation keeps y anyway (attention's v, a gated MLP's up, GELU's input) and one
+    [tokens, out] tensor more than LoRA elsewhere; no extra time. 'recompute': nothing beyond what LoRA keeps;
+    backward computes pre = W0 x + P (Q x) again, without grad, from the input LoRA keeps anyway (one more
+    forward product of the layer per step). Both are exact. Under torch.compile (or inside activation
+    checkpointing) the compiler (or the checkpoint) decides what is kept, and 'recompute' has no effect.
+    See benchmarks/README.md for what each costs."""
     init: str = "kaiming"
     """init of lora_A: 'kaiming' (uniform, like nn.Linear) or 'gaussian' (normal, std 1/r); lora_B starts at 0."""
     extra_trainable: list[str] = field(default_factory=list)
@@ -62,6 +73,8 @@ class AdapterConfig:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.magnitude_grad not in MAGNITUDE_GRADS:
+            raise ValueError(f"unknown magnitude_grad {self.magnitude_grad!r}; choose one of {', '.join(MAGNITUDE_GRADS)}")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.magnitude_only is not None and not self.decomposed:
