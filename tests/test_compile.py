@@ -131,4 +131,7 @@ def test_compiled_equals_eager_and_caches_follow_updates(case):
                 torch.testing.assert_close(eager(input_ids=ids).logits, expected, **tol, msg=change.__name__)
                 torch.testing.assert_close(compiled(input_ids=ids).logits, expected, **tol, msg=change.__name__)
                 before = expected
+            # another model of the same architecture runs the same compiled graph (the caches are its inputs)
+            again = torch.compile(fresh, backend="aot_eager", fullgraph=True)
+            torch.testing.assert_close(again(input_ids=ids).logits, expected, **tol)
 

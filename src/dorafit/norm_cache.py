@@ -15,7 +15,10 @@ optimizer step). Under ``torch.compiler.is_compiling()`` the lookup goes through
 ``dorafit::squared_row_norms`` and ``dorafit::weight_norm``, which Dynamo and Inductor treat as opaque pure
 functions of their tensor inputs: the graph only says "an [out] vector computed from these tensors", the
 lookup (or the computation on a miss) runs at run time inside the operator, and nothing about the cache is
-guarded. A layer's cache is found from an integer handle (:attr:`NormCache.id`), a constant of the graph.
+guarded. A layer's cache is found from a handle: a 0-dim int64 CPU tensor holding the cache's id
+(:attr:`NormCache.handle`). Being a tensor, it is an input of the graph, not a constant: Dynamo checks only
+its shape and dtype, so two models of the same architecture share one compiled graph (an integer would be
+guarded on its value, and every new model would compile again, up to Dynamo's recompile limit).
 The operators return a copy of the cached vector, so a compiled graph that reuses its output buffer cannot
 change the cache. They are tagged ``cudagraph_unsafe``: a CUDA-graph replay would skip the lookup.
 """
@@ -48,6 +51,7 @@ class NormCache:
 
     def __init__(self) -> None:
         self.id = next(_IDS)
+        self.handle = torch.tensor(self.id, dtype=torch.int64)
         self._entries: dict[str, tuple[tuple, Tensor]] = {}
         _LIVE[self.id] = self
 
@@ -85,22 +89,22 @@ def _weight_norm(cache: NormCache, w0: Tensor, tensors: list[Tensor], update: st
 
 # ---- the same lookups as opaque operators, for compiled graphs -----------------------------------------------
 @torch.library.custom_op("dorafit::squared_row_norms", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
-def _squared_norms_op(w0: Tensor, cache_id: int) -> Tensor:
-    return _squared_norms(_LIVE[cache_id], w0).clone()
+def _squared_norms_op(w0: Tensor, handle: Tensor) -> Tensor:
+    return _squared_norms(_LIVE[int(handle)], w0).clone()
 
 
 @_squared_norms_op.register_fake
-def _(w0: Tensor, cache_id: int) -> Tensor:
+def _(w0: Tensor, handle: Tensor) -> Tensor:
     return w0.new_empty(w0.shape[0], dtype=Fn.norm_dtype(w0.dtype))
 
 
 @torch.library.custom_op("dorafit::weight_norm", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
-def _weight_norm_op(w0: Tensor, tensors: list[Tensor], update: str, scale: float, eps: float, cache_id: int) -> Tensor:
-    return _weight_norm(_LIVE[cache_id], w0, tensors, update, scale, eps).clone()
+def _weight_norm_op(w0: Tensor, tensors: list[Tensor], update: str, scale: float, eps: float, handle: Tensor) -> Tensor:
+    return _weight_norm(_LIVE[int(handle)], w0, tensors, update, scale, eps).clone()
 
 
 @_weight_norm_op.register_fake
-def _(w0: Tensor, tensors: list[Tensor], update: str, scale: float, eps: float, cache_id: int) -> Tensor:
+def _(w0: Tensor, tensors: list[Tensor], update: str, scale: float, eps: float, handle: Tensor) -> Tensor:
     return w0.new_empty(w0.shape[0], dtype=Fn.norm_dtype(w0.dtype))
 
 
@@ -108,7 +112,7 @@ def _(w0: Tensor, tensors: list[Tensor], update: str, scale: float, eps: float, 
 def squared_row_norms(cache: NormCache, w0: Tensor) -> Tensor:
     """``||W0||^2`` per output row of the frozen weight matrix ``w0`` [out, in], memoised (no gradient)."""
     if torch.compiler.is_compiling():
-        return _squared_norms_op(w0.detach(), cache.id)
+        return _squared_norms_op(w0.detach(), cache.handle)
     return _squared_norms(cache, w0)
 
 
@@ -121,5 +125,5 @@ def weight_norm(cache: NormCache, w0: Tensor, tensors: tuple[Tensor, ...], updat
     """
     update = update or "none"
     if torch.compiler.is_compiling():
-        return _weight_norm_op(w0.detach(), [t.detach() for t in tensors], update, scale, eps, cache.id)
+        return _weight_norm_op(w0.detach(), [t.detach() for t in tensors], update, scale, eps, cache.handle)
     return _weight_norm(cache, w0, list(tensors), update, scale, eps)
