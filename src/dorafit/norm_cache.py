@@ -63,7 +63,8 @@ class NormCache:
         key = version_key(*inputs)
         hit = self._entries.get(name)
         if hit is None or hit[0] != key:
-            with torch.no_grad():
+            # a normal tensor even under torch.inference_mode(): a later forward with grad may save it for backward
+            with torch.inference_mode(False), torch.no_grad():
                 hit = (key, compute())
             self._entries[name] = hit
         return hit[1]
