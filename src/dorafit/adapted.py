@@ -117,12 +117,11 @@ class AdaptedLayer:
             return ops.finish(self, x, ops.low_rank(self, x, x_adapter, p, q, with_bias=True))
         pre = self._pre_scale(x, x_adapter, p, q)
         n = self.weight_norm(p, q)
-        recompute = None
-        if st.magnitude_grad == "recompute":  # backward computes pre again instead of keeping y (or pre)
-            recompute, inputs = self._pre_scale, (x, x_adapter, p, q)
+        # "recompute": backward computes pre again from what the low-rank product keeps, instead of keeping y
+        recompute = (self._pre_scale, (x, x_adapter, p, q)) if st.magnitude_grad == "recompute" else (None, ())
         # pre is this forward's own fresh tensor (nothing saved it), so the scale may overwrite it
         y = magnitude_scale(pre, self.magnitude, n, getattr(self, "bias", None), ops.channel_dim, inplace=True,
-                            recompute=recompute, recompute_inputs=inputs if recompute else ())
+                            recompute=recompute[0], recompute_inputs=recompute[1])
         return ops.finish(self, x, y)
 
     def _pre_scale(self, x: Tensor, x_adapter: Tensor, p: Tensor | None, q: Tensor | None) -> Tensor:

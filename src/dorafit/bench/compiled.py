@@ -1,17 +1,20 @@
 """``dorafit bench --sections compile``: eager and ``torch.compile``d models side by side.
 
 Variants: the frozen ``base``, our ``lora`` and ``dora`` (unmerged, norm detached) and ``peft_dora``, each
-run eagerly (``<name>_eager``) and through ``torch.compile(model)`` with its default backend and options
-(``<name>_compiled``; Inductor), as separate models sharing the frozen tensors. Measured per variant:
+run eagerly (``<name>_eager``) and through ``torch.compile`` with its default options and backend (Inductor;
+``--compile-backend`` chooses another) (``<name>_compiled``), as separate models sharing the frozen tensors.
+Here ``base`` multiplies the input embeddings by a trainable scalar (1.0) so that backward runs through every
+layer: the default section's ``enable_input_require_grads`` hook breaks the graph at the embeddings.
+Measured per variant:
 
     training step   forward, loss, backward, AdamW step, zero_grad (as the default section), interleaved
-                    with the other seven; the first step of a compiled variant compiles it (its time is
-                    reported as "compile s" and kept out of the timing)
+                    with the other variants; the first step of a compiled variant compiles it (its time is
+                    reported as "first step s" and kept out of the timing)
     eval forward    eval mode, ``torch.no_grad()``, one forward pass, interleaved the same way
     graphs / breaks ``torch._dynamo.explain`` of the training loss and of the eval forward: how many graphs
                     Dynamo makes and how many graph breaks it hits (1 / 0: the whole model is one graph)
-    recompiled      graphs Dynamo compiled during the timed rounds (should be 0: no recompilation per
-                    layer or per optimizer step)
+    compiled while timed   graphs Dynamo compiled during the variant's timed calls (0: no recompilation
+                    per layer or per optimizer step)
     saved MiB       activations saved for backward in one training step (:class:`SavedTensorCounter`; it
                     also sees what a compiled graph saves)
 
@@ -21,15 +24,18 @@ compiled LoRA eval (<= 1.05), compiled DoRA step / eager DoRA step (<= 0.9), and
 
 from __future__ import annotations
 
+import functools
 import time
+import types
 from typing import Callable
 
 import torch
+from torch import nn
 
 from .measure import interleaved_times, median_ms
-from .models import Workload, build_variant
+from .models import DTYPES, Workload, build_variant, shared_copy
 from .report import _fmt, ratio_table, table_ratios
-from .suite import MIB, Trainer
+from .suite import MIB, Trainer, selected
 
 VARIANTS = ("base", "lora", "dora", "peft_dora")
 # (key, label, section, numerator, denominator, target)
@@ -75,37 +81,83 @@ def _graphs_compiled() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+class _CompileCounter:
+    """Wraps one variant's function; counts the graphs Dynamo compiles during its calls (should stay 0)."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn, self.graphs = fn, 0
+
+    def __call__(self) -> object:
+        before = _graphs_compiled()
+        out = self.fn()
+        self.graphs += _graphs_compiled() - before
+        return out
+
+
 def _timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def run_compiled(workload: Workload, warmup: int, steps: int, inference_steps: int, log: Callable) -> dict:
-    """Every figure of the compile section for one workload, as a JSON-ready dict."""
-    device = workload.spec.device
-    # eight models share the frozen model's code: let Dynamo keep a compiled entry for each of them
+def run_compiled(workload: Workload, warmup: int, steps: int, inference_steps: int, log: Callable,
+                 backend: str = "inductor", variants: tuple[str, ...] | None = None) -> dict:
+    """Every figure of the compile section for one workload, as a JSON-ready dict.
+
+    ``variants``: a subset of lora, dora, peft_dora (``dorafit bench --variants``; the base always runs).
+    """
+    names = selected(VARIANTS, variants)
+    # the models share the frozen model's code (explain, training, eval): let Dynamo keep an entry for each
     with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512):
         torch._dynamo.reset()
-        explained = _explain_all(workload, log)
+        explained = _explain_all(workload, names, log)
         torch._dynamo.reset()  # what explain traced is not reused below
-        train, train_recompiled = _training(workload, warmup, steps, log)
-        evaluation, eval_recompiled = _evaluation(workload, warmup, inference_steps, log)
+        train = _training(workload, names, warmup, steps, log, backend)
+        evaluation = _evaluation(workload, names, warmup, inference_steps, log, backend)
     for name, row in train.items():
         row.update(explained.get(name, {}).get("train", {}))
     for name, row in evaluation.items():
         row.update(explained.get(name, {}).get("eval", {}))
-    result = {"train": train, "eval": evaluation,
-              "graphs_compiled_while_timing": {"train": train_recompiled, "eval": eval_recompiled}}
+    result = {"backend": backend, "train": train, "eval": evaluation}
     result["ratios"] = table_ratios(RATIOS, {"train": train, "eval": evaluation, "saved": train}, FIELDS)
     return result
 
 
-def _explain_all(workload: Workload, log: Callable) -> dict[str, dict]:
+def _build(workload: Workload, name: str) -> nn.Module:
+    """The variant's model; ``base`` with a trainable scalar on its input embeddings (see the module docstring)."""
+    if name != "base":
+        return build_variant(workload, name)
+    model = shared_copy(workload.base)
+    embeddings = model.get_input_embeddings()
+    one = torch.ones((), device=workload.spec.device, dtype=DTYPES[workload.spec.dtype])
+    embeddings.input_scale = nn.Parameter(one)
+    embeddings.register_forward_hook(lambda module, args, out: out * module.input_scale)
+    return model
+
+
+def _call(model: nn.Module, *args, **kwargs):
+    return model(*args, **kwargs)
+
+
+def _compiled(model: nn.Module, name: str, backend: str) -> Callable:
+    """``torch.compile`` of ``model``'s call, through a top-level function of this variant's own.
+
+    Dynamo keeps its compiled entries per code object. Compiling the eight models directly would put all their
+    entries on the one code object of the model class's forward, where a partial graph of one model (PEFT's,
+    which breaks the graph inside its layers) can pass the guards of another model's call and make Dynamo run
+    that model layer by layer. A copy of :func:`_call`'s code named after the variant gives each variant its
+    own entries; the model's own forward is traced into the graph as with ``torch.compile(model)``.
+    """
+    code = _call.__code__.replace(co_name=f"call_{name}", co_qualname=f"call_{name}")
+    call = types.FunctionType(code, _call.__globals__, f"call_{name}")
+    return torch.compile(functools.partial(call, model), backend=backend)
+
+
+def _explain_all(workload: Workload, names: tuple[str, ...], log: Callable) -> dict[str, dict]:
     out: dict[str, dict] = {}
-    for name in VARIANTS:
+    for name in names:
         log(f"  explain (graphs, breaks) of {name}")
-        model = build_variant(workload, name).train()
+        model = _build(workload, name).train()
         out[name + "_compiled"] = {"train": _explain(workload.loss, model, workload.inputs)}
         model.eval()
         with torch.no_grad():
@@ -114,13 +166,15 @@ def _explain_all(workload: Workload, log: Callable) -> dict[str, dict]:
     return out
 
 
-def _training(workload: Workload, warmup: int, steps: int, log: Callable) -> tuple[dict[str, dict], int]:
+def _training(workload: Workload, names: tuple[str, ...], warmup: int, steps: int, log: Callable,
+              backend: str) -> dict[str, dict]:
     trainers: dict[str, Trainer] = {}
     results: dict[str, dict] = {}
-    for name in VARIANTS:
-        trainers[name + "_eager"] = Trainer(workload, name)
-        model = build_variant(workload, name)
-        trainers[name + "_compiled"] = Trainer(workload, name, model=model, call=torch.compile(model))
+    for name in names:
+        trainers[name + "_eager"] = Trainer(workload, name, model=_build(workload, name))
+        model = _build(workload, name)
+        call = _compiled(model, name + "_train", backend)
+        trainers[name + "_compiled"] = Trainer(workload, name, model=model, call=call)
     for name, trainer in trainers.items():
         if name.endswith("_compiled"):
             log(f"  compiling {name} (training)")
@@ -128,15 +182,16 @@ def _training(workload: Workload, warmup: int, steps: int, log: Callable) -> tup
         loss, counter = trainer.counted_step()
         results[name] = {"first_step_s": seconds, "first_loss": loss, "saved_mib": counter.nbytes / MIB}
     log(f"  timing {len(trainers)} training variants: {warmup} warm-up + {steps} timed rounds")
-    before = _graphs_compiled()
-    times = interleaved_times({n: t.step for n, t in trainers.items()}, warmup, steps, workload.spec.device)
-    recompiled = _graphs_compiled() - before
+    counted = {n: _CompileCounter(t.step) for n, t in trainers.items()}
+    times = interleaved_times(counted, warmup, steps, workload.spec.device)
     for name, seconds in times.items():
-        results[name].update(step_ms=median_ms(seconds), step_ms_all=[1e3 * s for s in seconds])
-    return results, recompiled
+        results[name].update(step_ms=median_ms(seconds), step_ms_all=[1e3 * s for s in seconds],
+                             graphs_compiled_while_timing=counted[name].graphs)
+    return results
 
 
-def _evaluation(workload: Workload, warmup: int, steps: int, log: Callable) -> tuple[dict[str, dict], int]:
+def _evaluation(workload: Workload, names: tuple[str, ...], warmup: int, steps: int, log: Callable,
+                backend: str) -> dict[str, dict]:
     def forward(call: Callable) -> Callable[[], object]:
         def run():
             with torch.no_grad():
@@ -146,40 +201,40 @@ def _evaluation(workload: Workload, warmup: int, steps: int, log: Callable) -> t
 
     fns: dict[str, Callable[[], object]] = {}
     results: dict[str, dict] = {}
-    for name in VARIANTS:
-        eager = build_variant(workload, name).eval()
-        compiled = build_variant(workload, name).eval()
-        fns[name + "_eager"], fns[name + "_compiled"] = forward(eager), forward(torch.compile(compiled))
+    for name in names:
+        eager = _build(workload, name).eval()
+        compiled = _build(workload, name).eval()
+        fns[name + "_eager"], fns[name + "_compiled"] = forward(eager), forward(_compiled(compiled, name + "_eval", backend))
     for name, fn in fns.items():
         if name.endswith("_compiled"):
             log(f"  compiling {name} (eval)")
         results[name] = {"first_call_s": _timed(fn)}
     log(f"  timing {len(fns)} eval variants: {warmup} warm-up + {steps} timed rounds")
-    before = _graphs_compiled()
-    times = interleaved_times(fns, warmup, steps, workload.spec.device)
-    recompiled = _graphs_compiled() - before
+    counted = {n: _CompileCounter(fn) for n, fn in fns.items()}
+    times = interleaved_times(counted, warmup, steps, workload.spec.device)
     for name, seconds in times.items():
-        results[name].update(latency_ms=median_ms(seconds), latency_ms_all=[1e3 * s for s in seconds])
-    return results, recompiled
+        results[name].update(latency_ms=median_ms(seconds), latency_ms_all=[1e3 * s for s in seconds],
+                             graphs_compiled_while_timing=counted[name].graphs)
+    return results
 
 
 def markdown(result: dict) -> list[str]:
     """The compile section's tables."""
     train, evaluation = result["train"], result["eval"]
-    lines = ["#### torch.compile (default backend): eager and compiled, side by side", "",
-             "| variant | step ms | first step s | saved MiB | graphs / breaks (training) | eval ms | first eval s "
-             "| graphs / breaks (eval) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"#### torch.compile (backend {result['backend']}): eager and compiled, side by side", "",
+             "| variant | step ms | first step s | saved MiB | graphs / breaks / compiled while timed (training) "
+             "| eval ms | first eval s | graphs / breaks / compiled while timed (eval) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, t in train.items():
         e = evaluation.get(name, {})
         lines.append(
             f"| {name} | {_fmt(t['step_ms'])} | {_fmt(t['first_step_s'])} | {_fmt(t['saved_mib'])} | "
             f"{_graphs(t)} | {_fmt(e.get('latency_ms'))} | {_fmt(e.get('first_call_s'))} | {_graphs(e)} |"
         )
-    recompiled = result["graphs_compiled_while_timing"]
-    lines += ["", f"Graphs compiled during the timed rounds: {recompiled['train']} (training), {recompiled['eval']} "
-              "(eval).", ""]
-    return lines + ratio_table(result["ratios"])
+    return lines + [""] + ratio_table(result["ratios"])
 
 
 def _graphs(row: dict) -> str:
-    return "" if "graphs" not in row else f"{row['graphs']} / {row['graph_breaks']}"
+    if "graphs" not in row:
+        return ""
+    return f"{row['graphs']} / {row['graph_breaks']} / {row['graphs_compiled_while_timing']}"

@@ -152,13 +152,13 @@ SECTIONS = ("standard", "compile", "memory")
 
 def run_workload(spec: WorkloadSpec, warmup: int, steps: int, inference_steps: int, peak_steps: int, threads: int,
                  log: Callable = print, variants: tuple[str, ...] | None = None,
-                 sections: tuple[str, ...] = ("standard",)) -> dict:
+                 sections: tuple[str, ...] = ("standard",), compile_backend: str = "inductor") -> dict:
     """Every measurement of one workload, as a JSON-ready dict.
 
     ``sections``: "standard" (the training and inference variants: keys ``train`` and ``inference``),
     "compile" (eager and torch.compile side by side, :mod:`dorafit.bench.compiled`: key ``compile``), "memory"
     (saved or recomputed magnitude gradient, activation checkpointing, :mod:`dorafit.bench.activation`: key
-    ``memory``).
+    ``memory``); ``compile_backend``: the compile section's ``torch.compile`` backend.
     """
     log(f"{spec.model}: building")
     workload = build_workload(spec)
@@ -171,7 +171,7 @@ def run_workload(spec: WorkloadSpec, warmup: int, steps: int, inference_steps: i
         from .compiled import run_compiled
 
         log(f"{spec.model}: compile section")
-        result["compile"] = run_compiled(workload, warmup, steps, inference_steps, log)
+        result["compile"] = run_compiled(workload, warmup, steps, inference_steps, log, compile_backend, variants)
     if "memory" in sections:
         from .activation import run_memory
 

@@ -24,11 +24,14 @@ def register(subparsers) -> None:
     p.add_argument("--models", default="llama,minilm", help="comma-separated: llama, minilm (default: both)")
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of the variants (the frozen base always runs): "
-                        "lora, dora, dora_full_norm, vera, dvora, peft_lora, peft_dora, peft_vera (default: all)")
+                        "lora, dora, dora_full_norm, vera, dvora, peft_lora, peft_dora, peft_vera (default: all; "
+                        "the compile section runs those of lora, dora, peft_dora)")
     p.add_argument("--sections", default="standard",
                    help="comma-separated: standard (the variants above), compile (eager and torch.compile side by "
                         "side: base, LoRA, DoRA, PEFT DoRA), memory (DoRA's magnitude gradient saved or recomputed, "
                         "activation checkpointing) (default: standard)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compile section (default: inductor)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--warmup", type=int, default=2, help="rounds run and discarded before timing (default: 2)")
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     workloads = {}
     for name in models:
         result = run_workload(specs[name], args.warmup, args.steps, args.inference_steps, args.peak_steps,
-                              args.threads, log, variants, sections)
+                              args.threads, log, variants, sections, args.compile_backend)
         result["ratios"] = report.ratios(result)
         workloads[name] = result
     meta["load_average_end"] = report.load_average()
