@@ -204,7 +204,8 @@ def _evaluation(workload: Workload, names: tuple[str, ...], warmup: int, steps: 
     for name in names:
         eager = _build(workload, name).eval()
         compiled = _build(workload, name).eval()
-        fns[name + "_eager"], fns[name + "_compiled"] = forward(eager), forward(_compiled(compiled, name + "_eval", backend))
+        fns[name + "_eager"] = forward(eager)
+        fns[name + "_compiled"] = forward(_compiled(compiled, name + "_eval", backend))
     for name, fn in fns.items():
         if name.endswith("_compiled"):
             log(f"  compiling {name} (eval)")
