@@ -76,6 +76,11 @@ METHOD_CASES = {
     "vera": dict(method="vera", r=3),
     "dvora": dict(method="dvora", r=3, detach_norm=False),
     "magnitude_only": dict(method="dora", r=2, alpha=5.0, targets=[], magnitude_only=["layer"]),
+    # magnitude_grad="recompute": backward recomputes pre instead of keeping the layer output
+    "dora_recompute": dict(method="dora", r=2, alpha=5.0, magnitude_grad="recompute"),
+    "dvora_full_grad_recompute": dict(method="dvora", r=3, detach_norm=False, magnitude_grad="recompute"),
+    "magnitude_only_recompute": dict(method="dora", r=2, alpha=5.0, targets=[], magnitude_only=["layer"],
+                                     magnitude_grad="recompute"),
 }
 
 

@@ -110,3 +110,57 @@ def test_peak_entry_point_reports_resident_memory(capsys):
 def test_bench_rejects_bad_options_with_a_clear_message(args, message):
     with pytest.raises(SystemExit, match=message):
         cli.main(["bench", *args])
+
+
+def test_live_tensor_bytes_follows_creation_and_frees():
+    from dorafit.bench.measure import LiveTensorBytes
+
+    x = torch.randn(1000, requires_grad=True)  # exists before: never counted
+    with LiveTensorBytes() as live:
+        a = x * 2  # 4000 bytes
+        b = a.exp()  # 4000 bytes, saved for backward (exp keeps its output)
+        b.view(10, 100).add_(1)  # a view and an in-place op: nothing new
+        del a
+        assert live.alive_bytes() == 4000
+        c = torch.ones(500)  # 2000 bytes
+        del c
+        assert live.alive_bytes() == 4000
+    assert live.peak == 8000
+    assert b.requires_grad
+
+
+def test_bench_memory_section_on_a_tiny_llama(tmp_path, capsys):
+    out = tmp_path / "memory.json"
+    args = ["bench", "--models", "llama", *TINY, "--warmup", "0", "--steps", "1", "--sections", "memory",
+            "--out", str(out)]
+    assert cli.main(args) == 0
+    result = json.loads(out.read_text())["workloads"]["llama"]
+    assert "train" not in result and result["ratios"] == {}
+    memory = result["memory"]["variants"]
+    assert set(memory) == {"lora", "dora", "dora_recompute", "lora_checkpointed", "dora_checkpointed"}
+    # deterministic memory figures (no timing): recompute keeps what LoRA keeps, save one output more per layer
+    assert memory["dora_recompute"]["saved_mib"] < memory["dora"]["saved_mib"]
+    assert memory["dora_recompute"]["saved_mib"] <= 1.05 * memory["lora"]["saved_mib"]
+    assert memory["dora_checkpointed"]["alive_after_forward_mib"] <= 1.02 * memory["lora_checkpointed"][
+        "alive_after_forward_mib"]
+    assert memory["lora_checkpointed"]["saved_mib"] is None  # hooks cannot see what checkpoints keep
+    losses = [v["first_loss"] for v in memory.values()]
+    assert max(losses) - min(losses) < 1e-5 * abs(losses[0])
+    assert "| DoRA (recompute) saved activations / LoRA |" in capsys.readouterr().out
+
+
+def test_bench_compile_section_on_a_tiny_llama(tmp_path, capsys):
+    out = tmp_path / "compile.json"
+    args = ["bench", "--models", "llama", *TINY, "--warmup", "0", "--steps", "1", "--inference-steps", "1",
+            "--sections", "compile", "--compile-backend", "aot_eager", "--variants", "lora,dora", "--out", str(out)]
+    assert cli.main(args) == 0
+    compiled = json.loads(out.read_text())["workloads"]["llama"]["compile"]
+    names = {f"{v}_{m}" for v in ("base", "lora", "dora") for m in ("eager", "compiled")}
+    assert set(compiled["train"]) == set(compiled["eval"]) == names
+    for section in ("train", "eval"):
+        for variant in ("lora_compiled", "dora_compiled"):
+            row = compiled[section][variant]
+            assert (row["graphs"], row["graph_breaks"], row["graphs_compiled_while_timing"]) == (1, 0, 0), row
+    assert {"compiled_dora_vs_compiled_lora_step", "compiled_dora_vs_compiled_lora_eval",
+            "compiled_vs_eager_dora_step"} <= set(compiled["ratios"])
+    assert "| compiled DoRA step / compiled LoRA step |" in capsys.readouterr().out

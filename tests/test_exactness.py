@@ -124,6 +124,9 @@ def test_state_dict_keeps_base_keys(adapted, method):
         "vera": {"layer.vera_lambda_d", "layer.vera_lambda_b"},
         "dvora": {"layer.vera_lambda_d", "layer.vera_lambda_b", "layer.magnitude"},
         "magnitude_only": {"layer.magnitude"},
+        "dora_recompute": {"layer.lora_A", "layer.lora_B", "layer.magnitude"},
+        "dvora_full_grad_recompute": {"layer.vera_lambda_d", "layer.vera_lambda_b", "layer.magnitude"},
+        "magnitude_only_recompute": {"layer.magnitude"},
     }[method]
     assert extra == expected
     assert set(dorafit.adapter_state_dict(model)) == expected

@@ -20,6 +20,7 @@ BAD = [
     ("device", "tpu", "--device must be one of auto, cpu, cuda, got 'tpu'"),
     ("distributed", "horovod", "--distributed must be one of ddp, fsdp"),
     ("init", "xavier", "--init must be one of kaiming, gaussian"),
+    ("magnitude_grad", "forget", "--magnitude-grad must be one of save, recompute"),
     ("log", "wandb", "--log must be one of none, tensorboard"),
     ("rank", True, "--rank must be an integer >= 1, got True"),
     ("rank", 0, "--rank must be an integer >= 1, got 0"),
@@ -72,7 +73,8 @@ def test_yaml_config_values_are_validated(tmp_path, assets):  # noqa: F811
 def test_adapter_options_are_derived_from_adapter_config():
     assert ADAPTER_OPTIONS == {"method": "method", "rank": "r", "alpha": "alpha", "rslora": "rslora",
                                "targets": "targets", "magnitude_only": "magnitude_only", "dropout": "dropout",
-                               "detach_norm": "detach_norm", "init": "init", "vera_seed": "vera_seed"}
+                               "detach_norm": "detach_norm", "magnitude_grad": "magnitude_grad", "init": "init",
+                               "vera_seed": "vera_seed"}
     defaults = AdapterConfig()
     for option, field in ADAPTER_OPTIONS.items():
         if option not in ("method", "targets"):

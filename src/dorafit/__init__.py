@@ -10,6 +10,7 @@
 
 __version__ = "0.1.0"
 
+from .compiling import compile_model  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
 from .inject import (  # noqa: E402
     adapted_modules,
@@ -32,6 +33,7 @@ __all__ = [
     "adapted_modules",
     "adapter_state_dict",
     "apply",
+    "compile_model",
     "disabled",
     "export_peft",
     "get_config",

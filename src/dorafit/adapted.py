@@ -27,19 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as Fn
+from . import norm_cache
 from .layers import LayerOps
 from .magnitude_scale import magnitude_scale
+from .norm_cache import NormCache
 
 LORA_PARAMS = ("lora_A", "lora_B")
 VERA_PARAMS = ("vera_lambda_d", "vera_lambda_b")
 VERA_BUFFERS = ("vera_A", "vera_B")
 MAGNITUDE_PARAM = "magnitude"
 ADAPTER_PARAMS = LORA_PARAMS + VERA_PARAMS + (MAGNITUDE_PARAM,)
-
-
-def _version_key(*tensors: Tensor) -> tuple:
-    """Changes whenever any tensor is written in place, reallocated or moved."""
-    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
 
 @dataclass
@@ -54,12 +51,13 @@ class AdapterState:
     dropout: float
     detach_norm: bool
     eps: float
+    magnitude_grad: str = "save"  # "save" or "recompute": what the magnitude's gradient keeps (AdapterConfig)
     cache_norm: bool = True  # cache n in eval mode (see AdaptedLayer.weight_norm)
     merged: bool = False
     disabled: bool = False
     merge_norm: Tensor | None = None  # n used by the last merge, needed to unmerge
     merge_lost_rows: tuple[Tensor, Tensor] | None = None  # (row ids, W0 rows) where m == 0 at merge
-    caches: dict = field(default_factory=dict)
+    caches: NormCache = field(default_factory=NormCache)
 
 
 class AdaptedLayer:
@@ -71,11 +69,7 @@ class AdaptedLayer:
     def factors(self) -> tuple[Tensor | None, Tensor | None]:
         """``(P [out, r], Q [r, in])`` of the directional update, or (None, None) for magnitude-only."""
         st = self.dorafit
-        if st.update == "lora":
-            return Fn.lora_factors(self.lora_A, self.lora_B, st.scale)
-        if st.update == "vera":
-            return Fn.vera_factors(self.vera_A, self.vera_B, self.vera_lambda_d, self.vera_lambda_b)
-        return None, None
+        return Fn.update_factors(st.update, self._update_tensors(), st.scale)
 
     def _update_tensors(self) -> tuple[Tensor, ...]:
         st = self.dorafit
@@ -86,15 +80,8 @@ class AdaptedLayer:
         return ()
 
     def base_squared_norms(self) -> Tensor:
-        """``||W0||^2`` per output row, cached until the weight is written to."""
-        w0 = self.dorafit.ops.weight_matrix(self)
-        key = _version_key(self.weight)
-        cached = self.dorafit.caches.get("w0_sq")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, Fn.squared_row_norms(w0))
-            self.dorafit.caches["w0_sq"] = cached
-        return cached[1]
+        """``||W0||^2`` per output row, cached until the weight is written to (see :mod:`dorafit.norm_cache`)."""
+        return norm_cache.squared_row_norms(self.dorafit.caches, self.dorafit.ops.weight_matrix(self))
 
     def weight_norm(self, p: Tensor | None = None, q: Tensor | None = None) -> Tensor:
         """DoRA's n = ||W0 + P Q|| per output row ([out], float32), from the factored formula.
@@ -102,7 +89,8 @@ class AdaptedLayer:
         Differentiable in P and Q only when ``detach_norm`` is False and grad mode is on. In eval mode the vector
         is cached until any tensor it depends on is written to (``AdapterState.cache_norm`` turns that off, e.g.
         under FSDP, whose re-gathered parameters may reuse storage); in training it is recomputed every call,
-        which costs O((out + in) r) memory and one [out, in] x [in, r] product.
+        which costs O((out + in) r) memory and one [out, in] x [in, r] product. The caches work the same inside
+        a ``torch.compile`` graph, without guards or recompilation (:mod:`dorafit.norm_cache`).
         """
         st = self.dorafit
         if p is None and st.update is not None:
@@ -114,13 +102,7 @@ class AdaptedLayer:
         if self.training or not st.cache_norm:
             with torch.no_grad():
                 return Fn.decomposed_norm(w0_sq, w0, p, q, st.eps)
-        key = _version_key(self.weight, *self._update_tensors())
-        cached = st.caches.get("norm")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, Fn.decomposed_norm(w0_sq, w0, p, q, st.eps))
-            st.caches["norm"] = cached
-        return cached[1]
+        return norm_cache.weight_norm(st.caches, w0, self._update_tensors(), st.update, st.scale, st.eps)
 
     # ---- forward -------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -129,18 +111,24 @@ class AdaptedLayer:
             return st.base_class.forward(self, x)
         ops = st.ops
         p, q = self.factors()
-        if p is None:  # magnitude-only
-            pre = ops.base(self, x)  # W0 x, no bias
-        else:
-            dropout = st.dropout and ops.supports_dropout and self.training
-            x_adapter = F.dropout(x, st.dropout) if dropout else x
-            pre = ops.low_rank(self, x, x_adapter, p, q, with_bias=not st.decomposed)  # W0 x + P Q x (+ b)
+        dropout = p is not None and st.dropout and ops.supports_dropout and self.training
+        x_adapter = F.dropout(x, st.dropout) if dropout else x
         if not st.decomposed:
-            return ops.finish(self, x, pre)
+            return ops.finish(self, x, ops.low_rank(self, x, x_adapter, p, q, with_bias=True))
+        pre = self._pre_scale(x, x_adapter, p, q)
         n = self.weight_norm(p, q)
+        # "recompute": backward computes pre again from what the low-rank product keeps, instead of keeping y
+        recompute = (self._pre_scale, (x, x_adapter, p, q)) if st.magnitude_grad == "recompute" else (None, ())
         # pre is this forward's own fresh tensor (nothing saved it), so the scale may overwrite it
-        y = magnitude_scale(pre, self.magnitude, n, getattr(self, "bias", None), ops.channel_dim, inplace=True)
+        y = magnitude_scale(pre, self.magnitude, n, getattr(self, "bias", None), ops.channel_dim, inplace=True,
+                            recompute=recompute[0], recompute_inputs=recompute[1])
         return ops.finish(self, x, y)
+
+    def _pre_scale(self, x: Tensor, x_adapter: Tensor, p: Tensor | None, q: Tensor | None) -> Tensor:
+        """A decomposed layer's output before the magnitude, without bias: ``W0 x + P Q x_adapter`` (or ``W0 x``)."""
+        if p is None:  # magnitude-only
+            return self.dorafit.ops.base(self, x)
+        return self.dorafit.ops.low_rank(self, x, x_adapter, p, q, with_bias=False)
 
     # ---- merge ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -22,6 +22,8 @@ DECOMPOSED_METHODS = ("dora", "dvora")
 #: the directional update each method uses
 UPDATE_OF_METHOD = {"lora": "lora", "dora": "lora", "vera": "vera", "dvora": "vera"}
 INITS = ("kaiming", "gaussian")
+#: what a DoRA layer keeps for its magnitude's gradient (AdapterConfig.magnitude_grad)
+MAGNITUDE_GRADS = ("save", "recompute")
 
 
 @dataclass
@@ -46,6 +48,14 @@ class AdapterConfig:
                             "on embeddings)", minimum=0, below=1)
     detach_norm: bool = option(True, "DoRA: treat the weight norm ||W0 + dW|| as a constant in backward (paper "
                                "section 4.3); false: its full gradient (paper eqs. 6-7)")
+    magnitude_grad: str = option(
+        "save", "DoRA: what the magnitude's gradient dL/dm_j = sum_tokens(g_j * pre_j) / n_j (paper eq. 7; pre = W0 x "
+        "+ dW x, the output before the magnitude, without bias) keeps from forward to backward. save: the layer's "
+        "output y (free where the next operation keeps y anyway, one [tokens, out] tensor more than LoRA elsewhere; "
+        "no extra time); recompute: nothing beyond LoRA's, backward computes pre again from the input LoRA keeps "
+        "(one more forward product per step). Both exact; under torch.compile or activation checkpointing the "
+        "compiler or the checkpoint decides and recompute has no effect (benchmarks/README.md)",
+        choices=MAGNITUDE_GRADS)
     init: str = option("kaiming", "init of lora_A: kaiming (uniform, like nn.Linear) or gaussian (normal, std 1/r); "
                        "lora_B starts at 0", choices=INITS)
     extra_trainable: list[str] = option([], "modules trained in full next to the adapters (e.g. a classification "

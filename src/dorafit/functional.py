@@ -134,3 +134,16 @@ def lora_factors(lora_a: Tensor, lora_b: Tensor, scale: float) -> tuple[Tensor, 
 def vera_factors(vera_a: Tensor, vera_b: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> tuple[Tensor, Tensor]:
     """VeRA's factors: ``P = diag(lambda_b) B diag(lambda_d)`` [out, r], ``Q = A`` [r, in]."""
     return lambda_b.unsqueeze(1) * vera_b * lambda_d.unsqueeze(0), vera_a
+
+
+def update_factors(update: str | None, tensors, scale: float) -> tuple[Tensor | None, Tensor | None]:
+    """``(P, Q)`` of a directional update from the tensors a layer stores for it, or (None, None) without one.
+
+    update 'lora': tensors (lora_A, lora_B), see :func:`lora_factors`; 'vera': (A, B, lambda_d, lambda_b), see
+    :func:`vera_factors`; None or 'none' (magnitude-only): no tensors.
+    """
+    if update == "lora":
+        return lora_factors(*tensors, scale)
+    if update == "vera":
+        return vera_factors(*tensors)
+    return None, None

@@ -139,6 +139,7 @@ def _adapt(name: str, module: nn.Module, config: AdapterConfig, magnitude_only: 
         scale=scale,
         dropout=config.dropout,
         detach_norm=config.detach_norm,
+        magnitude_grad=config.magnitude_grad,
         eps=config.eps,
     )
     adapt_module(module, state, tensors, buffers)

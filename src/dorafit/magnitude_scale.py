@@ -20,9 +20,23 @@ anyway (attention saves q, k, v; a gated MLP saves up; GELU saves its input), so
 
 A unit whose magnitude is exactly zero gets no magnitude gradient in the y forms (its output carries no
 information about pre). With ``inplace`` (the adapted layers' forward) y overwrites pre's storage.
+
+With ``recompute`` (``AdapterConfig(magnitude_grad="recompute")``) it saves neither y nor pre: backward
+calls ``recompute(*recompute_inputs)`` (the layer's own forward without bias, ``pre = W0 x + P Q x``, run
+without grad from the tensors the low-rank product saves anyway: x, its dropout, P and Q) and uses
+
+    dL/dm_j = sum_tokens(g_j * pre_j) / n_j      with pre recomputed: exact, in any dtype,
+
+at the cost of one more forward product of the layer per backward.
+
+Under ``torch.compile`` (``torch.compiler.is_compiling()``) the scale is plain differentiable operations
+(:func:`magnitude_scale_reference`): Dynamo cannot trace ``ctx.mark_dirty`` of an input that is not
+returned, and Inductor fuses ``pre * (m / n) + b`` into the kernel that produces pre anyway.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -48,14 +62,15 @@ def _saves_output(pre: Tensor, bias: Tensor | None) -> bool:
 class _MagnitudeScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None, channel_dim: int,
-                inplace: bool) -> Tensor:
+                inplace: bool, recompute: Callable[..., Tensor] | None, *recompute_inputs: Tensor) -> Tensor:
         shape = _broadcast_shape(pre.dim(), channel_dim)
         scale = (magnitude / norm).to(pre.dtype).view(shape)  # [out], broadcast along channel_dim
         bias_b = None if bias is None else bias.to(pre.dtype).view(shape)
-        saves_output = _saves_output(pre, bias)
+        # with recompute, backward needs neither y nor pre, so y may always overwrite pre
+        saves_output = recompute is None and _saves_output(pre, bias)
         if bias_b is None:
             y = pre.mul_(scale) if inplace else pre * scale
-        elif inplace and saves_output:
+        elif inplace and (saves_output or recompute is not None):
             y = torch.addcmul(bias_b, pre, scale, out=pre)
         else:
             y = torch.addcmul(bias_b, pre, scale)
@@ -64,13 +79,17 @@ class _MagnitudeScale(torch.autograd.Function):
         ctx.channel_dim = channel_dim
         ctx.saves_output = saves_output
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(y if saves_output else pre, magnitude, norm, scale, bias_b)
+        ctx.recompute = recompute
+        if recompute is None:
+            ctx.save_for_backward(y if saves_output else pre, magnitude, norm, scale, bias_b)
+        else:
+            ctx.save_for_backward(None, magnitude, norm, scale, bias_b, *recompute_inputs)
         return y
 
     @staticmethod
     @once_differentiable  # saves intermediates: a second derivative would be wrong, so it raises instead
     def backward(ctx, grad_y: Tensor):
-        saved, magnitude, norm, scale, bias_b = ctx.saved_tensors
+        saved, magnitude, norm, scale, bias_b, *recompute_inputs = ctx.saved_tensors
         cd = ctx.channel_dim
         need_pre, need_m, need_n, need_b = ctx.needs_input_grad[:4]
         grad_pre = grad_m = grad_n = grad_b = None
@@ -79,6 +98,9 @@ class _MagnitudeScale(torch.autograd.Function):
             grad_sum = _reduce_except_channel(grad_y, cd)
         product = None  # [tokens, out]; its storage is reused for grad_pre
         if need_m or need_n:
+            if ctx.recompute is not None:
+                with torch.no_grad():
+                    saved = ctx.recompute(*recompute_inputs)  # pre, as the forward computed it
             product = grad_y * saved  # g * y or g * pre
             g_dot = _reduce_except_channel(product, cd)  # [out]
             if ctx.saves_output:  # sum(g * pre) / n == (sum(g * y) - b sum(g)) / m
@@ -95,11 +117,23 @@ class _MagnitudeScale(torch.autograd.Function):
             grad_pre = grad_y * scale if product is None else torch.mul(grad_y, scale, out=product)
         if bias_b is not None and need_b:
             grad_b = grad_sum.to(ctx.bias_dtype)
-        return grad_pre, grad_m, grad_n, grad_b, None, None
+        return (grad_pre, grad_m, grad_n, grad_b, None, None, None) + (None,) * len(recompute_inputs)
+
+
+def magnitude_scale_reference(pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None,
+                              channel_dim: int) -> Tensor:
+    """``y = (magnitude / norm) * pre + bias`` in plain differentiable operations (autograd saves pre).
+
+    What a compiled graph uses; also the reference the custom function is tested against.
+    """
+    shape = _broadcast_shape(pre.dim(), channel_dim)
+    y = pre * (magnitude / norm).to(pre.dtype).view(shape)
+    return y if bias is None else y + bias.to(pre.dtype).view(shape)
 
 
 def magnitude_scale(
-    pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None, channel_dim: int, inplace: bool = False
+    pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None, channel_dim: int, inplace: bool = False,
+    recompute: Callable[..., Tensor] | None = None, recompute_inputs: tuple[Tensor, ...] = (),
 ) -> Tensor:
     """``y = (magnitude / norm) * pre + bias``, broadcast along ``channel_dim`` (see the module docstring).
 
@@ -112,5 +146,11 @@ def magnitude_scale(
         inplace: write y into ``pre``'s storage where backward does not need pre (saves a [tokens, out]
             tensor). Only for a ``pre`` that nothing else uses; autograd raises an error in backward if
             something saved it.
+        recompute, recompute_inputs: save ``recompute_inputs`` instead of y or pre, and let backward compute
+            pre again as ``recompute(*recompute_inputs)`` (run without grad) for the magnitude's gradient.
+    Under ``torch.compile`` this is :func:`magnitude_scale_reference` (``inplace`` and ``recompute`` do not
+    apply: Inductor plans the graph's memory itself).
     """
-    return _MagnitudeScale.apply(pre, magnitude, norm, bias, channel_dim, inplace)
+    if torch.compiler.is_compiling():
+        return magnitude_scale_reference(pre, magnitude, norm, bias, channel_dim)
+    return _MagnitudeScale.apply(pre, magnitude, norm, bias, channel_dim, inplace, recompute, *recompute_inputs)

@@ -8,6 +8,11 @@ leaving out storages that belong to a model parameter or buffer (frozen weights,
 remains is what the forward pass keeps alive for backward: activations, dropout masks, attention outputs,
 small derived tensors such as ``s * B`` or the DoRA norm.
 
+Live tensor bytes (deterministic, also under activation checkpointing, whose recomputation keeps the block
+inputs through Python references that ``saved_tensors_hooks`` never see): a ``TorchDispatchMode`` notes the
+storage of every tensor an operation creates and sums the sizes of those still alive, at any moment and at
+their peak (:class:`LiveTensorBytes`).
+
 Peak memory: ``max_memory_allocated`` on CUDA; on CPU the process's peak resident set (VmHWM), read in a
 fresh process per variant (:mod:`dorafit.bench.peak`) because one process's allocator keeps memory that
 other variants freed.
@@ -23,7 +28,10 @@ import weakref
 from typing import Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.multiprocessing.reductions import StorageWeakRef
 
 
 # ---- saved for backward ----------------------------------------------------------------------------------
@@ -79,6 +87,48 @@ class SavedTensorCounter:
     @property
     def count(self) -> int:
         return len(self.storages)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Context manager: bytes of the tensor storages created inside it that are still alive.
+
+    Every operation's outputs are looked at (views and in-place results share a storage of an input and are
+    not new); a storage counts from its creation until it is freed, which a weak reference tells. ``current``
+    is the sum now, ``peak`` the largest sum seen right after any operation (frees happen between operations,
+    so this is the peak of tensor memory, leaving out the allocator's slack and kernels' private scratch
+    space). Storages that exist before the block (weights, inputs, optimizer state of earlier steps) count
+    nothing. Operations that run outside the dispatcher (a compiled graph's generated kernels) are not seen,
+    so this is for eager code.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self._prune()
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                if storage._cdata not in inputs and storage._cdata not in self._live:
+                    self._live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+    def _prune(self) -> None:
+        dead = [key for key, (ref, _) in self._live.items() if ref.expired()]
+        for key in dead:
+            self.current -= self._live.pop(key)[1]
+
+    def alive_bytes(self) -> int:
+        """Bytes alive now (frees since the last operation included)."""
+        self._prune()
+        return self.current
 
 
 # ---- timing -------------------------------------------------------------------------------------------------

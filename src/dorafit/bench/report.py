@@ -64,20 +64,20 @@ OVERHEAD_RATIOS = [
 ]
 _FIELD = {"train": "step_ms", "saved": "saved_mib", "peak": "peak_mib", "inference": "latency_ms",
           "generation": "gen_ms"}
-_TABLE = {"inference": "inference", "generation": "generation"}  # sections measured in their own table
 
 
-def ratios(result: dict) -> dict[str, dict]:
-    """Every ratio computable from one workload's result: {key: {label, value, target, met, ...}}.
+def table_ratios(rows, tables: dict[str, dict], fields: dict[str, str]) -> dict[str, dict]:
+    """Ratios between the variants of result tables: {key: {label, value, target, met, ...}}.
 
-    A time ratio is the median over rounds of the ratio of the two variants' times in the same round (both
-    measured within seconds of each other, so a change of machine load between rounds cancels out);
-    ``ratio_of_medians`` is given beside it.
+    ``rows``: (key, label, section, numerator, denominator, target or None); ``tables[section]`` is the table
+    ({variant: figures}) a row reads and ``fields[section]`` the figure it compares. A time ratio (a figure with
+    an ``_all`` list beside it) is the median over rounds of the ratio of the two variants' times in the same
+    round (both measured within seconds of each other, so a change of machine load between rounds cancels
+    out); ``ratio_of_medians`` is given beside it. Rows whose variants were not run are left out.
     """
     out: dict[str, dict] = {}
-    for key, label, section, num, den, target in RATIOS:
-        table = result.get(_TABLE.get(section, "train"), {})
-        field = _FIELD[section]
+    for key, label, section, num, den, target in rows:
+        table, field = tables.get(section) or {}, fields[section]
         a, b = table.get(num, {}).get(field), table.get(den, {}).get(field)
         if a is None or b is None:
             continue
@@ -87,6 +87,16 @@ def ratios(result: dict) -> dict[str, dict]:
             entry.update(value=statistics.median(x / y for x, y in pairs), ratio_of_medians=a / b)
         entry["met"] = None if target is None else entry["value"] <= target
         out[key] = entry
+    return out
+
+
+def ratios(result: dict) -> dict[str, dict]:
+    """Every ratio of :data:`RATIOS` and :data:`OVERHEAD_RATIOS` computable from one workload's result."""
+    if "train" not in result:  # only other sections were run
+        return {}
+    sections = {"train": result["train"], "saved": result["train"], "peak": result["train"],
+                "inference": result["inference"], "generation": result.get("generation", {})}
+    out = table_ratios(RATIOS, sections, _FIELD)
     train = result["train"]
     for key, label, field in OVERHEAD_RATIOS:
         prefix = "peft_" if key.startswith("peft") else ""
@@ -162,33 +172,54 @@ def markdown(record: dict) -> str:
         f"peft {meta['peft']}; {meta['date_utc']} UTC; load average {meta['load_average_start']} at start, "
         f"{meta['load_average_end']} at the end.",
     ]
+    from .activation import markdown as memory_markdown
+    from .compiled import markdown as compile_markdown
+
     for name, result in record["workloads"].items():
-        steps = len(next(iter(result["train"].values()))["step_ms_all"])
+        steps = ""
+        if "train" in result:
+            steps = f" Median of {len(next(iter(result['train'].values()))['step_ms_all'])} steps."
         lines += ["", f"### {name}: {result['description']}", "", f"r = {result['spec']['r']}, alpha = "
-                  f"{result['spec']['alpha']}, targets `{result['targets']}`, dropout 0. Median of {steps} steps.", ""]
-        lines += ["| training variant | step ms | saved for backward MiB | peak MiB | peak above setup MiB | trainable "
-                  "| first loss |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for variant, r in result["train"].items():
-            lines.append(
-                f"| {variant} | {_fmt(r['step_ms'])} | {_fmt(r['saved_mib'])} | {_fmt(r.get('peak_mib'))} | "
-                f"{_fmt(r.get('peak_over_setup_mib'))} | {r['trainable_params']:,} | {r['first_loss']:.6f} |"
-            )
-        lines += ["", "| inference variant | latency ms |", "|---|---:|"]
-        for variant, r in result["inference"].items():
-            lines.append(f"| {variant} | {_fmt(r['latency_ms'])} |")
-        if result.get("generation"):
-            first = next(iter(result["generation"].values()))
-            lines += ["", f"Greedy generation of {first['new_tokens']} tokens after {first['batch']} x "
-                      f"{first['prompt']} prompt tokens (KV cache):", "",
-                      "| generation variant | ms per call | tokens/s | same tokens as merged |", "|---|---:|---:|---|"]
-            for variant, r in result["generation"].items():
-                same = {True: "yes", False: "NO", None: ""}[r.get("same_tokens_as_merged")]
-                lines.append(f"| {variant} | {_fmt(r['gen_ms'])} | {_fmt(r['tokens_per_s'])} | {same} |")
-        lines += ["", "| ratio | value | target |", "|---|---:|---|"]
-        for r in result["ratios"].values():
-            target = "" if r["target"] is None else f"<= {r['target']:.2f} ({'met' if r['met'] else 'NOT met'})"
-            lines.append(f"| {r['label']} | {r['value']:.3f} | {target} |")
+                  f"{result['spec']['alpha']}, targets `{result['targets']}`, dropout 0.{steps}"]
+        if "train" in result:
+            lines += _standard_tables(result)
+        if "compile" in result:
+            lines += ["", *compile_markdown(result["compile"])]
+        if "memory" in result:
+            lines += ["", *memory_markdown(result["memory"])]
     return "\n".join(lines) + "\n"
+
+
+def _standard_tables(result: dict) -> list[str]:
+    """The default section: training and inference variants, and :data:`RATIOS`."""
+    lines = ["", "| training variant | step ms | saved for backward MiB | peak MiB | peak above setup MiB | trainable "
+             "| first loss |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for variant, r in result["train"].items():
+        lines.append(
+            f"| {variant} | {_fmt(r['step_ms'])} | {_fmt(r['saved_mib'])} | {_fmt(r.get('peak_mib'))} | "
+            f"{_fmt(r.get('peak_over_setup_mib'))} | {r['trainable_params']:,} | {r['first_loss']:.6f} |"
+        )
+    lines += ["", "| inference variant | latency ms |", "|---|---:|"]
+    for variant, r in result["inference"].items():
+        lines.append(f"| {variant} | {_fmt(r['latency_ms'])} |")
+    if result.get("generation"):
+        first = next(iter(result["generation"].values()))
+        lines += ["", f"Greedy generation of {first['new_tokens']} tokens after {first['batch']} x {first['prompt']} "
+                  "prompt tokens (KV cache):", "",
+                  "| generation variant | ms per call | tokens/s | same tokens as merged |", "|---|---:|---:|---|"]
+        for variant, r in result["generation"].items():
+            same = {True: "yes", False: "NO", None: ""}[r.get("same_tokens_as_merged")]
+            lines.append(f"| {variant} | {_fmt(r['gen_ms'])} | {_fmt(r['tokens_per_s'])} | {same} |")
+    return lines + ["", *ratio_table(result["ratios"])]
+
+
+def ratio_table(entries: dict[str, dict]) -> list[str]:
+    """Markdown lines of a ratio table (see :func:`table_ratios`)."""
+    lines = ["| ratio | value | target |", "|---|---:|---|"]
+    for r in entries.values():
+        target = "" if r["target"] is None else f"<= {r['target']:.2f} ({'met' if r['met'] else 'NOT met'})"
+        lines.append(f"| {r['label']} | {r['value']:.3f} | {target} |")
+    return lines
 
 
 def write_json(record: dict, path: str | os.PathLike) -> Path:

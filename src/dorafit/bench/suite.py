@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .measure import (
+    LiveTensorBytes,
     SavedTensorCounter,
     cuda_peak_bytes,
     interleaved_times,
@@ -32,16 +33,20 @@ MIB = 2**20
 class Trainer:
     """One variant's model, its AdamW optimizer (None for the frozen base) and its training step."""
 
-    def __init__(self, workload: Workload, variant: str):
+    def __init__(self, workload: Workload, variant: str, model: nn.Module | None = None,
+                 call: Callable[..., object] | None = None):
+        """``model``: train this module instead of building ``variant``'s; ``call``: what the loss calls in its
+        place (its ``torch.compile`` wrapper, say)."""
         self.workload = workload
-        self.model = build_variant(workload, variant).train()
+        self.model = (build_variant(workload, variant) if model is None else model).train()
+        self.call = self.model if call is None else call
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
         self.optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def step(self) -> float:
         torch.manual_seed(self.workload.spec.seed)  # the same dropout masks (if the model has dropout) in every variant
-        loss = self.workload.loss(self.model, self.workload.inputs)
+        loss = self.workload.loss(self.call, self.workload.inputs)
         self._finish(loss)
         return loss.item()
 
@@ -49,9 +54,25 @@ class Trainer:
         """A step whose forward pass runs under a :class:`SavedTensorCounter`."""
         torch.manual_seed(self.workload.spec.seed)
         with SavedTensorCounter(exclude=model_storages(self.model)) as counter:
-            loss = self.workload.loss(self.model, self.workload.inputs)
+            loss = self.workload.loss(self.call, self.workload.inputs)
         self._finish(loss)
         return loss.item(), counter
+
+    def live_step(self) -> tuple[float, LiveTensorBytes, int]:
+        """A step run under :class:`LiveTensorBytes`: (loss, the tracker, bytes alive when the forward pass ends).
+
+        What is alive then is what backward needs (plus the loss): with activation checkpointing too, where
+        ``saved_tensors_hooks`` do not see the tensors the checkpoints keep; the tracker's ``peak`` covers the
+        whole step (forward, backward, optimizer step, zero_grad).
+        """
+        torch.manual_seed(self.workload.spec.seed)
+        with LiveTensorBytes() as live:
+            loss = self.workload.loss(self.call, self.workload.inputs)
+            held = live.alive_bytes()
+            self._finish(loss)
+            value = loss.item()
+            del loss
+        return value, live, held
 
     def _finish(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -126,26 +147,42 @@ def cpu_peak_in_subprocess(spec: WorkloadSpec, variant: str, steps: int, threads
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+SECTIONS = ("standard", "compile", "memory")
+
+
 def run_workload(spec: WorkloadSpec, warmup: int, steps: int, inference_steps: int, peak_steps: int, threads: int,
                  log: Callable = print, variants: tuple[str, ...] | None = None,
+                 sections: tuple[str, ...] = ("standard",), compile_backend: str = "inductor",
                  generation: dict | None = None) -> dict:
-    """Every measurement of one workload, as a JSON-ready dict. ``generation`` (causal LMs only): the options of
-    :func:`dorafit.bench.generation.run_generation` (``repeats``, ``batch``, ``prompt``, ``new_tokens``)."""
+    """Every measurement of one workload, as a JSON-ready dict.
+
+    ``sections``: "standard" (the training and inference variants: keys ``train`` and ``inference``; for a causal
+    LM with ``generation`` options also greedy generation, :mod:`dorafit.bench.generation`: key ``generation``),
+    "compile" (eager and torch.compile side by side, :mod:`dorafit.bench.compiled`: key ``compile``), "memory"
+    (saved or recomputed magnitude gradient, activation checkpointing, :mod:`dorafit.bench.activation`: key
+    ``memory``); ``compile_backend``: the compile section's ``torch.compile`` backend; ``generation``: the options
+    of :func:`dorafit.bench.generation.run_generation` (``repeats``, ``batch``, ``prompt``, ``new_tokens``).
+    """
     log(f"{spec.model}: building")
     workload = build_workload(spec)
     log(f"  {workload.description}")
-    training = run_training(workload, warmup, steps, peak_steps, threads, log, variants)
-    inference = run_inference(workload, warmup, inference_steps, log, variants)
-    result = {
-        "spec": spec.to_dict(),
-        "description": workload.description,
-        "targets": workload.targets,
-        "train": training,
-        "inference": inference,
-    }
-    if generation and generation.get("repeats") and hasattr(workload.base, "generate"):
-        from .generation import run_generation
+    result = {"spec": spec.to_dict(), "description": workload.description, "targets": workload.targets}
+    if "standard" in sections:
+        result["train"] = run_training(workload, warmup, steps, peak_steps, threads, log, variants)
+        result["inference"] = run_inference(workload, warmup, inference_steps, log, variants)
+        if generation and generation.get("repeats") and hasattr(workload.base, "generate"):
+            from .generation import run_generation
 
-        options = dict(generation)
-        result["generation"] = run_generation(workload, warmup, options.pop("repeats"), log, variants, **options)
+            options = dict(generation)
+            result["generation"] = run_generation(workload, warmup, options.pop("repeats"), log, variants, **options)
+    if "compile" in sections:
+        from .compiled import run_compiled
+
+        log(f"{spec.model}: compile section")
+        result["compile"] = run_compiled(workload, warmup, steps, inference_steps, log, compile_backend, variants)
+    if "memory" in sections:
+        from .activation import run_memory
+
+        log(f"{spec.model}: memory section")
+        result["memory"] = run_memory(workload, warmup, steps, log)
     return result

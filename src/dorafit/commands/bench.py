@@ -24,7 +24,14 @@ def register(subparsers) -> None:
     p.add_argument("--models", default="llama,minilm", help="comma-separated: llama, minilm (default: both)")
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of the variants (the frozen base always runs): "
-                        "lora, dora, dora_full_norm, vera, dvora, peft_lora, peft_dora, peft_vera (default: all)")
+                        "lora, dora, dora_full_norm, vera, dvora, peft_lora, peft_dora, peft_vera (default: all; "
+                        "the compile section runs those of lora, dora, peft_dora)")
+    p.add_argument("--sections", default="standard",
+                   help="comma-separated: standard (the variants above), compile (eager and torch.compile side by "
+                        "side: base, LoRA, DoRA, PEFT DoRA), memory (DoRA's magnitude gradient saved or recomputed, "
+                        "activation checkpointing) (default: standard)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compile section (default: inductor)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--warmup", type=int, default=2, help="rounds run and discarded before timing (default: 2)")
@@ -76,6 +83,17 @@ def _variants(args) -> tuple[str, ...] | None:
     return names
 
 
+def _sections(args) -> tuple[str, ...]:
+    from dorafit.bench.suite import SECTIONS
+
+    names = tuple(v.strip() for v in args.sections.split(",") if v.strip())
+    unknown = [v for v in names if v not in SECTIONS]
+    if not names or unknown:
+        raise SystemExit(f"dorafit bench: --sections takes a comma-separated list of {', '.join(SECTIONS)}; "
+                         f"got {args.sections!r}")
+    return names
+
+
 def _check(args) -> list[str]:
     from dorafit.bench.models import MODELS
 
@@ -116,6 +134,7 @@ def _command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     models = _check(args)
     variants = _variants(args)
+    sections = _sections(args)
     from dorafit.bench import measure, report
     from dorafit.bench.models import WorkloadSpec, llama_sizes
     from dorafit.bench.suite import run_workload
@@ -138,7 +157,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     workloads = {}
     for name in models:
         result = run_workload(specs[name], args.warmup, args.steps, args.inference_steps, args.peak_steps,
-                              args.threads, log, variants, generation)
+                              args.threads, log, variants, sections, args.compile_backend, generation)
         result["ratios"] = report.ratios(result)
         workloads[name] = result
     meta["load_average_end"] = report.load_average()

@@ -84,6 +84,7 @@ class TrainConfig:
     )
     dropout: float = adapter_option("dropout")
     detach_norm: bool = adapter_option("detach_norm")
+    magnitude_grad: str = adapter_option("magnitude_grad")
     init: str = adapter_option("init")
     vera_seed: int = adapter_option("vera_seed")
     init_from: Optional[str] = option(

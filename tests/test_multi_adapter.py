@@ -1,0 +1,131 @@
+"""Named adapters on one model and mixed-adapter batches (float64, against each adapter alone)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dorafit
+
+from .conftest import randomize_adapter
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.v_proj, self.up = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 10)
+        self.conv = nn.Conv1d(10, 4, 3, padding=1)
+
+    def forward(self, x):  # x: [B, T, 6]
+        h = self.up(self.q_proj(x) + self.v_proj(x).relu())  # [B, T, 10]
+        return self.conv(h.transpose(1, 2))  # [B, 4, T]
+
+
+ADAPTERS = {
+    "dora": dorafit.AdapterConfig(method="dora", r=2, alpha=3, targets=["q_proj", "up", "conv"]),
+    "lora": dorafit.AdapterConfig(method="lora", r=3, alpha=5, targets=["v_proj", "up"]),
+    "vera": dorafit.AdapterConfig(method="vera", r=8, targets=["q_proj", "v_proj"]),
+    "dvora": dorafit.AdapterConfig(method="dvora", r=4, targets=["up"], magnitude_only=["conv"]),
+}
+
+
+def alone(base: nn.Module, name: str, seed: int) -> nn.Module:
+    """The adapter ``name`` applied alone (unnamed) to a copy of the base, randomised with ``seed``."""
+    model = copy.deepcopy(base)
+    dorafit.apply(model, ADAPTERS[name])
+    randomize_adapter(model, seed)
+    return model.eval()
+
+
+@pytest.fixture
+def models():
+    torch.manual_seed(0)
+    base = Block().double()
+    singles = {name: alone(base, name, seed) for seed, name in enumerate(ADAPTERS, 1)}
+    multi = copy.deepcopy(base)
+    for name, single in singles.items():
+        dorafit.apply(multi, ADAPTERS[name], name=name)
+        dorafit.set_adapter_state_dict(multi, dorafit.adapter_state_dict(single), name=name)
+    return base.eval(), singles, multi.eval()
+
+
+def test_named_adapters_each_equal_the_adapter_alone(models):
+    base, singles, multi = models
+    assert dorafit.adapter_names(multi) == list(ADAPTERS)
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    for name, single in singles.items():
+        dorafit.set_adapter(multi, name)
+        torch.testing.assert_close(multi(x), single(x), rtol=1e-12, atol=1e-12)
+    dorafit.set_adapter(multi, None)
+    torch.testing.assert_close(multi(x), base(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no adapter named 'nope'; this model has dora, lora, vera, dvora"):
+        dorafit.set_adapter(multi, "nope")
+
+
+def test_mixed_batch_rows_equal_each_row_alone(models):
+    base, singles, multi = models
+    x = torch.randn(6, 5, 6, dtype=torch.float64)
+    names = ["lora", None, "dora", "vera", "dora", "dvora"]
+    with dorafit.per_row_adapters(multi, names):
+        mixed = multi(x)
+    for i, name in enumerate(names):
+        want = (singles[name] if name else base)(x[i : i + 1])
+        torch.testing.assert_close(mixed[i : i + 1], want, rtol=1e-12, atol=1e-12, msg=f"row {i} ({name})")
+    with pytest.raises(ValueError, match="one adapter name per batch row"):
+        with dorafit.per_row_adapters(multi, ["lora"]):
+            multi(x)
+    multi.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        with dorafit.per_row_adapters(multi, names):
+            multi(x).sum().backward()
+
+
+def test_merged_adapters_cannot_be_mixed(models):
+    _, _, multi = models
+    dorafit.set_adapter(multi, "lora")
+    dorafit.merge(multi)
+    with pytest.raises(ValueError, match="merged"):
+        with dorafit.per_row_adapters(multi, ["lora", "dora"]):
+            multi(torch.randn(2, 5, 6, dtype=torch.float64))
+    dorafit.unmerge(multi)
+
+
+def test_save_load_and_unload_by_name(models, tmp_path):
+    base, singles, multi = models
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    dorafit.save_adapter(multi, tmp_path / "lora", name="lora")
+    fresh = copy.deepcopy(base)
+    dorafit.load_adapter(fresh, tmp_path / "lora")  # a saved named adapter is an ordinary adapter folder
+    torch.testing.assert_close(fresh.eval()(x), singles["lora"](x), rtol=1e-12, atol=1e-12)
+    other = copy.deepcopy(base)
+    dorafit.load_adapter(other, tmp_path / "lora", name="mine")
+    dorafit.set_adapter(other, "mine")
+    torch.testing.assert_close(other.eval()(x), singles["lora"](x), rtol=1e-12, atol=1e-12)
+    dorafit.unload(multi, "vera")
+    assert dorafit.adapter_names(multi) == ["dora", "lora", "dvora"]
+    assert not any("vera" in k for k in multi.state_dict())
+    for name in ("dora", "lora", "dvora"):
+        dorafit.set_adapter(multi, name)
+        torch.testing.assert_close(multi(x), singles[name](x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="already has an adapter named 'dora'"):
+        dorafit.apply(multi, ADAPTERS["dora"], name="dora")
+
+
+def test_only_the_active_adapter_trains_and_the_unnamed_api_is_unchanged():
+    torch.manual_seed(0)
+    model = Block()
+    names = dorafit.apply(model, ADAPTERS["lora"])
+    assert dorafit.adapter_names(model) == ["default"] and len(names) == 2
+    keys = set(dorafit.adapter_state_dict(model))
+    assert "v_proj.lora_A" in keys and "up.lora_B" in keys  # the unnamed adapter keeps today's keys
+    with pytest.raises(ValueError, match="already has dorafit adapters"):
+        dorafit.apply(model, ADAPTERS["lora"])
+    dorafit.apply(model, ADAPTERS["dora"], name="second")
+    dorafit.set_adapter(model, "second")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("dorafit_adapters.second." in n for n in trainable)
+    dorafit.set_adapter(model, "default")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == keys
