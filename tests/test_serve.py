@@ -93,6 +93,7 @@ def test_concurrent_mixed_adapter_requests_equal_each_adapter_alone(server):
     assert len(set(answers.values())) > 2  # the adapters really differ
     health = json.loads(_get(server["url"].removesuffix("/v1") + "/health"))
     assert health["status"] == "ok" and health["decode_steps"] > 0
+    assert health["peak_batch"] > 1  # requests that arrived together were generated together
 
 
 def test_streaming_chunks_concatenate_to_the_answer(server):

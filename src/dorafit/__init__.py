@@ -14,6 +14,7 @@ from .compiling import compile_model  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
 from .inject import (  # noqa: E402
     adapted_modules,
+    adapter_names,
     adapter_state_dict,
     apply,
     disabled,
@@ -25,12 +26,14 @@ from .inject import (  # noqa: E402
     unmerge,
 )
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter, set_adapter_state_dict  # noqa: E402
+from .multi import per_row_adapters, set_adapter  # noqa: E402
 from .peft_format import PeftFormatError, export_peft, import_peft  # noqa: E402
 
 __all__ = [
     "AdapterConfig",
     "AdapterFileError",
     "adapted_modules",
+    "adapter_names",
     "adapter_state_dict",
     "apply",
     "compile_model",
@@ -42,8 +45,10 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "PeftFormatError",
+    "per_row_adapters",
     "read_adapter",
     "save_adapter",
+    "set_adapter",
     "set_adapter_state_dict",
     "trainable_parameter_count",
     "unload",

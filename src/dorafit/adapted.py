@@ -16,6 +16,13 @@ Forward, for a layer with weight W0 [out, in] and the update dW = P Q (see :mod:
     magnitude-only:  y = (m / ||W0||) * (W0 x) + b
 
 With dropout 0 (or in eval mode) this is exactly the merged layer ``W' x + b`` (bias never scaled).
+
+Several adapters on one layer: the first adapter applied to a model lives on the layer itself (its tensors under
+the keys above; ``AdapterState.name`` says its name, "default" unless named), every further named adapter in an
+:class:`AdapterSlot` under ``P.dorafit_adapters.<name>`` with the same attribute names and its own state. Forward
+uses the active adapter (``AdapterState.active``, set by :func:`dorafit.set_adapter`; None: the base layer), or,
+inside :func:`dorafit.per_row_adapters`, one adapter per batch row (:meth:`AdaptedLayer.per_row_forward`).
+A layer that only carries named adapters has no adapter of its own (``AdapterState.present`` is False).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ VERA_PARAMS = ("vera_lambda_d", "vera_lambda_b")
 VERA_BUFFERS = ("vera_A", "vera_B")
 MAGNITUDE_PARAM = "magnitude"
 ADAPTER_PARAMS = LORA_PARAMS + VERA_PARAMS + (MAGNITUDE_PARAM,)
+SLOTS = "dorafit_adapters"  # the ModuleDict of a layer's named adapters beyond its own
 
 
 @dataclass
@@ -58,6 +66,35 @@ class AdapterState:
     merge_norm: Tensor | None = None  # n used by the last merge, needed to unmerge
     merge_lost_rows: tuple[Tensor, Tensor] | None = None  # (row ids, W0 rows) where m == 0 at merge
     caches: NormCache = field(default_factory=NormCache)
+    name: str = "default"  # the adapter's name
+    present: bool = True  # False: the layer carries only named adapters (AdapterSlot), none of its own
+    active: str | None = "default"  # layer-level: the adapter forward uses (None: the base layer)
+    rows: list | None = None  # layer-level: inside per_row_adapters, one adapter name (or None) per batch row
+    merged_name: str | None = None  # layer-level: the adapter merged into the weight, if any
+
+
+class AdapterSlot(nn.Module):
+    """A named adapter's tensors on a layer that already carries another (``layer.dorafit_adapters[name]``): the
+    same attribute names as on the layer (``lora_A``, ``magnitude``, ...) and its own :class:`AdapterState`."""
+
+    def __init__(self, state: AdapterState, tensors: dict[str, Tensor], buffers: dict[str, Tensor]):
+        super().__init__()
+        for name, value in tensors.items():
+            self.register_parameter(name, nn.Parameter(value, requires_grad=True))
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
+        self.dorafit = state
+
+    def _apply(self, fn, recurse=True):
+        """Like the layer: the magnitude stays float32 (float64 for float64 weights) through ``.to(dtype)``."""
+        kept = self._parameters.get(MAGNITUDE_PARAM)
+        kept = kept.data if kept is not None else None
+        result = super()._apply(fn, recurse)
+        magnitude = self._parameters.get(MAGNITUDE_PARAM)
+        if magnitude is not None and kept is not None and magnitude.dtype != kept.dtype:
+            magnitude.data = kept.to(device=magnitude.device)
+        self.dorafit.caches.clear()
+        return result
 
 
 class AdaptedLayer:
@@ -66,24 +103,28 @@ class AdaptedLayer:
     dorafit: AdapterState
 
     # ---- the update's factors and DoRA's norm ------------------------------------------------------
-    def factors(self) -> tuple[Tensor | None, Tensor | None]:
-        """``(P [out, r], Q [r, in])`` of the directional update, or (None, None) for magnitude-only."""
-        st = self.dorafit
-        return Fn.update_factors(st.update, self._update_tensors(), st.scale)
+    def factors(self, holder=None) -> tuple[Tensor | None, Tensor | None]:
+        """``(P [out, r], Q [r, in])`` of the directional update, or (None, None) for magnitude-only.
 
-    def _update_tensors(self) -> tuple[Tensor, ...]:
-        st = self.dorafit
+        ``holder``: the layer (its own adapter, the default) or an :class:`AdapterSlot` of a named one."""
+        holder = holder if holder is not None else self
+        st = holder.dorafit
+        return Fn.update_factors(st.update, self._update_tensors(holder), st.scale)
+
+    def _update_tensors(self, holder=None) -> tuple[Tensor, ...]:
+        holder = holder if holder is not None else self
+        st = holder.dorafit
         if st.update == "lora":
-            return self.lora_A, self.lora_B
+            return holder.lora_A, holder.lora_B
         if st.update == "vera":
-            return self.vera_A, self.vera_B, self.vera_lambda_d, self.vera_lambda_b
+            return holder.vera_A, holder.vera_B, holder.vera_lambda_d, holder.vera_lambda_b
         return ()
 
     def base_squared_norms(self) -> Tensor:
         """``||W0||^2`` per output row, cached until the weight is written to (see :mod:`dorafit.norm_cache`)."""
         return norm_cache.squared_row_norms(self.dorafit.caches, self.dorafit.ops.weight_matrix(self))
 
-    def weight_norm(self, p: Tensor | None = None, q: Tensor | None = None) -> Tensor:
+    def weight_norm(self, p: Tensor | None = None, q: Tensor | None = None, holder=None) -> Tensor:
         """DoRA's n = ||W0 + P Q|| per output row ([out], float32), from the factored formula.
 
         Differentiable in P and Q only when ``detach_norm`` is False and grad mode is on. In eval mode the vector
@@ -92,35 +133,62 @@ class AdaptedLayer:
         which costs O((out + in) r) memory and one [out, in] x [in, r] product. The caches work the same inside
         a ``torch.compile`` graph, without guards or recompilation (:mod:`dorafit.norm_cache`).
         """
-        st = self.dorafit
+        holder = holder if holder is not None else self
+        st = holder.dorafit
         if p is None and st.update is not None:
-            p, q = self.factors()
-        w0 = st.ops.weight_matrix(self)
+            p, q = self.factors(holder)
+        w0 = self.dorafit.ops.weight_matrix(self)
         w0_sq = self.base_squared_norms()
         if not st.detach_norm and torch.is_grad_enabled() and p is not None and p.requires_grad:
             return Fn.decomposed_norm(w0_sq, w0, p, q, st.eps)
         if self.training or not st.cache_norm:
             with torch.no_grad():
                 return Fn.decomposed_norm(w0_sq, w0, p, q, st.eps)
-        return norm_cache.weight_norm(st.caches, w0, self._update_tensors(), st.update, st.scale, st.eps)
+        return norm_cache.weight_norm(st.caches, w0, self._update_tensors(holder), st.update, st.scale, st.eps)
+
+    # ---- which adapter ------------------------------------------------------------------------------
+    def holder(self, name: str | None):
+        """The layer itself or the :class:`AdapterSlot` that carries adapter ``name``; None if this layer has none
+        of that name (or ``name`` is None: the base layer)."""
+        st = self.dorafit
+        if name is None:
+            return None
+        if st.present and st.name == name:
+            return self
+        slots = self._modules.get(SLOTS)
+        return slots[name] if slots is not None and name in slots else None
+
+    def holders(self) -> dict[str, object]:
+        """Every adapter this layer carries, by name, its own first."""
+        out = {self.dorafit.name: self} if self.dorafit.present else {}
+        slots = self._modules.get(SLOTS)
+        out.update(slots.items() if slots is not None else {})
+        return out
 
     # ---- forward -------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         st = self.dorafit
-        if st.merged or st.disabled:
-            return st.base_class.forward(self, x)
-        ops = st.ops
-        p, q = self.factors()
+        if st.rows is not None:
+            return self.per_row_forward(x, st.rows)
+        holder = self.holder(st.active)
+        if holder is None or st.disabled or st.merged_name is not None:
+            return st.base_class.forward(self, x)  # no adapter here, or one is merged into the weight
+        return self.adapter_forward(x, holder)
+
+    def adapter_forward(self, x: Tensor, holder) -> Tensor:
+        """The layer's output with the adapter of ``holder`` (the layer or a slot)."""
+        st, ops = holder.dorafit, self.dorafit.ops
+        p, q = self.factors(holder)
         dropout = p is not None and st.dropout and ops.supports_dropout and self.training
         x_adapter = F.dropout(x, st.dropout) if dropout else x
         if not st.decomposed:
             return ops.finish(self, x, ops.low_rank(self, x, x_adapter, p, q, with_bias=True))
         pre = self._pre_scale(x, x_adapter, p, q)
-        n = self.weight_norm(p, q)
+        n = self.weight_norm(p, q, holder)
         # "recompute": backward computes pre again from what the low-rank product keeps, instead of keeping y
         recompute = (self._pre_scale, (x, x_adapter, p, q)) if st.magnitude_grad == "recompute" else (None, ())
         # pre is this forward's own fresh tensor (nothing saved it), so the scale may overwrite it
-        y = magnitude_scale(pre, self.magnitude, n, getattr(self, "bias", None), ops.channel_dim, inplace=True,
+        y = magnitude_scale(pre, holder.magnitude, n, getattr(self, "bias", None), ops.channel_dim, inplace=True,
                             recompute=recompute[0], recompute_inputs=recompute[1])
         return ops.finish(self, x, y)
 
@@ -130,44 +198,84 @@ class AdaptedLayer:
             return self.dorafit.ops.base(self, x)
         return self.dorafit.ops.low_rank(self, x, x_adapter, p, q, with_bias=False)
 
+    def per_row_forward(self, x: Tensor, names: list) -> Tensor:
+        """Row i of the batch with adapter ``names[i]`` (None: the base layer), inference only.
+
+        ``W0 x`` is one product for the whole batch; the rows of one adapter share one low-rank product
+        ``P (Q x)`` and one per-unit scale ``c = m / n`` (n cached): ``y = c * (W0 x + P Q x) + b`` (DoRA),
+        ``W0 x + P Q x + b`` (LoRA, VeRA), ``c * W0 x + b`` (magnitude-only), ``W0 x + b`` (base)."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("per_row_adapters is for inference only: run the model under torch.no_grad()")
+        if x.shape[0] != len(names):
+            raise ValueError(f"per_row_adapters: give one adapter name per batch row; the batch has {x.shape[0]} "
+                             f"rows and {len(names)} names")
+        ops = self.dorafit.ops
+        y = ops.base(self, x)  # W0 x for every row
+        for name in dict.fromkeys(names):
+            holder = self.holder(name)
+            if holder is None:
+                continue
+            st = holder.dorafit
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=y.device)
+            p, q = self.factors(holder)
+            part = y.index_select(0, rows)
+            if p is not None:
+                part = part + ops.up(self, ops.down(self, x.index_select(0, rows), q), p)
+            if st.decomposed:
+                scale = (holder.magnitude / self.weight_norm(p, q, holder)).to(part.dtype)  # [out]
+                shape = [1] * part.dim()
+                shape[ops.channel_dim] = -1
+                part = part * scale.view(shape)
+            y.index_copy_(0, rows, part)
+        return ops.finish(self, x, ops.add_bias(self, y))
+
     # ---- merge ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter into the weight: W' = W0 + P Q, or m / n * (W0 + P Q). No-op if merged."""
-        st = self.dorafit
+    def merge(self, holder=None) -> None:
+        """Fold the adapter into the weight: W' = W0 + P Q, or m / n * (W0 + P Q). No-op if merged.
+
+        ``holder``: which adapter (default: the layer's own); one adapter at a time can be merged."""
+        holder = holder if holder is not None else self
+        st = holder.dorafit
         if st.merged:
             return
-        p, q = self.factors()
-        w0 = st.ops.weight_matrix(self)
-        m = self.magnitude if st.decomposed else None
-        n = self.weight_norm(p, q) if st.decomposed else None
+        if self.dorafit.merged_name is not None:
+            raise ValueError(f"adapter {self.dorafit.merged_name!r} is merged into this layer; unmerge it first")
+        p, q = self.factors(holder)
+        w0 = self.dorafit.ops.weight_matrix(self)
+        m = holder.magnitude if st.decomposed else None
+        n = self.weight_norm(p, q, holder) if st.decomposed else None
         if m is not None and bool((m == 0).any()):
             rows = torch.nonzero(m == 0).flatten()
             st.merge_lost_rows = (rows, w0[rows].clone())
-        st.ops.set_weight_matrix(self, Fn.merged_weight(w0, p, q, m, n))
+        self.dorafit.ops.set_weight_matrix(self, Fn.merged_weight(w0, p, q, m, n))
         st.merge_norm = n
         st.merged = True
+        self.dorafit.merged_name = st.name
 
     @torch.no_grad()
-    def unmerge(self) -> None:
+    def unmerge(self, holder=None) -> None:
         """Recover W0 from a merged weight (up to rounding). No-op if not merged."""
-        st = self.dorafit
+        holder = holder if holder is not None else self
+        st = holder.dorafit
         if not st.merged:
             return
-        p, q = self.factors()
-        w = st.ops.weight_matrix(self)
-        m = self.magnitude if st.decomposed else None
+        p, q = self.factors(holder)
+        w = self.dorafit.ops.weight_matrix(self)
+        m = holder.magnitude if st.decomposed else None
         w0 = Fn.unmerged_weight(w, p, q, m, st.merge_norm)
         if st.merge_lost_rows is not None:
             rows, values = st.merge_lost_rows
             w0[rows] = values
-        st.ops.set_weight_matrix(self, w0)
+        self.dorafit.ops.set_weight_matrix(self, w0)
         st.merged, st.merge_norm, st.merge_lost_rows = False, None, None
+        self.dorafit.merged_name = None
 
     def train(self, mode: bool = True):
         """Also drops the cached norms: ``model.eval()`` always starts from the current tensors, even after writes
         through ``.data`` (which do not bump the version counters the caches are keyed on)."""
-        self.dorafit.caches.clear()
+        for holder in [self, *self.holders().values()]:
+            holder.dorafit.caches.clear()
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):
@@ -185,8 +293,10 @@ class AdaptedLayer:
     def extra_repr(self) -> str:
         st = self.dorafit
         kind = {("lora", False): "lora", ("lora", True): "dora", ("vera", False): "vera", ("vera", True): "dvora"}
-        method = kind.get((st.update, st.decomposed), "magnitude-only")
-        return f"{st.base_class.extra_repr(self)}, adapter={method}, merged={st.merged}"
+        adapters = ", ".join(f"{name}={kind.get((h.dorafit.update, h.dorafit.decomposed), 'magnitude-only')}"
+                             for name, h in self.holders().items())
+        merged = [name for name, h in self.holders().items() if h.dorafit.merged]
+        return f"{st.base_class.extra_repr(self)}, adapters: {adapters or 'none'}, merged={merged or False}"
 
 
 _ADAPTED_CLASSES: dict[type, type] = {}
@@ -217,9 +327,9 @@ def adapt_module(module: nn.Module, state: AdapterState, tensors: dict[str, Tens
 def strip_module(module: nn.Module) -> None:
     """Undo :func:`adapt_module` without merging: remove adapter tensors and restore the base class."""
     st = module.dorafit
-    if st.merged:
-        module.unmerge()
-    for name in ADAPTER_PARAMS + VERA_BUFFERS:
+    for holder in module.holders().values():
+        module.unmerge(holder)
+    for name in ADAPTER_PARAMS + VERA_BUFFERS + (SLOTS,):
         if hasattr(module, name):
             delattr(module, name)
     module.__class__ = st.base_class

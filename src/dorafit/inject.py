@@ -19,7 +19,9 @@ from . import functional as Fn
 from . import vera
 from .adapted import (
     ADAPTER_PARAMS,
+    SLOTS,
     AdaptedLayer,
+    AdapterSlot,
     AdapterState,
     adapt_module,
     is_adapted,
@@ -28,8 +30,11 @@ from .adapted import (
 from .config import AdapterConfig, Targets
 from .layers import SUPPORTED_TYPES, ops_for
 
-_CONFIG_ATTR = "dorafit_config"
+_CONFIG_ATTR = "dorafit_config"  # the model's own adapter's config (its first)
+_NAMED_ATTR = "dorafit_named"  # name -> AdapterConfig of the adapters added beside it, in order
+_ACTIVE_ATTR = "dorafit_active"  # the adapter forward uses (None: the base model)
 _REQUIRES_GRAD_ATTR = "_dorafit_requires_grad"
+DEFAULT = "default"  # the name of an adapter applied without one
 
 
 # ---- matching ------------------------------------------------------------------------------------------
@@ -107,7 +112,10 @@ def _checked_ops(name: str, module: nn.Module, config: AdapterConfig, magnitude_
     return ops
 
 
-def _adapt(name: str, module: nn.Module, config: AdapterConfig, magnitude_only: bool, shared: dict) -> None:
+def _adapt(name: str, module: nn.Module, config: AdapterConfig, magnitude_only: bool, shared: dict,
+           adapter: str = DEFAULT, resident: bool = True, active: str | None = DEFAULT) -> None:
+    """Give ``module`` the adapter ``adapter``: as its own (``resident``: the first adapter of a model) or in an
+    :class:`AdapterSlot` beside what it carries; ``active``: the model's active adapter."""
     ops = _checked_ops(name, module, config, magnitude_only)
     w0 = ops.weight_matrix(module)
     out, inp = w0.shape
@@ -141,8 +149,19 @@ def _adapt(name: str, module: nn.Module, config: AdapterConfig, magnitude_only: 
         detach_norm=config.detach_norm,
         magnitude_grad=config.magnitude_grad,
         eps=config.eps,
+        name=adapter,
+        active=active,
     )
-    adapt_module(module, state, tensors, buffers)
+    if resident:
+        adapt_module(module, state, tensors, buffers)
+        return
+    if not is_adapted(module):  # a layer only named adapters reach: no adapter of its own
+        empty = AdapterState(ops=ops, base_class=type(module), update=None, decomposed=False, scale=1.0, dropout=0.0,
+                             detach_norm=True, eps=config.eps, present=False, active=active)
+        adapt_module(module, empty, {}, {})
+    if SLOTS not in module._modules:
+        module.add_module(SLOTS, nn.ModuleDict())
+    getattr(module, SLOTS)[adapter] = AdapterSlot(state, tensors, buffers)
 
 
 def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
@@ -160,67 +179,134 @@ def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
 
 # ---- public API -------------------------------------------------------------------------------------------
 def adapted_modules(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    """(name, layer) for every adapted layer of ``model``."""
+    """(name, layer) for every layer that carries the model's own (first) adapter."""
     for name, module in model.named_modules():
-        if is_adapted(module):
+        if is_adapted(module) and module.dorafit.present:
             yield name, module
 
 
-def get_config(model: nn.Module) -> AdapterConfig:
-    """The config ``apply`` used on this model; error if it has no adapters."""
+def adapter_layers(model: nn.Module, adapter: str | None = None) -> list[tuple[str, AdaptedLayer, object]]:
+    """(module name, layer, holder) for every layer that carries ``adapter`` (default: the model's own), where
+    ``holder`` is the layer itself or the :class:`AdapterSlot` holding that adapter's tensors."""
+    adapter = own_name(model) if adapter is None else adapter
+    out = []
+    for name, module in model.named_modules():
+        if is_adapted(module):
+            holder = module.holder(adapter)
+            if holder is not None:
+                out.append((name, module, holder))
+    return out
+
+
+def own_name(model: nn.Module) -> str | None:
+    """The name of the model's own (first) adapter, or None if it has none."""
+    config = getattr(model, _CONFIG_ATTR, None)
+    return None if config is None else getattr(model, "dorafit_own_name", DEFAULT)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the model's adapters: its own first, then those added beside it, in order."""
+    own = own_name(model)
+    return ([own] if own is not None else []) + list(getattr(model, _NAMED_ATTR, {}))
+
+
+def get_config(model: nn.Module, name: str | None = None) -> AdapterConfig:
+    """The config ``apply`` used for adapter ``name`` (default: the model's own); error if there is none."""
+    if name is not None and name != own_name(model):
+        named = getattr(model, _NAMED_ATTR, {})
+        if name not in named:
+            raise ValueError(f"this model has no adapter named {name!r}; it has {', '.join(adapter_names(model)) or 'none'}")
+        return named[name]
     config = getattr(model, _CONFIG_ATTR, None)
     if config is None:
         raise ValueError("this model has no dorafit adapters; call dorafit.apply(model, config) first")
     return config
 
 
-def apply(model: nn.Module, config: AdapterConfig) -> list[str]:
+def apply(model: nn.Module, config: AdapterConfig, name: str | None = None) -> list[str]:
     """Adapt ``model`` in place; returns the names of the adapted modules (full method and magnitude-only).
 
     Freezes every parameter except the adapters' and those of ``config.extra_trainable`` modules.
     Errors (naming the problem) if the model already has adapters, a target matches nothing or names an
     unsupported layer type, or r exceeds a layer's dimensions. On error the model is left unchanged.
+
+    ``name``: add a named adapter. The first adapter of a model is its own (its tensors under the layers' own
+    keys, as without a name); a named adapter added to a model that has one goes beside it (its tensors under
+    ``<layer>.dorafit_adapters.<name>.``), frozen and inactive until :func:`dorafit.set_adapter` picks it.
     """
-    if getattr(model, _CONFIG_ATTR, None) is not None or any(is_adapted(m) for m in model.modules()):
-        raise ValueError("this model already has dorafit adapters; call dorafit.unload(model) or merge_and_unload first")
+    existing = adapter_names(model)
+    if name is None and (existing or any(is_adapted(m) for m in model.modules())):
+        raise ValueError("this model already has dorafit adapters; call dorafit.unload(model) or merge_and_unload "
+                         "first, or add another beside them with apply(model, config, name=...)")
+    if name is not None and name in existing:
+        raise ValueError(f"this model already has an adapter named {name!r}; unload it first or choose another name")
+    if name is not None and (not isinstance(name, str) or not name or "." in name):
+        raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
+    resident = not existing
     mag_names = set(find_modules(model, config.magnitude_only, "magnitude_only")) if config.magnitude_only else set()
     full_names = [n for n in find_modules(model, config.targets) if n not in mag_names]
     extra_names = find_modules(model, config.extra_trainable, "extra_trainable") if config.extra_trainable else []
     modules = dict(model.named_modules())
     chosen = sorted(set(full_names) | mag_names, key=list(modules).index)
     owners = _weight_owners(model)
-    for name in chosen:  # validate everything before changing anything
-        _checked_ops(name, modules[name], config, name in mag_names)
-        others = [o for o in owners[id(modules[name].weight)] if o != name]
+    for module_name in chosen:  # validate everything before changing anything
+        _checked_ops(module_name, modules[module_name], config, module_name in mag_names)
+        others = [o for o in owners[id(modules[module_name].weight)] if o != module_name]
         if others:
             raise ValueError(
-                f"module {name!r} shares its weight with {others[0]!r} (tied weights): merging the adapter would change "
-                f"{others[0]!r} too. Untie them first (e.g. clone the weight into {others[0]!r}) or leave {name!r} out"
+                f"module {module_name!r} shares its weight with {others[0]!r} (tied weights): merging the adapter "
+                f"would change {others[0]!r} too. Untie them first (e.g. clone the weight into {others[0]!r}) or "
+                f"leave {module_name!r} out"
             )
+    adapter = name or DEFAULT
+    if not resident:
+        frozen = {id(p) for p in model.parameters()}
+        active = getattr(model, _ACTIVE_ATTR, own_name(model))
+        shared: dict = {}
+        for module_name in chosen:
+            _adapt(module_name, modules[module_name], config, module_name in mag_names, shared, adapter, False, active)
+        for p in model.parameters():  # the new adapter's tensors start frozen: it is not active
+            if id(p) not in frozen:
+                p.requires_grad_(False)
+        getattr(model, _NAMED_ATTR)[adapter] = config
+        return chosen
     setattr(model, _REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
-    shared: dict = {}
-    for name in chosen:
-        _adapt(name, modules[name], config, name in mag_names, shared)
+    shared = {}
+    for module_name in chosen:
+        _adapt(module_name, modules[module_name], config, module_name in mag_names, shared, adapter, True, adapter)
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in adapted_modules(model):
         for pname in ADAPTER_PARAMS:
             if hasattr(layer, pname):
                 getattr(layer, pname).requires_grad_(True)
-    for name in extra_names:
-        for p in modules[name].parameters():
+    for module_name in extra_names:
+        for p in modules[module_name].parameters():
             p.requires_grad_(True)
     setattr(model, _CONFIG_ATTR, config)
+    setattr(model, _NAMED_ATTR, {})
+    setattr(model, _ACTIVE_ATTR, adapter)
+    model.dorafit_own_name = adapter
     model.dorafit_extra_trainable = extra_names
     return chosen
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter tensors and the extra trainable modules' tensors, keyed by the model's own state-dict keys."""
-    get_config(model)
-    prefixes = [f"{n}." for n in model.dorafit_extra_trainable]
-    wanted = {f"{name}.{p}" for name, layer in adapted_modules(model) for p in ADAPTER_PARAMS if hasattr(layer, p)}
-    return {k: v for k, v in model.state_dict().items() if k in wanted or any(k.startswith(p) for p in prefixes)}
+def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
+    """The tensors of adapter ``name`` (default: the model's own) and its extra trainable modules, keyed as the
+    model's own adapter's would be (``<layer>.lora_A``), so any adapter saves and loads like the first."""
+    if name is None or name == own_name(model):
+        get_config(model)
+        prefixes = [f"{n}." for n in model.dorafit_extra_trainable]
+        wanted = {f"{n}.{p}" for n, layer in adapted_modules(model) for p in ADAPTER_PARAMS if hasattr(layer, p)}
+        return {k: v for k, v in model.state_dict().items() if k in wanted or any(k.startswith(p) for p in prefixes)}
+    config = get_config(model, name)
+    out = {f"{n}.{p}": getattr(holder, p).detach() for n, _, holder in adapter_layers(model, name)
+           for p in ADAPTER_PARAMS if p in holder._parameters}
+    if config.extra_trainable:
+        state = model.state_dict()
+        prefixes = tuple(f"{n}." for n in find_modules(model, config.extra_trainable, "extra_trainable"))
+        out.update({k: v for k, v in state.items() if k.startswith(prefixes)})
+    return out
 
 
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
@@ -230,44 +316,101 @@ def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in seen.values())
 
 
+def _all_adapted(model: nn.Module) -> list[AdaptedLayer]:
+    return [m for m in model.modules() if is_adapted(m)]
+
+
 def merge(model: nn.Module) -> None:
-    """Fold every adapter into its layer's weight: inference then costs exactly what the base model costs."""
-    get_config(model)
-    for _, layer in adapted_modules(model):
-        layer.merge()
+    """Fold the active adapter into its layers' weights: inference then costs exactly what the base model costs."""
+    active = getattr(model, _ACTIVE_ATTR, own_name(model))
+    get_config(model, active)
+    for _, layer, holder in adapter_layers(model, active):
+        layer.merge(holder)
 
 
 def unmerge(model: nn.Module) -> None:
     """Undo :func:`merge`: base weights come back (up to float rounding)."""
     get_config(model)
-    for _, layer in adapted_modules(model):
-        layer.unmerge()
+    for layer in _all_adapted(model):
+        for holder in layer.holders().values():
+            layer.unmerge(holder)
 
 
 def _remove(model: nn.Module, merge_first: bool) -> nn.Module:
-    get_config(model)
-    for _, layer in list(adapted_modules(model)):
+    if not adapter_names(model):
+        get_config(model)  # the error: no adapters
+    if merge_first:
+        merge(model)
+    for layer in _all_adapted(model):
         if merge_first:
-            layer.merge()
-            layer.dorafit.merged = False  # keep the merged weight: strip without unmerging
+            for holder in layer.holders().values():
+                holder.dorafit.merged = False  # keep the merged weight: strip without unmerging
         strip_module(layer)
     flags = getattr(model, _REQUIRES_GRAD_ATTR, {})
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, p.requires_grad))
-    for attr in (_CONFIG_ATTR, _REQUIRES_GRAD_ATTR, "dorafit_extra_trainable"):
+    for attr in (_CONFIG_ATTR, _NAMED_ATTR, _ACTIVE_ATTR, _REQUIRES_GRAD_ATTR, "dorafit_extra_trainable",
+                 "dorafit_own_name"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and turn adapted layers back into plain torch layers (in place); returns the model."""
+    """Merge the active adapter and turn adapted layers back into plain torch layers (in place; any other
+    adapters are dropped); returns the model."""
     return _remove(model, merge_first=True)
 
 
-def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging: the base model comes back (in place); returns the model."""
-    return _remove(model, merge_first=False)
+def unload(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Remove every adapter without merging: the base model comes back (in place); returns the model.
+
+    ``name``: remove only that adapter (the others stay; if it was active, the model's own becomes active, or
+    the base model if it was the model's own)."""
+    if name is None or adapter_names(model) == [name]:
+        get_config(model, name)
+        return _remove(model, merge_first=False)
+    get_config(model, name)
+    own = name == own_name(model)
+    for _, layer, holder in adapter_layers(model, name):
+        layer.unmerge(holder)
+        if own:
+            for attr in ADAPTER_PARAMS + ("vera_A", "vera_B"):
+                if hasattr(layer, attr):
+                    delattr(layer, attr)
+            layer.dorafit.present = False
+        else:
+            slots = layer._modules[SLOTS]
+            del slots[name]
+            if not len(slots):
+                del layer._modules[SLOTS]
+        if not layer.dorafit.present and SLOTS not in layer._modules:
+            strip_module(layer)
+    if own:
+        delattr(model, _CONFIG_ATTR)
+        model.dorafit_extra_trainable = []
+    else:
+        del getattr(model, _NAMED_ATTR)[name]
+    if getattr(model, _ACTIVE_ATTR, None) == name:
+        set_active(model, own_name(model))
+    return model
+
+
+def set_active(model: nn.Module, name: str | None) -> None:
+    """Make adapter ``name`` (None: none, the base model) the one forward uses and the only one that trains."""
+    if name is not None:
+        get_config(model, name)
+    merged = {layer.dorafit.merged_name for layer in _all_adapted(model)} - {None}
+    if merged and merged != {name}:
+        raise ValueError(f"adapter {merged.pop()!r} is merged into the weights; unmerge it (dorafit.unmerge) before "
+                         "switching adapters")
+    for layer in _all_adapted(model):
+        layer.dorafit.active = name
+        for holder_name, holder in layer.holders().items():
+            for pname in ADAPTER_PARAMS:
+                if pname in holder._parameters:
+                    holder._parameters[pname].requires_grad_(holder_name == name)
+    setattr(model, _ACTIVE_ATTR, name)
 
 
 @contextlib.contextmanager
@@ -276,16 +419,18 @@ def disabled(model: nn.Module):
 
     A merged model is unmerged for the block and merged again after it.
     """
-    get_config(model)
-    layers = [layer for _, layer in adapted_modules(model)]
-    was_merged = [layer.dorafit.merged for layer in layers]
+    if not adapter_names(model):
+        get_config(model)
+    layers = _all_adapted(model)
+    was_merged = [(layer, layer.holder(layer.dorafit.merged_name)) for layer in layers if layer.dorafit.merged_name]
     for layer in layers:
-        layer.unmerge()
+        for holder in layer.holders().values():
+            layer.unmerge(holder)
         layer.dorafit.disabled = True
     try:
         yield model
     finally:
-        for layer, merged in zip(layers, was_merged):
+        for layer in layers:
             layer.dorafit.disabled = False
-            if merged:
-                layer.merge()
+        for layer, holder in was_merged:
+            layer.merge(holder)

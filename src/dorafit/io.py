@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import __version__, vera
 from .config import AdapterConfig
 from .files import atomic_write_bytes, atomic_write_json, sha256_hex
-from .inject import adapted_modules, adapter_state_dict, apply, get_config, unload
+from .inject import adapter_layers, adapter_state_dict, apply, find_modules, get_config, own_name, unload
 
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter.safetensors"
@@ -48,21 +48,24 @@ def _seed_fingerprint(layer, config: AdapterConfig) -> str:
     return vera.seed_fingerprint(config.vera_seed, config.r, out, inp)
 
 
-def _describe(model: nn.Module) -> dict:
-    config = get_config(model)
+def _describe(model: nn.Module, adapter: str | None = None) -> dict:
+    config = get_config(model, adapter)
     modules, fingerprints = {}, {}
     mag_only = []
-    for name, layer in adapted_modules(model):
+    for name, layer, holder in adapter_layers(model, adapter):
         modules[name] = list(layer.weight.shape)
-        if layer.dorafit.update is None:
+        if holder.dorafit.update is None:
             mag_only.append(name)
-        if layer.dorafit.update == "vera":
+        if holder.dorafit.update == "vera":
             fingerprints[_vera_key(layer)] = _seed_fingerprint(layer, config)
+    own = adapter is None or adapter == own_name(model)
+    extra = list(model.dorafit_extra_trainable) if own else \
+        (find_modules(model, config.extra_trainable, "extra_trainable") if config.extra_trainable else [])
     resolved = dataclasses.replace(
         config,
         targets=[n for n in modules if n not in mag_only],
         magnitude_only=mag_only or None,
-        extra_trainable=list(model.dorafit_extra_trainable),
+        extra_trainable=extra,
     )
     return {"config": resolved.to_dict(), "modules": modules, "vera_fingerprints": fingerprints}
 
@@ -77,26 +80,27 @@ def model_description(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model: str | None = None,
-                 tensors: dict[str, Tensor] | None = None) -> Path:
+                 tensors: dict[str, Tensor] | None = None, name: str | None = None) -> Path:
     """Write the model's adapter to the folder ``path`` (created if needed); returns the folder.
 
     ``tensors`` replaces the model's own adapter tensors (same keys), e.g. full tensors gathered from shards.
+    ``name``: which adapter (default: the model's own); any adapter is saved as an ordinary adapter folder.
     """
     folder = Path(path)
-    own = adapter_state_dict(model)
+    own = adapter_state_dict(model, name)
     if tensors is not None and set(tensors) != set(own):
         raise ValueError(f"save_adapter: the tensors given have keys {sorted(set(tensors) ^ set(own))[:3]} "
                          "that differ from the model's adapter tensors")
     tensors = {k: v.detach().contiguous().cpu() for k, v in (own if tensors is None else tensors).items()}
-    config = get_config(model)
+    config = get_config(model, name)
     if config.save_vera_projections:  # once per shared shape, not once per layer
-        for _, layer in adapted_modules(model):
-            if layer.dorafit.update == "vera":
+        for _, layer, holder in adapter_layers(model, name):
+            if holder.dorafit.update == "vera":
                 key = _vera_key(layer)
-                tensors[f"{key}.A"] = layer.vera_A.detach().contiguous().cpu()
-                tensors[f"{key}.B"] = layer.vera_B.detach().contiguous().cpu()
+                tensors[f"{key}.A"] = holder.vera_A.detach().contiguous().cpu()
+                tensors[f"{key}.B"] = holder.vera_B.detach().contiguous().cpu()
     blob = save_safetensors_bytes(tensors, metadata={"format": FORMAT})
-    meta = _describe(model)
+    meta = _describe(model, name)
     meta.update(format=FORMAT, dorafit_version=__version__, tensors_sha256=sha256_hex(blob),
                 model=model_description(model))
     if base_model is not None:
@@ -154,10 +158,11 @@ def _config_digest(meta: dict) -> str:
     return sha256_hex(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
 
-def _check_and_copy(model: nn.Module, meta: dict, tensors: dict[str, Tensor]) -> None:
+def _check_and_copy(model: nn.Module, meta: dict, tensors: dict[str, Tensor], adapter: str | None = None) -> None:
     """Check the model's adapted modules and tensors against the file, then copy (nothing is copied on error)."""
     saved_modules = meta["modules"]
-    ours = {name: list(layer.weight.shape) for name, layer in adapted_modules(model)}
+    config = get_config(model, adapter)
+    ours = {name: list(layer.weight.shape) for name, layer, _ in adapter_layers(model, adapter)}
     for name, shape in saved_modules.items():
         if name not in ours:
             raise AdapterFileError(f"the adapter was saved for module {name!r}, which this model does not have adapted")
@@ -167,25 +172,27 @@ def _check_and_copy(model: nn.Module, meta: dict, tensors: dict[str, Tensor]) ->
                 "this adapter belongs to a different base model"
             )
     stored: dict[str, tuple[Tensor, Tensor]] = {}
-    for name, layer in adapted_modules(model):
-        if layer.dorafit.update == "vera":
+    for name, layer, holder in adapter_layers(model, adapter):
+        if holder.dorafit.update == "vera":
             key = _vera_key(layer)
             if f"{key}.A" in tensors:  # stored projections replace the regenerated ones, still shared per shape
                 if key not in stored:
-                    like = layer.vera_A
+                    like = holder.vera_A
                     stored[key] = tuple(tensors[f"{key}.{ab}"].to(like.device, like.dtype) for ab in "AB")
-                layer.vera_A, layer.vera_B = stored[key]
-            elif meta.get("vera_fingerprints", {}).get(key) != _seed_fingerprint(layer, get_config(model)):
+                holder.vera_A, holder.vera_B = stored[key]
+            elif meta.get("vera_fingerprints", {}).get(key) != _seed_fingerprint(layer, config):
                 raise AdapterFileError(
-                    f"module {name!r}: VeRA's shared projections regenerated from seed {get_config(model).vera_seed} "
+                    f"module {name!r}: VeRA's shared projections regenerated from seed {config.vera_seed} "
                     "differ from the ones the adapter was trained with (wrong seed, rank or shape)"
                 )
-    set_adapter_state_dict(model, {k: v for k, v in tensors.items() if not k.startswith(VERA_PREFIX)})
+    set_adapter_state_dict(model, {k: v for k, v in tensors.items() if not k.startswith(VERA_PREFIX)}, adapter)
 
 
-def set_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None:
-    """Copy adapter tensors into an adapted model; every key and shape must match, else nothing is copied."""
-    current = adapter_state_dict(model)
+def set_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor], name: str | None = None) -> None:
+    """Copy adapter tensors into an adapted model; every key and shape must match, else nothing is copied.
+
+    ``name``: into that adapter (default: the model's own), keyed like the model's own (``<layer>.lora_A``)."""
+    current = adapter_state_dict(model, name)
     missing = sorted(set(current) - set(tensors))
     unexpected = sorted(set(tensors) - set(current))
     if missing:
@@ -197,14 +204,14 @@ def set_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor]) -> None
             raise AdapterFileError(
                 f"tensor {key!r}: file shape {list(value.shape)}, model shape {list(current[key].shape)}"
             )
-    merged = [layer for _, layer in adapted_modules(model) if layer.dorafit.merged]
-    for layer in merged:  # a merged weight folds in the old adapter: take it out before replacing the tensors
-        layer.unmerge()
+    merged = [(layer, holder) for _, layer, holder in adapter_layers(model, name) if holder.dorafit.merged]
+    for layer, holder in merged:  # a merged weight folds in the old adapter: take it out before replacing tensors
+        layer.unmerge(holder)
     with torch.no_grad():
         for key, value in tensors.items():
             current[key].copy_(value)
-    for layer in merged:
-        layer.merge()
+    for layer, holder in merged:
+        layer.merge(holder)
 
 
 def _exact_names(names: list[str]) -> str | list[str]:
@@ -230,11 +237,12 @@ def _check_modules(model: nn.Module, meta: dict, path) -> None:
         f"modules are missing, e.g. {first!r}{hint}. Load it into the model class it was trained on")
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, extra: bool = True) -> list[str]:
+def load_adapter(model: nn.Module, path: str | os.PathLike, extra: bool = True, name: str | None = None) -> list[str]:
     """Apply the saved config to a base ``model`` (in place), then load the saved tensors.
 
     ``extra=False`` keeps the model's own tensors of the saved ``extra_trainable`` modules (e.g. a fresh
     classification head for another label set) instead of the saved ones; they stay trainable.
+    ``name``: load it as a named adapter, beside any the model has (see :func:`dorafit.apply`).
     Returns the adapted module names. On any error the model is left as it was.
     """
     meta, tensors = read_adapter(path)
@@ -250,16 +258,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, extra: bool = True) 
         raise AdapterFileError(f"{Path(path) / CONFIG_FILE}: invalid adapter config: {exc}") from None
     _check_modules(model, meta, path)
     try:
-        names = apply(model, config)
+        names = apply(model, config, name=name)
     except ValueError as exc:
         raise AdapterFileError(f"the adapter in {path} does not fit this model: {exc}") from None
+    adapter = name if name is not None else own_name(model)
     if not extra:
-        prefixes = tuple(f"{n}." for n in model.dorafit_extra_trainable)
-        own = {k: v.detach().clone() for k, v in adapter_state_dict(model).items() if k.startswith(prefixes)}
+        prefixes = tuple(f"{n}." for n in get_config(model, adapter).extra_trainable or [])
+        own = {k: v.detach().clone() for k, v in adapter_state_dict(model, adapter).items() if k.startswith(prefixes)}
         tensors = {**{k: v for k, v in tensors.items() if not k.startswith(prefixes)}, **own}
     try:
-        _check_and_copy(model, meta, tensors)
+        _check_and_copy(model, meta, tensors, adapter)
     except BaseException:
-        unload(model)
+        unload(model, adapter)
         raise
     return names

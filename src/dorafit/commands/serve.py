@@ -55,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         import uvicorn
 
+        from ..cli import Terminated
         from ..serving.api import create_app
         from ..serving.load import build_served
 
@@ -68,15 +69,19 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}; choose another --port") \
                 from None
         port = sock.getsockname()[1]
+        sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
         served.engine.start()
         names = ", ".join([served.base_name, *served.adapters])
         print(f"serving {names} on http://{args.host}:{port}/v1 (max batch {args.max_batch_size}); "
               "SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
         server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning"))
         try:
-            server.run(sockets=[sock])  # uvicorn stops cleanly on SIGINT and SIGTERM
+            server.run(sockets=[sock])  # uvicorn stops cleanly on SIGINT and SIGTERM: requests in flight finish
+        except (KeyboardInterrupt, Terminated):  # the signal uvicorn re-raises once it has shut down
+            pass
         finally:
             served.engine.stop()
+        print("server stopped", file=sys.stderr, flush=True)
         return 0
 
     return report_errors(command)

@@ -19,6 +19,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
 from ..chat_format import ChatFormat, ChatFormatError
 from ..generation import SamplingOptions
 from .engine import Engine, Request
@@ -177,10 +181,7 @@ def _reason(reason: str | None) -> str:
     return {"stop": "stop", "length": "length"}.get(reason, reason or "stop")
 
 
-def create_app(served: Served):
-    from fastapi import FastAPI, Request as HttpRequest
-    from fastapi.responses import JSONResponse, StreamingResponse
-
+def create_app(served: Served) -> FastAPI:
     app = FastAPI(title="dorafit serve", version="1")
 
     @app.exception_handler(ApiError)

@@ -66,6 +66,7 @@ class Engine:
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.active: list[_Row] = []
         self.steps = 0  # batched decode forwards so far (for /health and tests)
+        self.peak_batch = 0  # the most rows one decode forward has served
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -91,7 +92,8 @@ class Engine:
         self.waiting.put(request)
 
     def load(self) -> dict:
-        return {"active": len(self.active), "waiting": self.waiting.qsize(), "decode_steps": self.steps}
+        return {"active": len(self.active), "waiting": self.waiting.qsize(), "decode_steps": self.steps,
+                "peak_batch": self.peak_batch}
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -152,6 +154,7 @@ class Engine:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True)
         self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(rows))
         still = []
         for i, r in enumerate(rows):
             pad = longest - r.length
