@@ -1,0 +1,212 @@
+"""Serving K DoRA adapters from one base model: resident memory and batched throughput (``dorafit serve``'s engine).
+
+Memory (each in a fresh process, resident set size after the model is ready and has answered one request):
+
+    unmerged   the base model + K DoRA adapters kept unmerged (what ``dorafit serve`` holds)
+    merged1    one merged model (what serving a single adapter merged costs)
+    mergedK    K merged copies (the usual workaround for serving K DoRA adapters)
+
+Throughput: N concurrent requests, mixed over the K adapters, each generating T tokens greedily after its own
+prompt, through :class:`dorafit.serving.engine.Engine`: batched (``max_batch_size`` N: one forward per token for
+every request) against one request at a time (``max_batch_size`` 1), interleaved, generated tokens per second.
+
+The model is the LLaMA-shaped random model of ``dorafit bench`` (hidden 1024, intermediate 2816, 4 layers, 16 heads,
+vocabulary 32,000) with DoRA r 16 on q, k, v, up, down, each adapter's B and magnitude perturbed from their init
+by its own seed (so the adapters differ and are not the identity). Results go to
+``benchmarks/results/serving-<date>.json`` and a Markdown table on stdout.
+
+    .venv/bin/python benchmarks/serving.py [--adapters 4] [--tokens 32] [--concurrency 1,4,8] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+import dorafit  # noqa: E402
+from dorafit.bench.generation import perturb  # noqa: E402
+from dorafit.bench.measure import rss_bytes  # noqa: E402
+from dorafit.bench.models import LLAMA_TARGETS, WorkloadSpec, build_workload  # noqa: E402
+from dorafit.bench.report import load_average, machine  # noqa: E402
+from dorafit.files import atomic_write_json  # noqa: E402
+from dorafit.generation import SamplingOptions  # noqa: E402
+from dorafit.serving.engine import Engine, Request  # noqa: E402
+
+MIB = 2**20
+
+
+def base_model():
+    spec = WorkloadSpec(model="llama", batch=1, seq=64, r=16, alpha=32)
+    model = build_workload(spec).base
+    model.config.use_cache = True
+    return model.eval()
+
+
+def adapted(model, k: int):
+    """The base with K named DoRA adapters beside each other ("a0" the model's own), each perturbed by its seed."""
+    for i in range(k):
+        torch.manual_seed(i)
+        dorafit.apply(model, dorafit.AdapterConfig(method="dora", r=16, alpha=32, targets=LLAMA_TARGETS), name=f"a{i}")
+        dorafit.set_adapter(model, f"a{i}")
+        perturb(model, seed=100 + i)
+    dorafit.set_adapter(model, None)
+    model.requires_grad_(False)
+    return model
+
+
+def merged_copy(seed_index: int):
+    model = base_model()
+    torch.manual_seed(seed_index)
+    dorafit.apply(model, dorafit.AdapterConfig(method="dora", r=16, alpha=32, targets=LLAMA_TARGETS))
+    perturb(model, seed=100 + seed_index)
+    return dorafit.merge_and_unload(model).requires_grad_(False)
+
+
+class Tokens:
+    """The engine needs a tokenizer only to decode for stop strings (none here) and for its pad/EOS ids."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def memory_child(what: str, k: int) -> None:
+    """In a fresh process: build ``what``, answer one request, print the resident set size (MiB) as JSON."""
+    torch.set_num_threads(1)
+    start = rss_bytes()
+    if what == "unmerged":
+        models = [adapted(base_model(), k)]
+    elif what == "merged1":
+        models = [merged_copy(0)]
+    else:
+        models = [merged_copy(i) for i in range(k)]
+    for model in models:
+        with torch.no_grad():
+            model.generate(input_ids=torch.ones(1, 8, dtype=torch.long), max_new_tokens=2, do_sample=False,
+                           pad_token_id=0)
+    print(json.dumps({"rss_mib": rss_bytes() / MIB, "rss_at_start_mib": start / MIB}))
+
+
+def measure_memory(k: int) -> dict:
+    out = {}
+    for what in ("unmerged", "merged1", "mergedK"):
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", what, "--adapters", str(k)],
+                              capture_output=True, text=True, check=True)
+        out[what] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def run_requests(engine: Engine, prompts: list[list[int]], adapters: list[str], tokens: int) -> float:
+    """Submit every request at once and wait for all: the seconds it took."""
+    done = threading.Event()
+    left = [len(prompts)]
+    lock = threading.Lock()
+
+    def on_token(token, reason):
+        if reason is not None:
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+    options = SamplingOptions(max_new_tokens=tokens)
+    started = time.perf_counter()
+    for prompt, adapter in zip(prompts, adapters):
+        engine.submit(Request(prompt, adapter, options, on_token=on_token))
+    done.wait()
+    return time.perf_counter() - started
+
+
+def measure_throughput(model, k: int, tokens: int, concurrency: list[int], repeats: int) -> dict:
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(7)
+    engines = {"batched": None, "one_at_a_time": None}
+    out = {}
+    for n in concurrency:
+        prompts = [torch.randint(1, vocab, (48,), generator=g).tolist() for _ in range(n)]
+        adapters = [f"a{i % k}" for i in range(n)]
+        engines = {"batched": Engine(model, Tokens(), max_batch_size=n).start(),
+                   "one_at_a_time": Engine(model, Tokens(), max_batch_size=1).start()}
+        engines["batched"].stops = engines["one_at_a_time"].stops = set()  # exactly `tokens` tokens per request
+        times = {name: [] for name in engines}
+        for name, engine in engines.items():  # warm-up
+            run_requests(engine, prompts[:1], adapters[:1], 2)
+        for _ in range(repeats):
+            for name, engine in engines.items():
+                times[name].append(run_requests(engine, prompts, adapters, tokens))
+        for engine in engines.values():
+            engine.stop()
+        out[n] = {name: {"seconds": statistics.median(t), "seconds_all": t,
+                         "tokens_per_s": n * tokens / statistics.median(t)} for name, t in times.items()}
+        out[n]["speedup"] = out[n]["batched"]["tokens_per_s"] / out[n]["one_at_a_time"]["tokens_per_s"]
+        print(f"  {n} concurrent: batched {out[n]['batched']['tokens_per_s']:.1f} tokens/s, one at a time "
+              f"{out[n]['one_at_a_time']['tokens_per_s']:.1f}: {out[n]['speedup']:.2f}x", file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.adapters)
+        return 0
+    torch.set_num_threads(args.threads)
+    meta = {**machine(), "load_average_start": load_average(), "command": " ".join(["benchmarks/serving.py",
+                                                                                     *sys.argv[1:]])}
+    print("memory (fresh processes)", file=sys.stderr, flush=True)
+    memory = measure_memory(args.adapters)
+    print("throughput", file=sys.stderr, flush=True)
+    model = adapted(base_model(), args.adapters)
+    throughput = measure_throughput(model, args.adapters, args.tokens,
+                                    [int(c) for c in args.concurrency.split(",")], args.repeats)
+    meta["load_average_end"] = load_average()
+    ratios = {"unmerged_vs_merged1_memory": memory["unmerged"]["rss_mib"] / memory["merged1"]["rss_mib"],
+              "unmerged_vs_mergedK_memory": memory["unmerged"]["rss_mib"] / memory["mergedK"]["rss_mib"]}
+    record = {"meta": meta, "adapters": args.adapters, "tokens": args.tokens, "memory": memory,
+              "throughput": throughput, "ratios": ratios}
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = ROOT / "benchmarks" / "results" / f"serving-{stamp}.json"
+    atomic_write_json(path, record)
+    k = args.adapters
+    lines = [f"Serving {k} DoRA adapters (r 16 on q, k, v, up, down) of the LLaMA-shaped model; {meta['cpu']}, "
+             f"{args.threads} threads, load average {meta['load_average_start']} -> {meta['load_average_end']}, "
+             f"{meta['date_utc']} UTC", "",
+             "| resident memory | MiB | ratio |", "|---|---:|---:|",
+             f"| base + {k} unmerged adapters | {memory['unmerged']['rss_mib']:.0f} | |",
+             f"| one merged model | {memory['merged1']['rss_mib']:.0f} | unmerged / this: "
+             f"{ratios['unmerged_vs_merged1_memory']:.3f} (target <= 1.15) |",
+             f"| {k} merged copies | {memory['mergedK']['rss_mib']:.0f} | unmerged / this: "
+             f"{ratios['unmerged_vs_mergedK_memory']:.3f} |", "",
+             f"| concurrent requests ({args.tokens} tokens each, adapters mixed) | batched tokens/s | one at a time "
+             "tokens/s | batched / one at a time |", "|---|---:|---:|---:|"]
+    for n, r in throughput.items():
+        target = " (target >= 2)" if n == max(throughput) else ""
+        lines.append(f"| {n} | {r['batched']['tokens_per_s']:.1f} | {r['one_at_a_time']['tokens_per_s']:.1f} | "
+                     f"{r['speedup']:.2f}{target} |")
+    print("\n".join(lines))
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
