@@ -245,3 +245,61 @@ def test_vera_and_dvora_rank_may_exceed_the_layer_dimensions():
         torch.testing.assert_close(model(x), torch.nn.functional.linear(x, dense, base.layer.bias))
     with pytest.raises(ValueError, match="rank r=16 is larger than module"):
         dorafit.apply(copy.deepcopy(base), dorafit.AdapterConfig(method="lora", r=16, targets=["layer"]))
+
+
+# ---- the library -------------------------------------------------------------------------------------------
+def _adapted_pair():
+    import dorafit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Conv1d(5, 4, 3, padding=1))
+    dorafit.apply(model, dorafit.AdapterConfig(method="dora", r=2, alpha=3, targets=["0", "1"]))
+    from .conftest import randomize_adapter
+
+    randomize_adapter(model)
+    return model.eval()
+
+
+def run_pair(model, x):
+    return model[1](model[0](x).transpose(1, 2))
+
+
+def test_an_adapted_model_pickles_deep_copies_and_saves_whole():
+    import copy
+    import io
+    import pickle
+
+    model = _adapted_pair()
+    x = torch.randn(2, 7, 6)
+    want = run_pair(model, x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert type(other[0]).__name__ == "AdaptedLinear" and other[0].dorafit.update == "lora"
+        torch.testing.assert_close(run_pair(other, x), want, rtol=0, atol=0)
+
+
+def test_a_merged_models_state_loads_into_an_unmerged_one_and_back():
+    import copy
+
+    import dorafit
+
+    model = _adapted_pair()
+    x = torch.randn(2, 7, 6)
+    want = run_pair(model, x)
+    merged = copy.deepcopy(model)
+    dorafit.merge(merged)
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(merged.state_dict(), strict=True)  # the state holds W0 whether merged or not
+    torch.testing.assert_close(run_pair(fresh, x), want, rtol=1e-5, atol=1e-6)
+    merged.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(run_pair(merged, x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_shape_inference_on_the_meta_device():
+    import copy
+
+    model = copy.deepcopy(_adapted_pair()).to("meta")
+    out = run_pair(model, torch.empty(2, 7, 6, device="meta"))
+    assert out.shape == (2, 4, 7) and out.is_meta

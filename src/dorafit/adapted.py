@@ -271,6 +271,44 @@ class AdaptedLayer:
         st.merged, st.merge_norm, st.merge_lost_rows = False, None, None
         self.dorafit.merged_name = None
 
+    # ---- the state dict and pickling -----------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A merged layer's state holds the base weight W0 (recovered as :meth:`unmerge` does), not the merged
+        one: the state of a model is the same merged or not, and loads into either."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        name = self.dorafit.merged_name
+        if name is not None and prefix + "weight" in destination:
+            destination[prefix + "weight"] = self._unmerged_weight(self.holder(name))
+
+    @torch.no_grad()
+    def _unmerged_weight(self, holder) -> Tensor:
+        """W0 in the layer's own layout, computed from the merged weight without changing it."""
+        st = holder.dorafit
+        p, q = self.factors(holder)
+        m = holder.magnitude if st.decomposed else None
+        w0 = Fn.unmerged_weight(self.dorafit.ops.weight_matrix(self), p, q, m, st.merge_norm)
+        if st.merge_lost_rows is not None:
+            rows, values = st.merge_lost_rows
+            w0[rows] = values
+        native = self.weight.detach().clone()
+        self.dorafit.ops.weight_matrix(_WeightOnly(native)).copy_(w0)
+        return native
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loading into a merged layer: unmerge, load (W0 and the adapter tensors), merge again."""
+        name = self.dorafit.merged_name
+        holder = self.holder(name) if name is not None else None
+        if holder is not None:
+            self.unmerge(holder)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if holder is not None:
+            self.merge(holder)
+
+    def __reduce_ex__(self, protocol):
+        """Pickle (``torch.save(model)``, ``copy.deepcopy``) by the base layer's class: the adapted class is made
+        at run time, so it is made again when unpickling."""
+        return _new_adapted, (self.dorafit.base_class,), self.__getstate__()
+
     def train(self, mode: bool = True):
         """Also drops the cached norms: ``model.eval()`` always starts from the current tensors, even after writes
         through ``.data`` (which do not bump the version counters the caches are keyed on)."""
@@ -297,6 +335,19 @@ class AdaptedLayer:
                              for name, h in self.holders().items())
         merged = [name for name, h in self.holders().items() if h.dorafit.merged]
         return f"{st.base_class.extra_repr(self)}, adapters: {adapters or 'none'}, merged={merged or False}"
+
+
+class _WeightOnly:
+    """A stand-in module with only a ``weight``, to write a matrix into a tensor in a layer family's layout."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+
+
+def _new_adapted(base_class: type) -> nn.Module:
+    """An empty instance of ``Adapted<base_class>`` (pickle fills in its state)."""
+    cls = adapted_class(base_class)
+    return cls.__new__(cls)
 
 
 _ADAPTED_CLASSES: dict[type, type] = {}

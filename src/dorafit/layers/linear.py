@@ -30,7 +30,7 @@ class LinearOps(LayerOps):
         w0 = self.weight_matrix(module)
         bias = module.bias if with_bias else None
         same_dtype = x.dtype == w0.dtype == p.dtype == q.dtype and (bias is None or bias.dtype == x.dtype)
-        if x_adapter is not x or not same_dtype or torch.is_autocast_enabled(x.device.type):
+        if x_adapter is not x or not same_dtype or x.is_meta or torch.is_autocast_enabled(x.device.type):
             return super().low_rank(module, x, x_adapter, p, q, with_bias)
         return low_rank_linear(x, w0, p, q, bias)
 
