@@ -108,3 +108,14 @@ def test_resume_of_a_complete_run_says_so_and_a_run_can_be_extended(tmp_path, as
     assert strip(read_jsonl(run / "metrics.jsonl")) == strip(read_jsonl(straight / "metrics.jsonl"))
     code, out, _ = run_cli("train", "--resume", run, "--steps", 6)
     assert code == 0 and "is complete: it trained all 6 steps" in out
+
+
+def test_compile_option_compiles_the_adapted_model_in_place(assets, monkeypatch):  # noqa: F811
+    from dorafit.train import setup as setup_module
+
+    compiled = []
+    monkeypatch.setattr(setup_module, "compile_model", lambda model: compiled.append(model) or model)
+    cfg = TrainConfig(model=str(assets["bert"]), task=str(assets["jsonl"]), method="dora", compile=True)
+    prepared = setup_module.prepare(cfg)
+    assert compiled == [prepared.model] and list(prepared.model.parameters())[0].requires_grad is False
+    assert any(name.endswith("lora_A") for name, _ in prepared.model.named_parameters())  # names unchanged

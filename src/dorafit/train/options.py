@@ -111,6 +111,9 @@ class TrainConfig:
                        "of seed and step, so a resumed run repeats an uninterrupted one exactly)", minimum=0)
     gradient_checkpointing: bool = option(False, "recompute each transformer block's activations in backward "
                                           "(transformers' gradient checkpointing): less memory, ~30% more time")
+    compile: bool = option(False, "torch.compile the model in place (dorafit.compile_model): training steps and "
+                           "evaluation run compiled (the first steps of each shape compile; DoRA traces as one "
+                           "graph, no recompilation per layer)")
 
     # ---- evaluation --------------------------------------------------------------------------------------
     eval_limit: Optional[int] = option(None, "evaluate on at most this many test examples per test set (default: "

@@ -30,7 +30,7 @@ def describe(setup, total: int, warmup: int, group: Group = SINGLE) -> str:
         f"method  {what}{head}: {trainable:,} of {everything:,} parameters trainable "
         f"({100 * trainable / everything:.3f}%)",
         f"steps   {total} of {batch}, lr {cfg.lr:g} {cfg.schedule}, warm-up {warmup}, seed {cfg.seed}"
-        + (", gradient checkpointing" if cfg.gradient_checkpointing else ""),
+        + (", gradient checkpointing" if cfg.gradient_checkpointing else "") + (", compiled" if cfg.compile else ""),
     ])
 
 

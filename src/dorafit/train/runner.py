@@ -45,7 +45,7 @@ from .snapshots import save_snapshot, snapshot_keys
 
 #: options that may differ between a run and its resumption: they do not change the math, but a different
 #: --threads may change the order of float sums, so the resumed run then agrees to rounding, not bit for bit
-RESUME_MAY_CHANGE = ("resume", "threads", "eval_batch_size", "distributed", "log")
+RESUME_MAY_CHANGE = ("resume", "threads", "eval_batch_size", "distributed", "log", "compile")
 #: options a resumed run may raise: training continues past the run's end (see resume_config)
 RESUME_MAY_EXTEND = ("steps", "epochs")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..compiling import compile_model
 from ..inject import adapted_modules, apply, get_config
 from ..io import TENSORS_FILE, load_adapter, read_adapter
 from ..peft_format import PEFT_TENSORS_FILE, import_peft
@@ -101,6 +102,8 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
         adapted = apply(loaded.model, adapter_config(cfg, cfg.targets, cfg.head))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
+    if cfg.compile:
+        compile_model(loaded.model)
     return Setup(cfg, task, loaded, device, adapted, notes)
 
 
@@ -163,6 +166,7 @@ def load_trained(run_dir: Path, device: str | None = None) -> Setup:
     run_dir = Path(run_dir)
     cfg, resolved = stored_config(run_dir)
     kind = resolved.get("kind")
+    cfg = dataclasses.replace(cfg, compile=False)  # evaluation of a finished run runs eager
     if device:
         cfg = dataclasses.replace(cfg, device=device)
     if cfg.method == "full":
@@ -173,7 +177,8 @@ def load_trained(run_dir: Path, device: str | None = None) -> Setup:
     if not (run_dir / rundir.ADAPTER).is_dir():
         raise ValueError(f"{run_dir} has no trained adapter yet ({rundir.ADAPTER}/ is missing); finish it with "
                          f"dorafit train --resume {run_dir}")
-    base = dataclasses.replace(cfg, method="full", magnitude_only=None, init_from=None, gradient_checkpointing=False)
+    base = dataclasses.replace(cfg, method="full", magnitude_only=None, init_from=None, gradient_checkpointing=False,
+                               compile=False)
     setup = prepare(base, kind=kind)
     setup.model.requires_grad_(False)
     setup.adapted = load_adapter(setup.model, run_dir / rundir.ADAPTER)
