@@ -15,6 +15,7 @@
     rundir.py       the run folder's files (config, metrics, eval, samples, loss plot) and its lock
     merge.py        a run's merged model as a plain transformers folder, checked against the adapted one
     distributed.py  torchrun: DDP and FSDP2
+    generator.py    a run folder, merged folder or model folder ready to write text (dorafit generate, chat)
 
 Nothing is downloaded: importing this package sets HF_HUB_OFFLINE=1 unless the environment says otherwise.
 """
