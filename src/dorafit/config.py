@@ -50,9 +50,10 @@ class AdapterConfig:
     memory where the next operation keeps y anyway (attention's v, a gated MLP's up, GELU's input) and one
     [tokens, out] tensor more than LoRA elsewhere; no extra time. 'recompute': nothing beyond what LoRA keeps;
     backward computes pre = W0 x + P (Q x) again, without grad, from the input LoRA keeps anyway (one more
-    forward product of the layer per step). Both are exact. Under torch.compile (or inside activation
-    checkpointing) the compiler (or the checkpoint) decides what is kept, and 'recompute' has no effect.
-    See benchmarks/README.md for what each costs."""
+    forward product of the layer per step). Both are exact. Under torch.compile, 'recompute' wraps the layer in a
+    checkpointed region (torch.utils.checkpoint), which makes the compiled graph recompute it in backward; inside
+    activation checkpointing the layer is recomputed anyway and 'save' costs no memory beyond the block being
+    recomputed. See benchmarks/README.md for what each costs."""
     init: str = "kaiming"
     """init of lora_A: 'kaiming' (uniform, like nn.Linear) or 'gaussian' (normal, std 1/r); lora_B starts at 0."""
     extra_trainable: list[str] = field(default_factory=list)
