@@ -18,7 +18,7 @@ import dorafit
 from .conftest import randomize_adapter
 
 # (adapter config, dtype): full DoRA (embedding included) with magnitude-only elsewhere; DVoRA with the exact norm
-# gradient and the recomputed magnitude gradient (which compiled graphs ignore: the compiler plans memory)
+# gradient and the recomputed magnitude gradient (compiled: each layer a checkpointed region)
 CASES = {
     "dora_and_magnitude_only": (
         dict(method="dora", r=2, alpha=4.0, targets=["embed_tokens", "q_proj", "k_proj", "v_proj"],

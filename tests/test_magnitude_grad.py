@@ -53,21 +53,26 @@ class Block(nn.Module):
         return x + self.proj(torch.tanh(x))
 
 
-def _saved_bytes(config_kw: dict) -> int:
+def _saved_bytes(config_kw: dict, compiled: bool) -> int:
     torch.manual_seed(0)
     model = Block()
     dorafit.apply(model, dorafit.AdapterConfig(r=4, targets=["proj"], **config_kw))
     x = torch.randn(64, 32, requires_grad=True)
+    if compiled:
+        torch._dynamo.reset()
+        model = torch.compile(model, backend="aot_eager", fullgraph=True)
+        model(x).sum().backward()
     with SavedTensorCounter(exclude=model_storages(model)) as counter:
         y = model(x)
     y.sum().backward()
     return counter.nbytes
 
 
-def test_recompute_keeps_what_lora_keeps_and_save_one_output_more():
-    lora = _saved_bytes(dict(method="lora"))
-    save = _saved_bytes(dict(method="dora"))
-    recompute = _saved_bytes(dict(method="dora", magnitude_grad="recompute"))
+@pytest.mark.parametrize("compiled", [False, True])
+def test_recompute_keeps_what_lora_keeps_and_save_one_output_more(compiled):
+    lora = _saved_bytes(dict(method="lora"), compiled)
+    save = _saved_bytes(dict(method="dora"), compiled)
+    recompute = _saved_bytes(dict(method="dora", magnitude_grad="recompute"), compiled)
     output = 64 * 32 * 4  # one [tokens, out] float32 tensor
     vectors = 4 * 32 * 4  # DoRA's per-unit vectors (m / n, n, ...): O(out)
     assert save >= lora + output

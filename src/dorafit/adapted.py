@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from . import functional as Fn
 from . import norm_cache
@@ -183,14 +184,25 @@ class AdaptedLayer:
         x_adapter = F.dropout(x, st.dropout) if dropout else x
         if not st.decomposed:
             return ops.finish(self, x, ops.low_rank(self, x, x_adapter, p, q, with_bias=True))
-        pre = self._pre_scale(x, x_adapter, p, q)
         n = self.weight_norm(p, q, holder)
-        # "recompute": backward computes pre again from what the low-rank product keeps, instead of keeping y
-        recompute = (self._pre_scale, (x, x_adapter, p, q)) if st.magnitude_grad == "recompute" else (None, ())
-        # pre is this forward's own fresh tensor (nothing saved it), so the scale may overwrite it
-        y = magnitude_scale(pre, holder.magnitude, n, getattr(self, "bias", None), ops.channel_dim, inplace=True,
-                            recompute=recompute[0], recompute_inputs=recompute[1])
+        if st.magnitude_grad == "recompute" and torch.compiler.is_compiling() and torch.is_grad_enabled():
+            # a compiled graph plans its own memory: a checkpointed region makes it recompute pre in backward
+            y = checkpoint(self._scaled_output, x, x_adapter, p, q, n, holder, use_reentrant=False)
+        else:
+            y = self._scaled_output(x, x_adapter, p, q, n, holder)
         return ops.finish(self, x, y)
+
+    def _scaled_output(self, x: Tensor, x_adapter: Tensor, p: Tensor | None, q: Tensor | None, n: Tensor,
+                       holder) -> Tensor:
+        """A decomposed layer's ``y = (m / n) * pre + b`` (before ``LayerOps.finish``), m from ``holder``."""
+        pre = self._pre_scale(x, x_adapter, p, q)
+        # "recompute": backward computes pre again from what the low-rank product keeps, instead of keeping y
+        recompute = (None, ())
+        if holder.dorafit.magnitude_grad == "recompute":
+            recompute = (self._pre_scale, (x, x_adapter, p, q))
+        # pre is this forward's own fresh tensor (nothing saved it), so the scale may overwrite it
+        return magnitude_scale(pre, holder.magnitude, n, getattr(self, "bias", None), self.dorafit.ops.channel_dim,
+                               inplace=True, recompute=recompute[0], recompute_inputs=recompute[1])
 
     def _pre_scale(self, x: Tensor, x_adapter: Tensor, p: Tensor | None, q: Tensor | None) -> Tensor:
         """A decomposed layer's output before the magnitude, without bias: ``W0 x + P Q x_adapter`` (or ``W0 x``)."""
@@ -365,7 +377,8 @@ def is_adapted(module: nn.Module) -> bool:
     return isinstance(module, AdaptedLayer)
 
 
-def adapt_module(module: nn.Module, state: AdapterState, tensors: dict[str, Tensor], buffers: dict[str, Tensor]) -> None:
+def adapt_module(module: nn.Module, state: AdapterState, tensors: dict[str, Tensor],
+                 buffers: dict[str, Tensor]) -> None:
     """Turn ``module`` into an adapted layer in place: register the adapter tensors and swap its class."""
     for name, value in tensors.items():
         module.register_parameter(name, nn.Parameter(value, requires_grad=True))

@@ -53,8 +53,9 @@ class AdapterConfig:
         "+ dW x, the output before the magnitude, without bias) keeps from forward to backward. save: the layer's "
         "output y (free where the next operation keeps y anyway, one [tokens, out] tensor more than LoRA elsewhere; "
         "no extra time); recompute: nothing beyond LoRA's, backward computes pre again from the input LoRA keeps "
-        "(one more forward product per step). Both exact; under torch.compile or activation checkpointing the "
-        "compiler or the checkpoint decides and recompute has no effect (benchmarks/README.md)",
+        "(one more forward product per step). Both exact. Under torch.compile, recompute runs the layer in a "
+        "checkpointed region so the compiled graph recomputes pre; under activation checkpointing the block is "
+        "recomputed anyway (benchmarks/README.md)",
         choices=MAGNITUDE_GRADS)
     init: str = option("kaiming", "init of lora_A: kaiming (uniform, like nn.Linear) or gaussian (normal, std 1/r); "
                        "lora_B starts at 0", choices=INITS)

@@ -31,7 +31,9 @@ at the cost of one more forward product of the layer per backward.
 
 Under ``torch.compile`` (``torch.compiler.is_compiling()``) the scale is plain differentiable operations
 (:func:`magnitude_scale_reference`): Dynamo cannot trace ``ctx.mark_dirty`` of an input that is not
-returned, and Inductor fuses ``pre * (m / n) + b`` into the kernel that produces pre anyway.
+returned, and Inductor fuses ``pre * (m / n) + b`` into one pass. The compiled graph then keeps pre for
+backward; with ``magnitude_grad="recompute"`` the adapted layer puts the whole layer in a checkpointed
+region instead (see ``AdaptedLayer.forward``), and the graph recomputes it in backward.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def magnitude_scale(
         recompute, recompute_inputs: save ``recompute_inputs`` instead of y or pre, and let backward compute
             pre again as ``recompute(*recompute_inputs)`` (run without grad) for the magnitude's gradient.
     Under ``torch.compile`` this is :func:`magnitude_scale_reference` (``inplace`` and ``recompute`` do not
-    apply: Inductor plans the graph's memory itself).
+    apply: the compiled graph plans its memory itself).
     """
     if torch.compiler.is_compiling():
         return magnitude_scale_reference(pre, magnitude, norm, bias, channel_dim)
