@@ -40,6 +40,9 @@ from .linear import LinearOps
 
 #: most elements dequantized at once (a block of rows), as for upcasting float weights
 CHUNK_ELEMENTS = Fn._UPCAST_CHUNK_ELEMENTS
+#: a block of rows is also at most 1/BLOCKS_PER_LAYER of the layer (as far as the quantization blocks allow a cut),
+#: so even a small layer is never dequantized whole
+BLOCKS_PER_LAYER = 8
 
 
 class QuantizedLinearOps(LinearOps):
@@ -87,10 +90,12 @@ class QuantizedLinearOps(LinearOps):
         return (module.weight,)
 
     def row_chunks(self, module: nn.Module) -> Iterator[tuple[int, Tensor]]:
-        """(start, float32 rows) over all of W0, at most about :data:`CHUNK_ELEMENTS` elements at a time."""
+        """(start, float32 rows) over all of W0: at most :data:`CHUNK_ELEMENTS` elements and 1/:data:`BLOCKS_PER_LAYER`
+        of the rows at a time, in whole multiples of :meth:`row_alignment` rows."""
         out, inp = self.shape(module)
         align = self.row_alignment(module)
-        step = max(align, CHUNK_ELEMENTS // max(1, inp) // align * align)
+        rows = min(CHUNK_ELEMENTS // max(1, inp), -(-out // BLOCKS_PER_LAYER))
+        step = max(align, rows // align * align)
         for start in range(0, out, step):
             yield start, self.rows(module, start, min(out, start + step))
 
