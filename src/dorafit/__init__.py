@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from .compiling import compile_model  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
+from .dequantize import dequantize  # noqa: E402
 from .inject import (  # noqa: E402
     adapted_modules,
     adapter_names,
@@ -37,6 +38,7 @@ __all__ = [
     "adapter_state_dict",
     "apply",
     "compile_model",
+    "dequantize",
     "disabled",
     "export_peft",
     "get_config",

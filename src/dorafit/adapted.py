@@ -123,10 +123,12 @@ class AdaptedLayer:
 
     def base_squared_norms(self) -> Tensor:
         """``||W0||^2`` per output row, cached until the weight is written to (see :mod:`dorafit.norm_cache`)."""
-        return norm_cache.squared_row_norms(self.dorafit.caches, self.dorafit.ops.weight_matrix(self))
+        return norm_cache.layer_squared_row_norms(self.dorafit.caches, self.dorafit.ops, self)
 
-    def weight_norm(self, p: Tensor | None = None, q: Tensor | None = None, holder=None) -> Tensor:
-        """DoRA's n = ||W0 + P Q|| per output row ([out], float32), from the factored formula.
+    def weight_norm(self, p: Tensor | None = None, q: Tensor | None = None, holder=None,
+                    w0_qt: Tensor | None = None) -> Tensor:
+        """DoRA's n = ||W0 + P Q|| per output row ([out], float32), from the factored formula
+        (:func:`dorafit.functional.factored_norm`); ``w0_qt``: ``W0 Q^T`` if the caller has it already.
 
         Differentiable in P and Q only when ``detach_norm`` is False and grad mode is on. In eval mode the vector
         is cached until any tensor it depends on is written to (``AdapterState.cache_norm`` turns that off, e.g.
@@ -135,17 +137,26 @@ class AdaptedLayer:
         a ``torch.compile`` graph, without guards or recompilation (:mod:`dorafit.norm_cache`).
         """
         holder = holder if holder is not None else self
-        st = holder.dorafit
+        st, ops = holder.dorafit, self.dorafit.ops
         if p is None and st.update is not None:
             p, q = self.factors(holder)
-        w0 = self.dorafit.ops.weight_matrix(self)
-        w0_sq = self.base_squared_norms()
-        if not st.detach_norm and torch.is_grad_enabled() and p is not None and p.requires_grad:
-            return Fn.decomposed_norm(w0_sq, w0, p, q, st.eps)
+
+        def norm() -> Tensor:
+            factor = w0_qt if w0_qt is not None or p is None else ops.weight_times_factor(self, q)
+            return Fn.factored_norm(self.base_squared_norms(), factor, p, q, st.eps)
+
+        if self._norm_has_grad(st, p):
+            return norm()
         if self.training or not st.cache_norm:
             with torch.no_grad():
-                return Fn.decomposed_norm(w0_sq, w0, p, q, st.eps)
-        return norm_cache.weight_norm(st.caches, w0, self._update_tensors(holder), st.update, st.scale, st.eps)
+                return norm()
+        return norm_cache.layer_weight_norm(st.caches, ops, self, self._update_tensors(holder), st.update, st.scale,
+                                            st.eps)
+
+    @staticmethod
+    def _norm_has_grad(st: AdapterState, p: Tensor | None) -> bool:
+        """Whether n carries a gradient to P and Q (``detach_norm=False``, in grad mode)."""
+        return not st.detach_norm and torch.is_grad_enabled() and p is not None and p.requires_grad
 
     # ---- which adapter ------------------------------------------------------------------------------
     def holder(self, name: str | None):
@@ -184,18 +195,25 @@ class AdaptedLayer:
         x_adapter = F.dropout(x, st.dropout) if dropout else x
         if not st.decomposed:
             return ops.finish(self, x, ops.low_rank(self, x, x_adapter, p, q, with_bias=True))
-        n = self.weight_norm(p, q, holder)
         if st.magnitude_grad == "recompute" and torch.compiler.is_compiling() and torch.is_grad_enabled():
             # a compiled graph plans its own memory: a checkpointed region makes it recompute pre in backward
+            n = self.weight_norm(p, q, holder)
             y = checkpoint(self._scaled_output, x, x_adapter, p, q, n, holder, use_reentrant=False)
-        else:
-            y = self._scaled_output(x, x_adapter, p, q, n, holder)
+            return ops.finish(self, x, y)
+        pre = w0_qt = None
+        if p is not None and (self.training or not st.cache_norm or self._norm_has_grad(st, p)):
+            # n is computed afresh: a quantized family gets W0 Q^T from the same frozen product as W0 x
+            pre, w0_qt = ops.low_rank_with_factor(self, x, x_adapter, p, q, self._norm_has_grad(st, p))
+        n = self.weight_norm(p, q, holder, w0_qt)
+        y = self._scaled_output(x, x_adapter, p, q, n, holder, pre)
         return ops.finish(self, x, y)
 
     def _scaled_output(self, x: Tensor, x_adapter: Tensor, p: Tensor | None, q: Tensor | None, n: Tensor,
-                       holder) -> Tensor:
-        """A decomposed layer's ``y = (m / n) * pre + b`` (before ``LayerOps.finish``), m from ``holder``."""
-        pre = self._pre_scale(x, x_adapter, p, q)
+                       holder, pre: Tensor | None = None) -> Tensor:
+        """A decomposed layer's ``y = (m / n) * pre + b`` (before ``LayerOps.finish``), m from ``holder``; ``pre``
+        computed here unless given."""
+        if pre is None:
+            pre = self._pre_scale(x, x_adapter, p, q)
         # "recompute": backward computes pre again from what the low-rank product keeps, instead of keeping y
         recompute = (None, ())
         if holder.dorafit.magnitude_grad == "recompute":
@@ -232,7 +250,7 @@ class AdaptedLayer:
             p, q = self.factors(holder)
             part = y.index_select(0, rows)
             if p is not None:
-                part = part + ops.up(self, ops.down(self, x.index_select(0, rows), q), p)
+                part = part + ops.up(self, ops.down(self, x.index_select(0, rows), q), p).to(part.dtype)
             if st.decomposed:
                 scale = (holder.magnitude / self.weight_norm(p, q, holder)).to(part.dtype)  # [out]
                 shape = [1] * part.dim()
@@ -253,6 +271,8 @@ class AdaptedLayer:
             return
         if self.dorafit.merged_name is not None:
             raise ValueError(f"adapter {self.dorafit.merged_name!r} is merged into this layer; unmerge it first")
+        if not self.dorafit.ops.can_merge_in_place:
+            raise ValueError(quantized_merge_refusal(self.dorafit.ops.describe(self)))
         p, q = self.factors(holder)
         w0 = self.dorafit.ops.weight_matrix(self)
         m = holder.magnitude if st.decomposed else None
@@ -347,6 +367,14 @@ class AdaptedLayer:
                              for name, h in self.holders().items())
         merged = [name for name, h in self.holders().items() if h.dorafit.merged]
         return f"{st.base_class.extra_repr(self)}, adapters: {adapters or 'none'}, merged={merged or False}"
+
+
+def quantized_merge_refusal(what: str) -> str:
+    """Why an adapter is not merged into a quantized weight, and what to do instead."""
+    return (f"cannot merge into {what}: W0 + dW would be re-quantized (lossy, and unmerge could not recover W0). "
+            "Keep the adapter unmerged (inference then costs what QLoRA's costs), or write a float model with the "
+            "adapter merged in float32 from the dequantized weight: dorafit.merge_and_unload(model) (CLI: dorafit "
+            "merge RUN)")
 
 
 class _WeightOnly:

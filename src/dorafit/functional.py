@@ -82,11 +82,29 @@ def decomposed_norm(w0_sq: Tensor, w0: Tensor, p: Tensor | None, q: Tensor | Non
     Returns:
         n, [out], in the norm dtype. Differentiable in p and q.
     """
+    w0_qt = None if p is None else weight_times_factor(w0, q.to(w0_sq.dtype))
+    return factored_norm(w0_sq, w0_qt, p, q, eps)
+
+
+def factored_norm(w0_sq: Tensor, w0_qt: Tensor | None, p: Tensor | None, q: Tensor | None, eps: float) -> Tensor:
+    """``n = ||W0 + P Q||`` per output row from what the factored form needs of W0, and nothing else:
+
+        n^2 = ||W0||^2 + 2 * rowsum(P * (W0 Q^T)) + rowsum(P * (P (Q Q^T)))
+
+    Args:
+        w0_sq: ``||W0||^2`` per row, [out].
+        w0_qt: ``W0 Q^T``, [out, r] (None when p is None). For a quantized frozen layer it is the layer's own
+            forward applied to the r rows of Q, transposed; W0 itself is never needed.
+        p, q, eps: as in :func:`decomposed_norm`.
+
+    Returns:
+        n, [out], in ``w0_sq``'s dtype. Differentiable in p, q and ``w0_qt``.
+    """
     n_sq = w0_sq
     if p is not None:
         dtype = w0_sq.dtype
         p32, q32 = p.to(dtype), q.to(dtype)
-        cross = (p32 * weight_times_factor(w0, q32)).sum(dim=1)  # [out]
+        cross = (p32 * w0_qt.to(dtype)).sum(dim=1)  # [out]
         quad = (p32 * (p32 @ (q32 @ q32.T))).sum(dim=1)  # [out]
         n_sq = w0_sq + 2.0 * cross + quad
     return n_sq.clamp_min(eps * eps).sqrt()

@@ -27,7 +27,9 @@ from .adapted import (
     is_adapted,
     strip_module,
 )
+from .adapted import quantized_merge_refusal
 from .config import AdapterConfig, Targets
+from .dequantize import dequantize, merged_float_layer, set_submodule
 from .layers import SUPPORTED_TYPES, ops_for
 
 _CONFIG_ATTR = "dorafit_config"  # the model's own adapter's config (its first)
@@ -76,9 +78,9 @@ def find_modules(model: nn.Module, targets: Targets, what: str = "target") -> li
 
 
 # ---- building one adapted layer ---------------------------------------------------------------------------
-def _init_lora(shape_a, shape_b, ops, config: AdapterConfig, like: Tensor) -> dict[str, Tensor]:
-    a = torch.empty(shape_a, dtype=like.dtype, device=like.device)
-    b = torch.zeros(shape_b, dtype=like.dtype, device=like.device)
+def _init_lora(shape_a, shape_b, ops, config: AdapterConfig, dtype: torch.dtype, device) -> dict[str, Tensor]:
+    a = torch.empty(shape_a, dtype=dtype, device=device)
+    b = torch.zeros(shape_b, dtype=dtype, device=device)
     if ops.zero_factor == "A":  # embeddings, as the PEFT library does: A = 0, B ~ N(0, 1)
         a.zero_()
         nn.init.normal_(b)
@@ -101,7 +103,7 @@ def _checked_ops(name: str, module: nn.Module, config: AdapterConfig, magnitude_
         ops.check(module)
     except ValueError as exc:
         raise ValueError(f"module {name!r}: {exc}") from None
-    out, inp = ops.weight_matrix(module).shape
+    out, inp = ops.shape(module)
     # LoRA's rank bounds the update; VeRA's r is the size of its shared random projections, which may exceed the
     # layer's dimensions (the VeRA paper uses r = 256-1024 on every layer, as PEFT allows)
     if not magnitude_only and config.update == "lora" and config.r > min(out, inp):
@@ -117,28 +119,29 @@ def _adapt(name: str, module: nn.Module, config: AdapterConfig, magnitude_only: 
     """Give ``module`` the adapter ``adapter``: as its own (``resident``: the first adapter of a model) or in an
     :class:`AdapterSlot` beside what it carries; ``active``: the model's active adapter."""
     ops = _checked_ops(name, module, config, magnitude_only)
-    w0 = ops.weight_matrix(module)
-    out, inp = w0.shape
+    if not is_adapted(module):
+        ops.prepare(module)
+    out, inp = ops.shape(module)
+    kw = dict(dtype=ops.adapter_dtype(module), device=module.weight.device)
     update = None if magnitude_only else config.update
     tensors: dict[str, Tensor] = {}
     buffers: dict[str, Tensor] = {}
     scale = 1.0
     if update == "lora":
         shape_a, shape_b = ops.lora_shapes(module, config.r)
-        tensors.update(_init_lora(shape_a, shape_b, ops, config, module.weight))
+        tensors.update(_init_lora(shape_a, shape_b, ops, config, **kw))
         scale = Fn.lora_scale(config.alpha, config.r, config.rslora)
     elif update == "vera":
         key = (out, inp)
         if key not in shared:
             a, b = vera.shared_projections(config.vera_seed, config.r, out, inp)
-            shared[key] = (a.to(module.weight.device, module.weight.dtype), b.to(module.weight.device, module.weight.dtype))
+            shared[key] = (a.to(kw["device"], kw["dtype"]), b.to(kw["device"], kw["dtype"]))
         buffers["vera_A"], buffers["vera_B"] = shared[key]
-        kw = dict(dtype=module.weight.dtype, device=module.weight.device)
         tensors["vera_lambda_d"] = torch.full((config.r,), config.vera_d_init, **kw)
         tensors["vera_lambda_b"] = torch.zeros(out, **kw)
     if config.decomposed:
         with torch.no_grad():  # m = ||W0|| (float32, float64 for float64 weights) by the same function as n: m / n == 1
-            tensors["magnitude"] = Fn.decomposed_norm(Fn.squared_row_norms(w0), w0, None, None, config.eps)
+            tensors["magnitude"] = Fn.factored_norm(ops.squared_row_norms(module), None, None, None, config.eps)
     state = AdapterState(
         ops=ops,
         base_class=type(module),
@@ -321,11 +324,21 @@ def _all_adapted(model: nn.Module) -> list[AdaptedLayer]:
 
 
 def merge(model: nn.Module) -> None:
-    """Fold the active adapter into its layers' weights: inference then costs exactly what the base model costs."""
+    """Fold the active adapter into its layers' weights: inference then costs exactly what the base model costs.
+
+    Refused (nothing merged) if a layer's weight is quantized: :func:`merge_and_unload` writes a float model."""
     active = getattr(model, _ACTIVE_ATTR, own_name(model))
     get_config(model, active)
-    for _, layer, holder in adapter_layers(model, active):
-        layer.merge(holder)
+    for name, layer, _ in adapter_layers(model, active):
+        if not layer.dorafit.ops.can_merge_in_place:
+            raise ValueError(f"dorafit.merge: module {name!r}: " + quantized_merge_refusal(layer.dorafit.ops.describe(layer)))
+    _merge(model, active)
+
+
+def _merge(model: nn.Module, active: str | None, skip: frozenset = frozenset()) -> None:
+    for name, layer, holder in adapter_layers(model, active):
+        if name not in skip:
+            layer.merge(holder)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -336,11 +349,16 @@ def unmerge(model: nn.Module) -> None:
             layer.unmerge(holder)
 
 
-def _remove(model: nn.Module, merge_first: bool) -> nn.Module:
+def _remove(model: nn.Module, merge_first: bool, dtype: torch.dtype | None = None) -> nn.Module:
     if not adapter_names(model):
         get_config(model)  # the error: no adapters
+    floats: dict[str, nn.Module] = {}  # quantized layers: a float layer with the adapter merged, made before any change
     if merge_first:
-        merge(model)
+        active = getattr(model, _ACTIVE_ATTR, own_name(model))
+        get_config(model, active)
+        floats = {name: merged_float_layer(layer, holder, dtype) for name, layer, holder in adapter_layers(model, active)
+                  if not layer.dorafit.ops.can_merge_in_place}
+        _merge(model, active, frozenset(floats))
     for layer in _all_adapted(model):
         if merge_first:
             for holder in layer.holders().values():
@@ -353,13 +371,22 @@ def _remove(model: nn.Module, merge_first: bool) -> nn.Module:
                  "dorafit_own_name"):
         if hasattr(model, attr):
             delattr(model, attr)
+    for name, layer in floats.items():
+        set_submodule(model, name, layer)
+    if floats:
+        dequantize(model, dtype)
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Merge the active adapter and turn adapted layers back into plain torch layers (in place; any other
-    adapters are dropped); returns the model."""
-    return _remove(model, merge_first=True)
+    adapters are dropped); returns the model.
+
+    On a quantized base the result is a float model: each adapted quantized layer becomes an ``nn.Linear`` whose
+    weight is the merge computed in float32 from the dequantized W0, and every other quantized layer its
+    dequantized W0 (:mod:`dorafit.dequantize`); ``dtype``: of those float weights (default: each layer's dtype
+    before quantization)."""
+    return _remove(model, merge_first=True, dtype=dtype)
 
 
 def unload(model: nn.Module, name: str | None = None) -> nn.Module:

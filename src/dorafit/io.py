@@ -38,13 +38,13 @@ VERA_PREFIX = "vera_projections."
 
 
 def _vera_key(layer) -> str:
-    out, inp = layer.dorafit.ops.weight_matrix(layer).shape
+    out, inp = layer.dorafit.ops.shape(layer)
     return f"{VERA_PREFIX}{out}x{inp}"
 
 
 def _seed_fingerprint(layer, config: AdapterConfig) -> str:
     """Fingerprint of the float32 projections the config's seed generates for this layer (independent of dtype)."""
-    out, inp = layer.dorafit.ops.weight_matrix(layer).shape
+    out, inp = layer.dorafit.ops.shape(layer)
     return vera.seed_fingerprint(config.vera_seed, config.r, out, inp)
 
 
@@ -53,7 +53,7 @@ def _describe(model: nn.Module, adapter: str | None = None) -> dict:
     modules, fingerprints = {}, {}
     mag_only = []
     for name, layer, holder in adapter_layers(model, adapter):
-        modules[name] = list(layer.weight.shape)
+        modules[name] = layer.dorafit.ops.weight_shape(layer)
         if holder.dorafit.update is None:
             mag_only.append(name)
         if holder.dorafit.update == "vera":
@@ -162,7 +162,7 @@ def _check_and_copy(model: nn.Module, meta: dict, tensors: dict[str, Tensor], ad
     """Check the model's adapted modules and tensors against the file, then copy (nothing is copied on error)."""
     saved_modules = meta["modules"]
     config = get_config(model, adapter)
-    ours = {name: list(layer.weight.shape) for name, layer, _ in adapter_layers(model, adapter)}
+    ours = {name: layer.dorafit.ops.weight_shape(layer) for name, layer, _ in adapter_layers(model, adapter)}
     for name, shape in saved_modules.items():
         if name not in ours:
             raise AdapterFileError(f"the adapter was saved for module {name!r}, which this model does not have adapted")

@@ -136,3 +136,34 @@ def weight_norm(cache: NormCache, w0: Tensor, tensors: tuple[Tensor, ...], updat
         return torch.ops.dorafit.weight_norm(w0.detach(), [t.detach() for t in tensors], update, scale, eps,
                                              cache.handle)
     return _weight_norm(cache, w0, list(tensors), update, scale, eps)
+
+
+# ---- layers whose W0 is read through their family's ops (quantized weights) -----------------------------------
+def _eager_only(ops, module) -> None:
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(f"torch.compile of DoRA on a quantized base ({ops.describe(module)}) is not "
+                                  "supported; run the model eagerly")
+
+
+def layer_squared_row_norms(cache: NormCache, ops, module) -> Tensor:
+    """``||W0||^2`` per output row of a layer whose W0 is read through ``ops`` (a quantized layer: a bounded block
+    of rows at a time, :meth:`LayerOps.squared_row_norms`), memoised on ``ops.cache_tensors``."""
+    if not ops.quantized:
+        return squared_row_norms(cache, ops.weight_matrix(module))
+    _eager_only(ops, module)
+    return cache.lookup("w0_sq", ops.cache_tensors(module), lambda: ops.squared_row_norms(module))
+
+
+def layer_weight_norm(cache: NormCache, ops, module, tensors: tuple[Tensor, ...], update: str | None, scale: float,
+                      eps: float) -> Tensor:
+    """:func:`weight_norm` for a layer read through ``ops``: ``W0 Q^T`` from :meth:`LayerOps.weight_times_factor`."""
+    if not ops.quantized:
+        return weight_norm(cache, ops.weight_matrix(module), tensors, update, scale, eps)
+    _eager_only(ops, module)
+
+    def compute() -> Tensor:
+        p, q = Fn.update_factors(update or "none", list(tensors), scale)
+        w0_qt = None if p is None else ops.weight_times_factor(module, q)
+        return Fn.factored_norm(layer_squared_row_norms(cache, ops, module), w0_qt, p, q, eps)
+
+    return cache.lookup("norm", (*ops.cache_tensors(module), *tensors), compute)

@@ -148,7 +148,7 @@ def _check_exportable(model: nn.Module, config: AdapterConfig) -> None:
         if config.method == "vera":
             if family not in ("linear", "gpt2_conv1d"):
                 raise PeftFormatError(f"module {name!r}: PEFT's VeRA supports only Linear and GPT-2 Conv1D layers")
-            shapes[name] = tuple(layer.dorafit.ops.weight_matrix(layer).shape)
+            shapes[name] = layer.dorafit.ops.shape(layer)
     if len(set(shapes.values())) > 1:
         listing = ", ".join(f"{n} {o}x{i}" for n, (o, i) in list(shapes.items())[:4])
         raise PeftFormatError(
@@ -182,8 +182,8 @@ def _layer_tensors(name: str, layer: nn.Module, r: int) -> dict[str, Tensor]:
             a, b = layer.lora_A, layer.lora_B
         else:  # magnitude-only: zero factors keep the update zero (and zero-gradient) in PEFT
             shape_a, shape_b = st.ops.lora_shapes(layer, r)
-            a = torch.zeros(shape_a, dtype=layer.weight.dtype)
-            b = torch.zeros(shape_b, dtype=layer.weight.dtype)
+            a = torch.zeros(shape_a, dtype=st.ops.adapter_dtype(layer))
+            b = torch.zeros(shape_b, dtype=st.ops.adapter_dtype(layer))
         if family == "embedding":
             out[key + ".lora_embedding_A"], out[key + ".lora_embedding_B"] = a, b
         else:
@@ -440,7 +440,7 @@ def _plan_vera(model: nn.Module, meta: dict, tensors: dict[str, Tensor]):
         if not isinstance(ops, LinearOps):
             raise PeftFormatError(f"module {name!r} is a {type(modules[name]).__name__}; PEFT's VeRA adapts only "
                                   "Linear and GPT-2 Conv1D layers, so this file was not written by PEFT for this model")
-        out, inp = ops.weight_matrix(modules[name]).shape
+        out, inp = ops.shape(modules[name])
         if shared_a.shape[1] < inp or shared_b.shape[0] < out:
             raise _wrong_model(meta, f"module {name!r} ({out}x{inp}) is larger than the stored VeRA projections "
                                      f"{list(shared_a.shape)}, {list(shared_b.shape)}")
@@ -474,7 +474,7 @@ def _dorafit_tensors(model: nn.Module, layers: dict, other: dict, meta: dict) ->
                 value = value.reshape(want)  # conv: [1, out, 1, ...] -> [out]
             if value.shape != want:
                 raise _wrong_model(meta, f"module {name!r}: PEFT tensor {role} has shape {list(value.shape)}, this "
-                                         f"model's layer (weight {list(layer.weight.shape)}) needs {list(want)}")
+                                         f"model's layer (weight {layer.dorafit.ops.weight_shape(layer)}) needs {list(want)}")
             out[f"{name}.{attr}"] = value
     out.update(other)
     return out
@@ -513,9 +513,10 @@ def import_peft(model: nn.Module, path: str | os.PathLike, extra_trainable: list
         placed: dict = {}  # one tensor per shape, shared by its layers as dorafit's own projections are
         for _, layer in adapted_modules(model):
             if projections is not None:
-                shape = tuple(layer.dorafit.ops.weight_matrix(layer).shape)
+                shape = layer.dorafit.ops.shape(layer)
                 if shape not in placed:
-                    placed[shape] = [t.to(layer.weight.device, layer.weight.dtype) for t in projections[shape]]
+                    like = layer.vera_A
+                    placed[shape] = [t.to(like.device, like.dtype) for t in projections[shape]]
                 layer.vera_A, layer.vera_B = placed[shape]
         tensors = _dorafit_tensors(model, layers, other, meta)
         current = adapter_state_dict(model)  # the added extra modules keep their own weights

@@ -5,11 +5,20 @@ A layer family (``nn.Linear``, ``nn.ConvNd``, ``nn.Embedding``, transformers' ``
 and how an update's factors ``Q`` [r, in] and ``P`` [out, r] are applied to its input, so that
 
     base(x) + up(down(x, Q), P) == the layer's own forward with weight W0 + P Q (bias excluded).
+
+The quantization seam: everything DoRA needs from W0 also goes through a family's ops, so a family whose
+weight is stored quantized (:mod:`dorafit.layers.quantized`) never has to produce a dense [out, in] matrix:
+its :meth:`~LayerOps.shape`, :meth:`~LayerOps.squared_row_norms` (``||W0||^2``, read a bounded block of rows at
+a time), :meth:`~LayerOps.weight_times_factor` (``W0 Q^T``), the frozen forward :meth:`~LayerOps.base`, the
+dtype adapters are kept in, and whether the weight can take a merge in place (:attr:`~LayerOps.can_merge_in_place`).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+
+from .. import functional as Fn
 
 
 class LayerOps:
@@ -21,9 +30,57 @@ class LayerOps:
     supports_dropout: bool = True
     #: LoRA init: which factor starts at zero ("B" for the usual LoRA; PEFT zeroes A for embeddings)
     zero_factor: str = "B"
+    #: the frozen weight is stored quantized: it is never read as a dense matrix (:meth:`weight_matrix` refuses)
+    quantized: bool = False
+    #: merge may write W0 + dW into the layer's own weight (not into a quantized one: that would re-quantize it)
+    can_merge_in_place: bool = True
 
     def check(self, module: nn.Module) -> None:
         """Raise ValueError if this module's configuration cannot be adapted exactly."""
+
+    def prepare(self, module: nn.Module) -> None:
+        """Called once when the module gets its first adapter (after :meth:`check`)."""
+
+    def describe(self, module: nn.Module) -> str:
+        """What the layer is, for messages."""
+        return type(module).__name__
+
+    def shape(self, module: nn.Module) -> tuple[int, int]:
+        """``(out, in)`` of W0."""
+        out, inp = self.weight_matrix(module).shape
+        return out, inp
+
+    def weight_shape(self, module: nn.Module) -> list[int]:
+        """The shape of the weight as the unquantized layer stores it (recorded in adapter files)."""
+        return list(module.weight.shape)
+
+    def adapter_dtype(self, module: nn.Module) -> torch.dtype:
+        """The dtype of new adapter tensors (LoRA factors, VeRA vectors): the weight's own."""
+        return module.weight.dtype
+
+    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
+        """The dtype the frozen product W0 x is computed in (None: the input's)."""
+        return module.weight.dtype
+
+    def cache_tensors(self, module: nn.Module) -> tuple[Tensor, ...]:
+        """The tensors W0 is stored in: cached norms are recomputed when any of them changes."""
+        return (self.weight_matrix(module),)
+
+    def squared_row_norms(self, module: nn.Module) -> Tensor:
+        """``||W0[j]||^2`` per output row j: [out], in the norm dtype."""
+        return Fn.squared_row_norms(self.weight_matrix(module))
+
+    def weight_times_factor(self, module: nn.Module, q: Tensor) -> Tensor:
+        """``W0 Q^T``: [out, r] in the norm dtype, differentiable in q. q: [r, in]."""
+        w0 = self.weight_matrix(module)
+        return Fn.weight_times_factor(w0, q.to(Fn.norm_dtype(w0.dtype)))
+
+    def low_rank_with_factor(self, module: nn.Module, x: Tensor, x_adapter: Tensor, p: Tensor, q: Tensor,
+                             factor_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """``(W0 x + P Q x_adapter, W0 Q^T or None)``: a family whose frozen forward is costly per call (a
+        quantized one) computes both in one call; others return None and the norm computes ``W0 Q^T`` itself.
+        ``factor_grad``: ``W0 Q^T`` must carry a gradient to q (DoRA with ``detach_norm=False``)."""
+        return self.low_rank(module, x, x_adapter, p, q, with_bias=False), None
 
     def weight_matrix(self, module: nn.Module) -> Tensor:
         """The frozen weight as a matrix [out, in] (a view of ``module.weight``)."""
@@ -35,7 +92,7 @@ class LayerOps:
 
     def lora_shapes(self, module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of ``lora_A`` and ``lora_B`` as stored (the same as the PEFT library stores them)."""
-        out, inp = self.weight_matrix(module).shape
+        out, inp = self.shape(module)
         return (r, inp), (out, r)
 
     def base(self, module: nn.Module, x: Tensor) -> Tensor:
@@ -58,7 +115,7 @@ class LayerOps:
         Generic: from :meth:`base`, :meth:`down` and :meth:`up`. Families with a faster equivalent override it.
         """
         y = self.base(module, x)
-        y = y + self.up(module, self.down(module, x_adapter, q), p)
+        y = y + self.up(module, self.down(module, x_adapter, q), p).to(y.dtype)
         return self.add_bias(module, y) if with_bias else y
 
     def add_bias(self, module: nn.Module, y: Tensor) -> Tensor:

@@ -1,0 +1,136 @@
+"""bitsandbytes' ``Linear4bit`` (nf4 or fp4, with or without double quantization) and ``Linear8bitLt`` (int8).
+
+4-bit: ``weight`` holds the codes of W0 [out, in] flattened row by row, two per byte; ``weight.quant_state`` a
+float scale per block of ``blocksize`` elements (``absmax``; with double quantization itself 8-bit codes with
+a float scale per 256 of them, plus an offset). An element is ``code_table[c] * absmax[block]``, so rows
+``[s, e)`` dequantize from bytes ``[s in / 2, e in / 2)`` and their blocks alone whenever ``s in`` is a multiple
+of the block size. The frozen product is the library's ``matmul_4bit`` in the layer's compute dtype.
+
+8-bit (LLM.int8, ``has_fp16_weights=False``): int8 codes CB [out, in] and a scale per row SCB,
+``W0 = CB * SCB / 127``. The frozen product is the library's ``bnb.matmul``: in training mode it multiplies by
+the dequantized weight (exact); in eval mode it also quantizes the input to int8 (LLM.int8's inference path,
+with outlier columns in float16 above ``threshold``), so eval outputs carry that rounding as the layer does.
+
+On CPU the library builds the dense float weight inside its 4-bit matmul and backward and inside its int8
+training product (its kernels dequantize, then call a float matmul); dorafit's own code never does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .quantized import QuantizedLinearOps
+
+
+class Bnb4bitOps(QuantizedLinearOps):
+    def check(self, module: nn.Module) -> None:
+        if getattr(module.weight, "quant_state", None) is None:
+            raise ValueError("this bitsandbytes Linear4bit is not quantized yet (its weight is still float): move it "
+                             "to its device first (.to('cpu') or .cuda()), which quantizes it")
+
+    def prepare(self, module: nn.Module) -> None:
+        """Keep the weight in its canonical layout: bitsandbytes would otherwise repack it in place on an
+        AVX512-BF16 CPU at the first eval forward, after which its rows no longer dequantize; a weight already
+        repacked is converted back by the library's own inverse (the one it uses before saving)."""
+        module.support_avx512bf16_for_cpu = False
+        state = module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+
+    def describe(self, module: nn.Module) -> str:
+        state = module.weight.quant_state
+        double = ", double-quantized" if state.nested else ""
+        return f"bitsandbytes Linear4bit ({state.quant_type}{double}, blocks of {state.blocksize})"
+
+    def shape(self, module: nn.Module) -> tuple[int, int]:
+        out, inp = module.weight.quant_state.shape
+        return int(out), int(inp)
+
+    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
+        return module.compute_dtype
+
+    def float_dtype(self, module: nn.Module) -> torch.dtype:
+        return module.weight.quant_state.dtype
+
+    def base(self, module: nn.Module, x: Tensor) -> Tensor:
+        """``Linear4bit.forward`` without the bias (and without the CPU repacking, see :meth:`prepare`)."""
+        import bitsandbytes as bnb
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(module)
+        dtype = module.compute_dtype or x.dtype
+        return bnb.matmul_4bit(x.to(dtype), module.weight, quant_state=module.weight.quant_state).to(x.dtype)
+
+    def row_alignment(self, module: nn.Module) -> int:
+        blocksize = module.weight.quant_state.blocksize
+        return blocksize // math.gcd(self.shape(module)[1], blocksize)
+
+    def _absmax(self, module: nn.Module) -> Tensor:
+        """The float scale of every block (double quantization undone): [blocks], 1/blocksize of W0's size."""
+        from bitsandbytes.functional import dequantize_blockwise
+
+        state = module.weight.quant_state
+        if not state.nested:
+            return state.absmax.float()
+        return (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+    def rows(self, module: nn.Module, start: int, stop: int) -> Tensor:
+        state = module.weight.quant_state
+        inp, blocksize = self.shape(module)[1], state.blocksize
+        first, last = start * inp, stop * inp  # element range; first is a multiple of blocksize
+        codes = module.weight.data.view(torch.uint8).reshape(-1)[first // 2 : (last + 1) // 2]
+        absmax = self._absmax(module)[first // blocksize : -(-last // blocksize)]
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            codes, absmax, blocksize, state.quant_type, [stop - start, inp], torch.float32)
+
+
+class Bnb8bitOps(QuantizedLinearOps):
+    def check(self, module: nn.Module) -> None:
+        if module.state.has_fp16_weights:
+            raise ValueError("this bitsandbytes Linear8bitLt has has_fp16_weights=True: it keeps a float16 weight "
+                             "and re-quantizes it every forward. Build it with has_fp16_weights=False (a frozen int8 "
+                             "base, as transformers' load_in_8bit does)")
+        if self._codes(module)[0].dtype != torch.int8:
+            raise ValueError("this bitsandbytes Linear8bitLt is not quantized yet (its weight is still float): move "
+                             "it to its device first (.to('cpu') or .cuda()), which quantizes it")
+
+    def describe(self, module: nn.Module) -> str:
+        return f"bitsandbytes Linear8bitLt (int8, outlier threshold {module.state.threshold})"
+
+    def _codes(self, module: nn.Module) -> tuple[Tensor, Tensor]:
+        """(CB [out, in] int8, SCB [out]) wherever the library keeps them (on the weight until the first forward,
+        then on the layer's matmul state)."""
+        if module.state.CB is not None:
+            return module.state.CB, module.state.SCB
+        return module.weight.data, module.weight.SCB
+
+    def shape(self, module: nn.Module) -> tuple[int, int]:
+        out, inp = self._codes(module)[0].shape
+        return int(out), int(inp)
+
+    def base(self, module: nn.Module, x: Tensor) -> Tensor:
+        """``Linear8bitLt.forward`` without the bias."""
+        import bitsandbytes as bnb
+
+        state = module.state
+        state.is_training = module.training
+        if module.weight.CB is not None:
+            module.init_8bit_state()
+        out = bnb.matmul(x, module.weight, bias=None, state=state)
+        if not state.has_fp16_weights and state.CB is not None:
+            module.weight.data = state.CB
+        return out.to(x.dtype)
+
+    def rows(self, module: nn.Module, start: int, stop: int) -> Tensor:
+        cb, scb = self._codes(module)
+        return cb[start:stop].to(torch.float32).mul_(scb[start:stop].unsqueeze(1).mul(1.0 / 127.0))
+
+    def float_dtype(self, module: nn.Module) -> torch.dtype:
+        bias = getattr(module, "bias", None)
+        return bias.dtype if bias is not None else torch.float32
