@@ -162,6 +162,30 @@ def test_fsdp_adapter_loads_into_a_plain_model_and_predicts_the_same(runs, data)
     assert evaluate(plain.task, plain.model, plain.device, limit=8, progress=False)[0]["tasks"] == stored["tasks"]
 
 
+def test_qdora_in_two_processes_equals_one_process(data):
+    """--quantize nf4 with DDP: each process quantizes its copy of the base the same way; the adapter trained
+    over two processes is the one trained in one."""
+    pytest.importorskip("bitsandbytes")
+    args = ["--model", str(data["llama"]), "--task", str(data["messages"]), "--method", "dora", "--steps", "3",
+            "--batch-size", "4", "--lr", "1e-2", "--seed", "1", "--eval-limit", "2", "--max-new-tokens", "2",
+            "--no-eval-before", "--threads", "1", "--quantize", "nf4"]
+    single = one_process(data["root"] / "qdora-single", *args)
+    run = data["root"] / "qdora-ddp"
+    done = two_processes(run, *args, "--distributed", "ddp")
+    assert "linear layers quantized nf4" in done.stdout
+    assert_same_adapter(single, run)
+    assert losses(run) == pytest.approx(losses(single), rel=1e-5)
+
+
+def test_qdora_with_fsdp_is_refused_before_anything_starts(data, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; refused before the process group is joined
+    code, _, err = run_cli("train", "--model", data["llama"], "--task", data["messages"], "--quantize", "nf4",
+                           "--distributed", "fsdp", "--out", tmp_path / "run")
+    assert code == 2 and "error: --quantize does not combine with --distributed fsdp" in err
+    assert not (tmp_path / "run").exists()
+
+
 # ---- DoRA's norm under FSDP2: from full rows, not from a shard --------------------------------------------------
 class TwoLayers(nn.Module):
     """A Linear (weight [out, in], rows sharded) and a GPT-2 Conv1D (weight [in, out]: FSDP2 shards its inputs)."""

@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import signal
 import sys
 import threading
 
 # sub-command modules under dorafit.commands, in the order `dorafit --help` lists them
 COMMANDS = ("train", "eval", "generate", "chat", "serve", "merge", "export", "analyze", "bench")
+
+
+#: loggers of libraries that transformers imports when they are installed (torchao, with the quant extra), whose
+#: import-time warnings (missing GPU kernels, deprecations) and per-call notes (int8 casts) say nothing about the
+#: user's run
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes.autograd._functions")
+
+
+def quiet_imports() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +50,7 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_imports()
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \

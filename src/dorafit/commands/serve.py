@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..quantize import KINDS as QUANTIZE_KINDS
+
 EPILOG = """\
 examples:
   dorafit serve --model gemma-3-270m --adapter headlines=runs/headlines --adapter chat=runs/chat
@@ -34,6 +36,9 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"),
                         help="weights' dtype (default: float32)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_KINDS,
+                        help="hold the base quantized with bitsandbytes (nf4, fp4 or int8), shared by every adapter; "
+                        "runs trained with dorafit train --quantize need the same")
     parser.set_defaults(func=main)
 
 
@@ -60,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
         from ..serving.load import build_served
 
         served = build_served(args.model, args.adapter, args.device, args.dtype, args.max_batch_size,
-                              args.max_new_tokens)
+                              args.max_new_tokens, args.quantize)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -11,6 +11,7 @@ from ..chat_format import ChatFormat
 from ..multi import load_named_adapter
 from ..train import rundir
 from ..train.models import load_causal_lm, resolve_model
+from ..quantize import quantize_model
 from ..train.setup import stored_config
 from ..train.tasks import by_kind
 from .api import Served
@@ -34,7 +35,8 @@ def base_name_of(spec: str) -> str:
     return Path(spec).name or spec
 
 
-def _adapter_source(name: str, path: Path, base_folder: Path, tokenizer, base_format: ChatFormat):
+def _adapter_source(name: str, path: Path, base_folder: Path, tokenizer, base_format: ChatFormat,
+                    quantize: str | None):
     """(adapter folder, chat format) of a run folder or an adapter folder."""
     if rundir.is_run_folder(path):
         cfg, resolved = stored_config(path)
@@ -47,6 +49,10 @@ def _adapter_source(name: str, path: Path, base_folder: Path, tokenizer, base_fo
         if resolve_model(cfg.model) != base_folder:
             raise ValueError(f"--adapter {name}={path} was trained on {cfg.model}, not on the served base model "
                              f"{base_folder}")
+        if cfg.quantize != quantize:
+            trained = f"quantized {cfg.quantize}" if cfg.quantize else "in float"
+            served = f"--quantize {cfg.quantize}" if cfg.quantize else "without --quantize"
+            raise ValueError(f"--adapter {name}={path} was trained on the base {trained}; serve it {served}")
         return path / rundir.ADAPTER, task_cls.chat_format(tokenizer, resolved)
     if (path / "adapter_config.json").is_file():
         return path, base_format
@@ -54,7 +60,7 @@ def _adapter_source(name: str, path: Path, base_folder: Path, tokenizer, base_fo
 
 
 def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: str = "float32",
-                 max_batch_size: int = 8, max_new_tokens: int = 256) -> Served:
+                 max_batch_size: int = 8, max_new_tokens: int = 256, quantize: str | None = None) -> Served:
     base_folder = resolve_model(model)
     loaded = load_causal_lm(base_folder)
     tokenizer = loaded.tokenizer
@@ -63,12 +69,14 @@ def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: st
     base_name = base_name_of(model)
     formats, sources = {base_name: base_format}, {}
     net = loaded.model.to(device=device, dtype=DTYPES[dtype]).eval()
+    if quantize:
+        quantize_model(net, quantize)  # every adapter shares the one quantized base
     for text in adapters:
         name, path = parse_adapter_option(text)
         if name == base_name or name in sources:
             raise ValueError(f"--adapter {name}: the name is taken (the base model is {base_name!r}); give each "
                              "adapter its own name")
-        folder, fmt = _adapter_source(name, path, base_folder, tokenizer, base_format)
+        folder, fmt = _adapter_source(name, path, base_folder, tokenizer, base_format, quantize)
         load_named_adapter(net, folder, name)
         formats[name], sources[name] = fmt, str(path)
     engine = Engine(net, tokenizer, max_batch_size=max_batch_size)

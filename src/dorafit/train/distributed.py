@@ -286,9 +286,14 @@ class Group:
 SINGLE = Group()
 
 
+def world_size() -> int:
+    """How many processes the torchrun job this process belongs to has (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def start(strategy: str) -> Group:
     """Join the torchrun job this process belongs to; :data:`SINGLE` when there is none (or it has one process)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return SINGLE
     if strategy not in STRATEGIES:

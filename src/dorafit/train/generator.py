@@ -2,7 +2,8 @@
 
 Used by ``dorafit generate`` and ``dorafit chat``:
 
-* a run folder: the base model with the run's adapter kept unmerged (eval mode: DoRA's norm cached), prompted
+* a run folder: the base model (quantized as the run's was) with the run's adapter kept unmerged (eval mode:
+  DoRA's norm cached), prompted
   with the chat template the run was trained with (its task type's :meth:`chat_format`); a full fine-tuning
   run's ``RUN/model``;
 * a model folder (``dorafit merge`` output, or any ``save_pretrained`` folder): the model, prompted with its
@@ -18,7 +19,7 @@ from ..chat_format import ChatFormat
 from ..io import load_adapter
 from . import rundir
 from .models import LoadedModel, load_causal_lm, resolve_model
-from .setup import pick_device, stored_config
+from .setup import pick_device, quantize_base, stored_config
 from .tasks import by_kind
 
 
@@ -70,6 +71,7 @@ def _from_run(run_dir: Path) -> Generator:
     fmt = task_cls.chat_format(loaded.tokenizer, resolved)
     if cfg.method != "full":
         loaded.model.requires_grad_(False)
+        quantize_base(loaded.model, cfg)  # the base as the run trained on it (--quantize)
         load_adapter(loaded.model, run_dir / rundir.ADAPTER)
         what = f"run {run_dir}: {cfg.method} adapter (unmerged) on {cfg.model}"
     else:

@@ -25,6 +25,7 @@ from .. import fields
 from ..config import METHODS as ADAPTER_METHODS
 from ..config import AdapterConfig
 from ..fields import option
+from ..quantize import KINDS as QUANTIZE_KINDS
 
 METHODS = ("full",) + ADAPTER_METHODS
 SCHEDULES = ("linear", "cosine", "constant")
@@ -87,6 +88,11 @@ class TrainConfig:
     magnitude_grad: str = adapter_option("magnitude_grad")
     init: str = adapter_option("init")
     vera_seed: int = adapter_option("vera_seed")
+    quantize: Optional[str] = option(
+        None, "load the frozen base quantized with bitsandbytes (QLoRA/QDoRA): nf4 or fp4 (4-bit, blocks of 64, "
+        "double-quantized scales) or int8 (LLM.int8). Only the base's linear layers are quantized; the adapter, "
+        "DoRA's magnitude and the head stay float32. Needs the quant extra: scripts/bootstrap quant",
+        choices=QUANTIZE_KINDS)
     init_from: Optional[str] = option(
         None, "start from a trained adapter: a PEFT adapter folder (adapter_model.safetensors) or a dorafit one "
         "(adapter.safetensors); its config sets the method, rank, alpha, rslora, targets and dropout", metavar="DIR",
@@ -157,6 +163,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"--magnitude-only needs --method dora or dvora, not {cfg.method}")
     if cfg.method == "full" and cfg.init_from:
         raise ValueError("--init-from loads an adapter; it does not combine with --method full")
+    if cfg.quantize and cfg.method == "full":
+        raise ValueError("--quantize freezes a quantized base for an adapter to train on; a quantized weight cannot "
+                         "be fully fine-tuned: choose --method lora, dora, vera or dvora")
+    if cfg.quantize and cfg.compile:
+        raise ValueError("--quantize does not combine with --compile (the quantized layers run eagerly); drop one")
     return cfg
 
 

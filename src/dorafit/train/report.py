@@ -24,7 +24,8 @@ def describe(setup, total: int, warmup: int, group: Group = SINGLE) -> str:
                  f"accumulation x processes, {group.strategy} over {group.backend})")
     limit = f" (evaluated on up to {cfg.eval_limit} per test set)" if cfg.eval_limit else ""
     return "\n".join(setup.notes + [
-        f"model   {cfg.model} ({setup.loaded.folder}), {type(model).__name__}, on {setup.device}",
+        f"model   {cfg.model} ({setup.loaded.folder}), {type(model).__name__}, on {setup.device}"
+        + (f", {len(setup.quantized)} linear layers quantized {cfg.quantize} (bitsandbytes)" if cfg.quantize else ""),
         f"task    {cfg.task} ({task.kind}): {len(task.train)} training / {tests} test examples{limit}, "
         f"{task.describe()}",
         f"method  {what}{head}: {trainable:,} of {everything:,} parameters trainable "

@@ -52,6 +52,9 @@ RESUME_MAY_EXTEND = ("steps", "epochs")
 
 def train(cfg: TrainConfig, explicit: dict) -> int:
     """One run, in this process or (under torchrun) in every process of the job; see :mod:`.distributed`."""
+    if cfg.quantize and cfg.distributed == "fsdp" and distributed.world_size() > 1:
+        raise ValueError("--quantize does not combine with --distributed fsdp: FSDP2 cannot shard bitsandbytes' "
+                         "packed quantized weights; use --distributed ddp (each process holds the quantized base)")
     group = distributed.start(cfg.distributed)
     try:
         with contextlib.ExitStack() as held:

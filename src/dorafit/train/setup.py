@@ -17,6 +17,7 @@ from ..compiling import compile_model
 from ..inject import adapted_modules, apply, get_config
 from ..io import TENSORS_FILE, load_adapter, read_adapter
 from ..peft_format import PEFT_TENSORS_FILE, import_peft
+from ..quantize import quantize_model
 from . import rundir
 from .models import PRESETS as MODEL_PRESETS
 from .models import LoadedModel, default_targets, resolve_model
@@ -34,6 +35,7 @@ class Setup:
     device: torch.device
     adapted: list[str]  # adapted module names ([] for full fine-tuning)
     notes: list[str] = dataclasses.field(default_factory=list)  # what the user should know (printed once)
+    quantized: list[str] = dataclasses.field(default_factory=list)  # --quantize: the base layers it quantized
 
     @property
     def model(self):
@@ -92,6 +94,7 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
     task = task_cls(data, loaded.tokenizer, cfg)
     device = device or pick_device(cfg.device)
     loaded.model.to(device)
+    quantized = quantize_base(loaded.model, cfg)
     notes = []
     if cfg.init_from:
         cfg, adapted, notes = _adapt_from(cfg, loaded.model, data.extra.get("labels"))
@@ -104,7 +107,15 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
         enable_gradient_checkpointing(loaded.model)
     if cfg.compile:
         compile_model(loaded.model)
-    return Setup(cfg, task, loaded, device, adapted, notes)
+    return Setup(cfg, task, loaded, device, adapted, notes, quantized)
+
+
+def quantize_base(model, cfg: TrainConfig) -> list[str]:
+    """``--quantize``: the model's linear layers quantized in place with bitsandbytes, except its output layer and
+    the head (``cfg.head``, trained in full); the names of the quantized layers."""
+    if not cfg.quantize:
+        return []
+    return quantize_model(model, cfg.quantize, skip=list(cfg.head or []))
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -178,9 +189,10 @@ def load_trained(run_dir: Path, device: str | None = None) -> Setup:
         raise ValueError(f"{run_dir} has no trained adapter yet ({rundir.ADAPTER}/ is missing); finish it with "
                          f"dorafit train --resume {run_dir}")
     base = dataclasses.replace(cfg, method="full", magnitude_only=None, init_from=None, gradient_checkpointing=False,
-                               compile=False)
+                               compile=False, quantize=None)
     setup = prepare(base, kind=kind)
     setup.model.requires_grad_(False)
+    setup.quantized = quantize_base(setup.model, cfg)  # the base as it was trained on
     setup.adapted = load_adapter(setup.model, run_dir / rundir.ADAPTER)
     setup.model.to(setup.device)
     setup.cfg = cfg

@@ -1,0 +1,153 @@
+"""QLoRA/QDoRA end to end: ``dorafit train --quantize``, the run folder reloaded on the same quantized base by
+``eval`` and ``generate``, ``merge`` writing a float model that predicts what the quantized adapted model
+predicts, export to PEFT and PEFT's own bitsandbytes layers computing the same outputs, and the refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import dorafit
+from dorafit.layers import ops_for
+from dorafit.quantize import quantize_model
+from dorafit.train.setup import load_trained
+
+from .cli_support import assets, run_cli  # noqa: F401 (fixture)
+from .conftest import randomize_adapter
+
+pytest.importorskip("bitsandbytes")
+
+TRAIN = ("--method", "dora", "--rank", 4, "--lr", 1e-2, "--batch-size", 8, "--seed", 1, "--eval-limit", 3,
+         "--max-new-tokens", 4, "--threads", 1, "--steps", 4)
+
+
+@pytest.fixture(scope="module")
+def qdora_run(tmp_path_factory, assets):  # noqa: F811
+    """An nf4 QDoRA instruction run on the tiny LLaMA, and its merged float folder."""
+    root = tmp_path_factory.mktemp("qdora")
+    run = root / "run"
+    code, out, err = run_cli("train", "--model", assets["chatml_llama"], "--task", assets["messages"], "--out", run,
+                             "--quantize", "nf4", *TRAIN)
+    assert code == 0, err
+    code, merged_out, err = run_cli("merge", run, "--out", root / "merged")
+    assert code == 0, err
+    return {"run": run, "out": out, "merged": root / "merged", "merge_out": merged_out}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_train_quantizes_the_frozen_base_and_records_it(qdora_run):
+    run = qdora_run["run"]
+    assert "linear layers quantized nf4 (bitsandbytes)" in qdora_run["out"]
+    assert json.loads((run / "config.json").read_text())["config"]["quantize"] == "nf4"
+    setup = load_trained(run)
+    model = setup.model
+    adapted = dict(dorafit.adapted_modules(model))
+    assert adapted and all(layer.dorafit.ops.quantized for layer in adapted.values())
+    assert all(layer.magnitude.dtype == torch.float32 and layer.lora_A.dtype == torch.float32
+               for layer in adapted.values())
+    # the output layer (tied to the embeddings) and the embeddings stay float
+    assert ops_for(model.get_output_embeddings()).quantized is False
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+
+
+def test_eval_reloads_the_same_quantized_base(qdora_run):
+    run = qdora_run["run"]
+    stored = json.loads((run / "eval.json").read_text())["tasks"]["messages"]["loss"]
+    code, out, err = run_cli("eval", run)
+    assert code == 0, err
+    assert f"loss {stored:.4f}" in out
+
+
+def test_merge_writes_a_float_model_that_predicts_what_the_quantized_adapted_model_predicts(qdora_run):
+    from transformers import AutoModelForCausalLM
+
+    assert "checked: the merged model predicts what the adapted model predicts" in qdora_run["merge_out"]
+    config = json.loads((qdora_run["merged"] / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(qdora_run["merged"]).eval()
+    assert not any(ops_for(m) is not None and ops_for(m).quantized for m in merged.modules())
+    adapted = load_trained(qdora_run["run"]).model.eval()
+    ids = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(merged, ids), _logits(adapted, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_generate_from_the_run_equals_generate_from_the_merged_folder(qdora_run):
+    args = ("--prompt", "hello there", "--max-new-tokens", 6)
+    code_run, out_run, err = run_cli("generate", qdora_run["run"], *args)
+    assert code_run == 0, err
+    code_merged, out_merged, err = run_cli("generate", qdora_run["merged"], *args)
+    assert code_merged == 0, err
+    assert out_run.strip() and out_run == out_merged
+
+
+@pytest.mark.parametrize("options,expected", [
+    (("--method", "full"), "--quantize freezes a quantized base"),
+    (("--compile",), "--quantize does not combine with --compile"),
+    (("--quantize", "int4"), "--quantize must be one of nf4, fp4, int8"),
+])
+def test_refusals(tmp_path, assets, options, expected):  # noqa: F811
+    args = ["train", "--model", assets["chatml_llama"], "--task", assets["messages"], "--out", tmp_path / "run",
+            "--quantize", "nf4", "--steps", 1, *options]
+    code, _, err = run_cli(*args)
+    assert code == 2 and f"error: {expected}" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapter_on_a_4bit_base_exports_to_peft_with_the_same_outputs(assets, method, tmp_path):  # noqa: F811
+    """PEFT loads the exported adapter onto the same bitsandbytes 4-bit base (its own Linear4bit LoRA/DoRA
+    layers) and computes what dorafit computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(assets["chatml_llama"]).eval()
+    quantize_model(base, "nf4")
+    base.is_loaded_in_4bit = True  # as transformers marks a model it loads with BitsAndBytesConfig(load_in_4bit)
+    ours = copy.deepcopy(base)
+    dorafit.apply(ours, dorafit.AdapterConfig(method=method, r=4, alpha=8.0, targets=["q_proj", "v_proj", "up_proj"]))
+    randomize_adapter(ours)
+    dorafit.export_peft(ours, tmp_path / "peft")
+    theirs = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer).__module__.startswith("peft.tuners.lora.bnb")  # PEFT's own bitsandbytes layer
+    ids = torch.randint(5, 1000, (2, 7), generator=torch.Generator().manual_seed(1))
+    ours.eval()
+    torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_serve_shares_one_quantized_base_and_answers_as_generate_does(qdora_run, assets):  # noqa: F811
+    import threading
+
+    from dorafit.generation import SamplingOptions
+    from dorafit.serving.engine import Request
+    from dorafit.serving.load import build_served
+
+    base, adapter = str(assets["chatml_llama"]), f"q={qdora_run['run']}"
+    with pytest.raises(ValueError, match="trained on the base quantized nf4; serve it --quantize nf4"):
+        build_served(base, [adapter])
+    served = build_served(base, [adapter], quantize="nf4")
+    layers = dict(dorafit.adapted_modules(served.engine.model))
+    assert layers and all(layer.dorafit.ops.quantized for layer in layers.values())
+    tokens, done = [], threading.Event()
+
+    def on_token(token, reason):
+        tokens.append(token) if reason is None else done.set()
+
+    prompt = served.formats["q"].prompt_ids([{"role": "user", "content": "hello there"}])
+    served.engine.start()
+    try:
+        served.engine.submit(Request(prompt, "q", SamplingOptions(max_new_tokens=6), on_token=on_token))
+        assert done.wait(120)
+    finally:
+        served.engine.stop()
+    code, printed, err = run_cli("generate", qdora_run["run"], "--prompt", "hello there", "--max-new-tokens", 6)
+    assert code == 0, err
+    assert served.engine.tokenizer.decode(tokens, skip_special_tokens=True).strip() == printed.strip()
