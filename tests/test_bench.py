@@ -11,7 +11,7 @@ from torch import nn
 from dorafit import cli
 from dorafit.bench import peak
 from dorafit.bench.measure import SavedTensorCounter, interleaved_times, model_storages
-from dorafit.bench.models import TRAIN_VARIANTS, WorkloadSpec, llama_sizes
+from dorafit.bench.models import QUANTIZED_VARIANTS, TRAIN_VARIANTS, WorkloadSpec, llama_sizes
 
 TINY = ["--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2", "--vocab", "50", "--batch", "2",
         "--seq", "8", "--r", "4", "--vera-r", "8"]
@@ -52,8 +52,12 @@ def test_bench_on_a_tiny_llama_writes_every_figure(tmp_path, capsys):
     result = record["workloads"]["llama"]
     train = result["train"]
     assert set(train) == set(TRAIN_VARIANTS)
-    losses = [train[v]["first_loss"] for v in TRAIN_VARIANTS]
-    assert max(losses) - min(losses) < 1e-5 * abs(losses[0]), "every variant starts as the same model"
+    for group in (set(TRAIN_VARIANTS) - set(QUANTIZED_VARIANTS), QUANTIZED_VARIANTS):
+        losses = [train[v]["first_loss"] for v in group]
+        assert max(losses) - min(losses) < 1e-5 * abs(losses[0]), "every variant starts as the same model"
+    assert train["qdora"]["first_loss"] != train["dora"]["first_loss"]  # the quantized base is another model
+    assert train["qdora"]["trainable_params"] == train["peft_qdora"]["trainable_params"] == \
+        train["dora"]["trainable_params"]
     assert train["base"]["trainable_params"] == 0
     assert train["dora"]["trainable_params"] == train["peft_dora"]["trainable_params"]
     # VeRA: d [r] and b [out] per adapted layer (q, k, v: 32 -> 32, up: 32 -> 64, down: 64 -> 32); DVoRA adds m [out]
@@ -67,6 +71,7 @@ def test_bench_on_a_tiny_llama_writes_every_figure(tmp_path, capsys):
     assert ratios["dora_vs_lora_step"]["target"] == 1.10
     assert "dora_vs_lora_peak" not in ratios  # peak memory was not measured
     assert {"dvora_vs_vera_step", "vera_vs_peft_vera_step", "dvora_vs_vera_saved"} <= set(ratios)
+    assert ratios["qdora_vs_peft_qdora_step"]["target"] == 0.85 and ratios["qdora_vs_qlora_step"]["target"] == 1.10
     generation = result["generation"]
     assert set(generation) == {"dora_merged", "dora", "lora", "peft_dora"}
     assert all(g["tokens_per_s"] > 0 and g["new_tokens"] == 32 for g in generation.values())
@@ -89,12 +94,13 @@ def test_bench_variants_option_runs_the_base_and_the_named_variants_only(tmp_pat
 
 def test_bench_refuses_an_unknown_variant(capsys):
     with pytest.raises(SystemExit, match="--variants takes a comma-separated list of dora, dora_full_norm, dvora"):
-        cli.main(["bench", "--models", "llama", "--variants", "dora,qlora"])
+        cli.main(["bench", "--models", "llama", "--variants", "dora,xlora"])
 
 
-def test_peak_entry_point_reports_resident_memory(capsys):
+@pytest.mark.parametrize("variant", ["dora", "qdora"])
+def test_peak_entry_point_reports_resident_memory(capsys, variant):
     spec = WorkloadSpec(model="llama", batch=2, seq=8, r=4, sizes=llama_sizes(32, 64, 1, 2, 50))
-    assert peak.main([json.dumps(spec.to_dict()), "dora", "1", "0"]) == 0
+    assert peak.main([json.dumps(spec.to_dict()), variant, "1", "0"]) == 0
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert answer["peak_mib"] > 0 and answer["peak_over_setup_mib"] >= 0
 

@@ -20,6 +20,10 @@ VeRA and DVoRA the spec's ``vera_r`` (VeRA trains only two vectors per layer, so
     vera, dvora     dorafit VeRA and DVoRA (DoRA with VeRA's directional update, norm detached)
     peft_lora, peft_dora   the PEFT library, ``LoraConfig(use_dora=...)``
     peft_vera       the PEFT library, ``VeraConfig`` (PEFT has no DVoRA)
+    qlora, qdora    dorafit LoRA and DoRA on the base quantized with bitsandbytes (``spec.quantize``: nf4 by
+                    default, float32 compute; :func:`dorafit.quantize.quantize_model`), each variant its own
+                    quantized copy of the frozen linear layers (the rest shared)
+    peft_qlora, peft_qdora   PEFT's LoRA and DoRA on such a copy, through PEFT's own bitsandbytes layers
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from torch import Tensor, nn
 
 import dorafit
 
-TRAIN_VARIANTS = ("base", "lora", "dora", "dora_full_norm", "vera", "dvora", "peft_lora", "peft_dora", "peft_vera")
+QUANTIZED_VARIANTS = ("qlora", "qdora", "peft_qlora", "peft_qdora")
+TRAIN_VARIANTS = ("base", "lora", "dora", "dora_full_norm", "vera", "dvora", "peft_lora", "peft_dora", "peft_vera",
+                  *QUANTIZED_VARIANTS)
 INFERENCE_VARIANTS = ("base", "dora_merged", "dora", "lora", "dvora", "vera", "peft_dora")
 MODELS = ("llama", "minilm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,6 +65,8 @@ class WorkloadSpec:
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
+    quantize: str = "nf4"
+    """the quantized variants' base: nf4, fp4 or int8 (bitsandbytes)."""
     sizes: dict[str, int] = field(default_factory=dict)
     """llama only: hidden, intermediate, layers, heads, vocab."""
 
@@ -187,12 +195,42 @@ def peft_model(model: nn.Module, workload: Workload, method: str) -> nn.Module:
     return get_peft_model(model, cfg)
 
 
+def train_variants() -> tuple[str, ...]:
+    """:data:`TRAIN_VARIANTS`, without the quantized ones where bitsandbytes is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return tuple(v for v in TRAIN_VARIANTS if v not in QUANTIZED_VARIANTS)
+    return TRAIN_VARIANTS
+
+
+def quantized_copy(workload: Workload) -> nn.Module:
+    """The base with its linear layers quantized as ``spec.quantize`` says (new tensors; the rest shared), marked
+    as transformers marks a model it loaded quantized, so that PEFT picks its bitsandbytes layers."""
+    from dorafit.quantize import quantize_model
+
+    model = shared_copy(workload.base)
+    quantize_model(model, workload.spec.quantize)
+    if workload.spec.quantize == "int8":
+        model.is_loaded_in_8bit = True
+    else:
+        model.is_loaded_in_4bit = True
+    return model
+
+
 def build_variant(workload: Workload, name: str, own_weights: bool = False) -> nn.Module:
     """The model for one variant (see the module docstring); ``own_weights`` copies the frozen tensors too.
 
     ``dora_merged`` is dorafit DoRA merged into its own copy of the weights (for inference).
     """
     base = workload.base
+    if name in QUANTIZED_VARIANTS:
+        model = quantized_copy(workload)
+        method = name.removeprefix("peft_q").removeprefix("q")
+        if name.startswith("peft_"):
+            return peft_model(model, workload, method)
+        dorafit.apply(model, dorafit_config(workload, method))
+        return model
     model = copy.deepcopy(base) if own_weights or name == "dora_merged" else shared_copy(base)
     if name == "base":
         model.enable_input_require_grads()  # transformers: the input embeddings' output requires grad

@@ -25,7 +25,7 @@ from .measure import (
     median_ms,
     model_storages,
 )
-from .models import INFERENCE_VARIANTS, TRAIN_VARIANTS, Workload, WorkloadSpec, build_variant, build_workload
+from .models import INFERENCE_VARIANTS, Workload, WorkloadSpec, build_variant, build_workload, train_variants
 
 MIB = 2**20
 
@@ -93,7 +93,7 @@ def run_training(workload: Workload, warmup: int, steps: int, peak_steps: int, t
                  variants: tuple[str, ...] | None = None) -> dict:
     """Per training variant: median step time, saved-for-backward bytes, peak memory, first loss."""
     device = workload.spec.device
-    names = selected(TRAIN_VARIANTS, variants)
+    names = selected(train_variants(), variants)
     trainers = {name: Trainer(workload, name) for name in names}
     results: dict[str, dict] = {}
     for name, trainer in trainers.items():

@@ -15,7 +15,8 @@ import torch
 
 DESCRIPTION = (
     "Measure training-step time, activations saved for backward, peak memory and inference latency of the frozen "
-    "base model, dorafit LoRA/DoRA/VeRA/DVoRA and PEFT LoRA/DoRA/VeRA on a LLaMA-shaped model and all-MiniLM-L6-v2."
+    "base model, dorafit LoRA/DoRA/VeRA/DVoRA and PEFT LoRA/DoRA/VeRA, on a float and a quantized base (QLoRA, "
+    "QDoRA), on a LLaMA-shaped model and all-MiniLM-L6-v2."
 )
 
 
@@ -24,8 +25,11 @@ def register(subparsers) -> None:
     p.add_argument("--models", default="llama,minilm", help="comma-separated: llama, minilm (default: both)")
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of the variants (the frozen base always runs): "
-                        "lora, dora, dora_full_norm, vera, dvora, peft_lora, peft_dora, peft_vera (default: all; "
-                        "the compile section runs those of lora, dora, peft_dora)")
+                        "lora, dora, dora_full_norm, vera, dvora, peft_lora, peft_dora, peft_vera, and on a "
+                        "quantized base qlora, qdora, peft_qlora, peft_qdora (default: all, the quantized ones where "
+                        "bitsandbytes is installed; the compile section runs those of lora, dora, peft_dora)")
+    p.add_argument("--quantize", default="nf4", choices=["nf4", "fp4", "int8"],
+                   help="the quantized variants' base (bitsandbytes; default: nf4)")
     p.add_argument("--sections", default="standard",
                    help="comma-separated: standard (the variants above), compile (eager and torch.compile side by "
                         "side: base, LoRA, DoRA, PEFT DoRA), memory (DoRA's magnitude gradient saved or recomputed, "
@@ -142,7 +146,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     kept = False if args.system_malloc else measure.keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    common = dict(r=args.r, alpha=args.alpha, vera_r=args.vera_r, device=args.device, dtype=args.dtype, seed=args.seed)
+    common = dict(r=args.r, alpha=args.alpha, vera_r=args.vera_r, device=args.device, dtype=args.dtype, seed=args.seed,
+                  quantize=args.quantize)
     specs = {
         "llama": WorkloadSpec(model="llama", batch=args.batch, seq=args.seq, sizes=llama_sizes(
             args.hidden, args.intermediate, args.layers, args.heads, args.vocab), **common),
