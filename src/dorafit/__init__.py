@@ -29,6 +29,7 @@ from .inject import (  # noqa: E402
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter, set_adapter_state_dict  # noqa: E402
 from .multi import per_row_adapters, set_adapter  # noqa: E402
 from .peft_format import PeftFormatError, export_peft, import_peft  # noqa: E402
+from .quantize import quantize_model  # noqa: E402
 
 __all__ = [
     "AdapterConfig",
@@ -48,6 +49,7 @@ __all__ = [
     "merge_and_unload",
     "PeftFormatError",
     "per_row_adapters",
+    "quantize_model",
     "read_adapter",
     "save_adapter",
     "set_adapter",
