@@ -278,6 +278,7 @@ def two_process_checks(rank: int, store: str) -> None:
     try:
         check_norm_under_fsdp()
         check_errors_reach_every_process(rank)
+        dist.barrier()  # both done before either tears gloo down (one exiting early aborted the other, under load)
     finally:
         dist.destroy_process_group()
 
