@@ -110,7 +110,7 @@ def test_adapter_on_a_4bit_base_exports_to_peft_with_the_same_outputs(assets, me
 
     base = AutoModelForCausalLM.from_pretrained(assets["chatml_llama"]).eval()
     quantize_model(base, "nf4")
-    base.is_loaded_in_4bit = True  # as transformers marks a model it loads with BitsAndBytesConfig(load_in_4bit)
+    assert base.is_loaded_in_4bit  # as transformers marks a model it loads with BitsAndBytesConfig(load_in_4bit)
     ours = copy.deepcopy(base)
     dorafit.apply(ours, dorafit.AdapterConfig(method=method, r=4, alpha=8.0, targets=["q_proj", "v_proj", "up_proj"]))
     randomize_adapter(ours)
@@ -151,3 +151,58 @@ def test_serve_shares_one_quantized_base_and_answers_as_generate_does(qdora_run,
     code, printed, err = run_cli("generate", qdora_run["run"], "--prompt", "hello there", "--max-new-tokens", 6)
     assert code == 0, err
     assert served.engine.tokenizer.decode(tokens, skip_special_tokens=True).strip() == printed.strip()
+
+
+def test_analyze_refuses_a_quantized_run_clearly(qdora_run, tmp_path):
+    code, _, err = run_cli("analyze", qdora_run["run"], "--out", tmp_path / "analysis")
+    assert code == 2 and "quantized nf4; dorafit analyze reads float weights" in err and "Traceback" not in err
+
+
+def test_a_head_named_by_suffix_stays_float_and_trains(tmp_path, assets):  # noqa: F811
+    run = tmp_path / "cls"
+    code, out, err = run_cli("train", "--model", assets["bert"], "--task", assets["jsonl"], "--out", run,
+                             "--quantize", "nf4", "--head", "classifier", "pooler", "--steps", 2, "--batch-size", 4,
+                             "--eval-limit", 4, "--threads", 1)
+    assert code == 0, err
+    model = load_trained(run).model
+    assert not ops_for(model.get_submodule("bert.pooler.dense")).quantized
+    assert ops_for(model.get_submodule("bert.encoder.layer.0.attention.output.dense")).quantized
+    assert model.get_submodule("bert.pooler.dense").weight.dtype == torch.float32
+
+
+def test_merge_leaves_no_quantized_layer_even_when_the_adapter_sits_on_float_layers_only(assets):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(assets["chatml_llama"]).eval()
+    quantize_model(model, "nf4")
+    dorafit.apply(model, dorafit.AdapterConfig(method="lora", r=2, targets=["embed_tokens"]))
+    dorafit.merge_and_unload(model)
+    assert not any(ops_for(m) is not None and ops_for(m).quantized for m in model.modules())
+    assert not getattr(model, "is_loaded_in_4bit", False)
+
+
+def test_int8_merge_gives_back_the_dtype_the_model_was_quantized_from(assets):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(assets["chatml_llama"], dtype=torch.bfloat16).eval()
+    quantize_model(model, "int8")
+    dorafit.apply(model, dorafit.AdapterConfig(method="dora", r=2, targets=["q_proj"]))
+    dorafit.merge_and_unload(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model(input_ids=torch.tensor([[5, 6, 7]]))  # one dtype throughout: runs
+
+
+def test_dequantize_reads_a_weight_the_library_repacked_for_the_cpu(assets):  # noqa: F811
+    """bitsandbytes repacks a Linear4bit weight in place on AVX512-BF16 CPUs at its first eval forward; done here
+    by hand with the library's own function, dequantize still reads the weight the library does."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(assets["chatml_llama"]).eval()
+    quantize_model(model, "nf4")
+    layer = model.get_submodule("model.layers.0.mlp.gate_proj")
+    expected = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                 layer.weight.quant_state)
+    dorafit.dequantize(model)
+    torch.testing.assert_close(model.get_submodule("model.layers.0.mlp.gate_proj").weight, expected)

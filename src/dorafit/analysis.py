@@ -239,6 +239,9 @@ def run_points(run_dir: Path, modules: list[str] | None = None, label: str | Non
 
     run_dir = Path(run_dir)
     cfg, resolved = stored_config(run_dir)
+    if cfg.quantize:
+        raise ValueError(f"{run_dir} was trained on a base quantized {cfg.quantize}; dorafit analyze reads float "
+                         "weights and does not analyse a quantized base yet: analyse a run trained without --quantize")
     steps = snapshots(run_dir)
     model = by_kind(resolved["kind"]).load_model(resolve_model(cfg.model), resolved).model
     model.requires_grad_(False)

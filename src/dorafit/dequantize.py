@@ -65,6 +65,7 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         raise ValueError(f"module {adapted[0]!r} carries an adapter; dorafit.merge_and_unload(model) merges it into "
                          "a float layer (or dorafit.unload(model) removes it) before dequantizing")
     for name, module, ops in quantized:
+        ops.prepare(module)  # the library's canonical layout (see Bnb4bitOps.prepare), whatever ran before
         set_submodule(model, name, ops.float_linear(module, dtype=dtype))
     if quantized:
         _drop_quantization_marks(model)

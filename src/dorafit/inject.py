@@ -373,7 +373,7 @@ def _remove(model: nn.Module, merge_first: bool, dtype: torch.dtype | None = Non
             delattr(model, attr)
     for name, layer in floats.items():
         set_submodule(model, name, layer)
-    if floats:
+    if merge_first:  # a merged model is a float model, also where the adapter sat only on float layers
         dequantize(model, dtype)
     return model
 

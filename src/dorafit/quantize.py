@@ -7,8 +7,9 @@ Kinds: ``nf4`` and ``fp4`` (``bnb.nn.Linear4bit``, blocks of 64, double quantiza
 QLoRA), ``int8`` (``bnb.nn.Linear8bitLt``, LLM.int8 with transformers' default outlier threshold 6.0). The 4-bit
 compute dtype is the layer's own dtype unless given. Layers are quantized where their weight is (CPU or GPU),
 one at a time, so a model never needs more than its float size plus one layer. Not quantized: the model's output
-layer (often tied to the input embeddings), layers named in ``skip`` (e.g. a classification head that trains in
-full) and any layer whose weight another module shares.
+layer (often tied to the input embeddings), layers named in ``skip`` (names or name suffixes, as adapter targets, and
+everything under them: e.g. a classification head that trains in full) and any layer whose weight another
+module shares.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ def quantized_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype | 
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
                                   compute_dtype=compute_dtype or dtype, compress_statistics=True, quant_type=kind)
+        # keep the canonical layout: on an AVX512-BF16 CPU the library would repack the weight in place at the
+        # first eval forward, after which its rows no longer dequantize block by block
+        layer.support_avx512bf16_for_cpu = False
     layer.weight.data = linear.weight.data.to("cpu").clone()  # quantized by the move below, from the float values
+    layer.dorafit_float_dtype = dtype  # what dequantizing gives back (the int8 layer does not record it)
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
     layer = layer.to(device)
@@ -69,9 +74,11 @@ def quantize_model(model: nn.Module, kind: str, skip: list[str] | tuple[str, ...
     require_bitsandbytes()
     from .dequantize import set_submodule
 
+    from .inject import find_modules
+
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     shared = _shared_weights(model)
-    skipped = tuple(skip)
+    skipped = tuple(find_modules(model, list(skip), "skip")) if skip else ()  # names or name suffixes, as targets
     names = [
         name for name, module in model.named_modules()
         if type(module) is nn.Linear and module is not output and id(module.weight) not in shared
@@ -79,4 +86,6 @@ def quantize_model(model: nn.Module, kind: str, skip: list[str] | tuple[str, ...
     ]
     for name in names:
         set_submodule(model, name, quantized_linear(model.get_submodule(name), kind, compute_dtype))
+    if names:  # as transformers marks a model it loads quantized: PEFT then wraps the layers with its bnb layers
+        setattr(model, "is_loaded_in_8bit" if kind == "int8" else "is_loaded_in_4bit", True)
     return names

@@ -206,15 +206,11 @@ def train_variants() -> tuple[str, ...]:
 
 def quantized_copy(workload: Workload) -> nn.Module:
     """The base with its linear layers quantized as ``spec.quantize`` says (new tensors; the rest shared), marked
-    as transformers marks a model it loaded quantized, so that PEFT picks its bitsandbytes layers."""
+    as transformers marks a model it loaded quantized (so that PEFT picks its bitsandbytes layers)."""
     from dorafit.quantize import quantize_model
 
     model = shared_copy(workload.base)
     quantize_model(model, workload.spec.quantize)
-    if workload.spec.quantize == "int8":
-        model.is_loaded_in_8bit = True
-    else:
-        model.is_loaded_in_4bit = True
     return model
 
 

@@ -7,8 +7,8 @@ a float scale per 256 of them, plus an offset). An element is ``code_table[c] * 
 of the block size. The frozen product is the library's ``matmul_4bit`` in the layer's compute dtype.
 
 8-bit (LLM.int8, ``has_fp16_weights=False``): int8 codes CB [out, in] and a scale per row SCB,
-``W0 = CB * SCB / 127``. The frozen product is the library's ``bnb.matmul``: in training mode it multiplies by
-the dequantized weight (exact); in eval mode it also quantizes the input to int8 (LLM.int8's inference path,
+``W0 = CB * SCB / 127``. The frozen product is the library's ``bnb.matmul``: in training mode on CPU it
+multiplies by the dequantized weight (exact; on CUDA it quantizes the input to int8 first); in eval mode it also quantizes the input to int8 (LLM.int8's inference path,
 with outlier columns in float16 above ``threshold``), so eval outputs carry that rounding as the layer does.
 
 On CPU the library builds the dense float weight inside its 4-bit matmul and backward and inside its int8
@@ -132,5 +132,19 @@ class Bnb8bitOps(QuantizedLinearOps):
         return cb[start:stop].to(torch.float32).mul_(scb[start:stop].unsqueeze(1).mul(1.0 / 127.0))
 
     def float_dtype(self, module: nn.Module) -> torch.dtype:
+        """The dtype the layer was quantized from where :func:`dorafit.quantize_model` recorded it, else the
+        bias's, else float32 (the int8 layer itself does not record it)."""
+        recorded = getattr(module, "dorafit_float_dtype", None)
+        if recorded is not None:
+            return recorded
         bias = getattr(module, "bias", None)
         return bias.dtype if bias is not None else torch.float32
+
+    def low_rank_with_factor(self, module: nn.Module, x: Tensor, x_adapter: Tensor, p: Tensor, q: Tensor,
+                             factor_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """On CPU as for every quantized family (Q's rows ride along in the frozen product, which multiplies by
+        the dequantized weight in training). On CUDA the library's training product quantizes its input to int8,
+        which would round Q: there ``W0 Q^T`` is left to the exact block-by-block path."""
+        if x.is_cuda:
+            return self.low_rank(module, x, x_adapter, p, q, with_bias=False), None
+        return super().low_rank_with_factor(module, x, x_adapter, p, q, factor_grad)

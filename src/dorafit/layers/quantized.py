@@ -16,8 +16,9 @@ needs three things of W0, and none of them is the dense matrix:
 
 So a DoRA step on a quantized base costs what a LoRA step on it costs, plus Q's r rows in the frozen product.
 A family subclass says how its library computes the frozen product (:meth:`base`) and how to dequantize rows
-``[start, stop)`` (:meth:`rows`, with :meth:`row_alignment`); dorafit's own code never creates a tensor of
-out * in elements for it. (The library's own kernels may: bitsandbytes on CPU dequantizes the whole weight
+``[start, stop)`` (:meth:`rows`, with :meth:`row_alignment`); in training and unmerged inference dorafit's
+own code never creates a tensor of out * in elements for it (only :meth:`dequantized_weight` does, to write a
+float model). (The library's own kernels may: bitsandbytes on CPU dequantizes the whole weight
 inside its matmul and its backward; torchao's NF4 linear does so on every device.)
 
 Adapters on a quantized layer are float32 whatever the compute dtype; the adapter input is cast to them and
@@ -75,7 +76,8 @@ class QuantizedLinearOps(LinearOps):
     # ---- the seam, from those ------------------------------------------------------------------------------
     def weight_matrix(self, module: nn.Module) -> Tensor:
         raise ValueError(f"{self.describe(module)} stores its weight quantized; dorafit does not read it as a dense "
-                         "matrix. Dequantize the model first (dorafit.dequantize(model)) for this")
+                         "matrix. Write a float model first: dorafit.merge_and_unload(model) (with its adapter merged) "
+                         "or dorafit.dequantize(model) (a model without adapters)")
 
     def weight_shape(self, module: nn.Module) -> list[int]:
         return list(self.shape(module))

@@ -42,7 +42,7 @@ def load_generator(path: str, device: str = "auto") -> Generator:
     folder = Path(path).expanduser()
     where = pick_device(device)
     if rundir.is_run_folder(folder):
-        gen = _from_run(folder)
+        gen = _from_run(folder, where)
     else:
         loaded = load_causal_lm(resolve_model(path))
         own = loaded.tokenizer.chat_template
@@ -51,7 +51,7 @@ def load_generator(path: str, device: str = "auto") -> Generator:
     return gen
 
 
-def _from_run(run_dir: Path) -> Generator:
+def _from_run(run_dir: Path, device) -> Generator:
     cfg, resolved = stored_config(run_dir)
     task_cls = by_kind(resolved.get("kind", "classification"))
     if cfg.method == "full":
@@ -68,6 +68,7 @@ def _from_run(run_dir: Path) -> Generator:
         raise ValueError(f"{run_dir} is a {task_cls.kind} run, not a generative one: its model does not write text, "
                          "so it cannot generate or chat (dorafit eval evaluates it)")
     loaded = load_causal_lm(folder)
+    loaded.model.to(device)  # quantized where it will run, as in training
     fmt = task_cls.chat_format(loaded.tokenizer, resolved)
     if cfg.method != "full":
         loaded.model.requires_grad_(False)

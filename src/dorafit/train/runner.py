@@ -52,9 +52,7 @@ RESUME_MAY_EXTEND = ("steps", "epochs")
 
 def train(cfg: TrainConfig, explicit: dict) -> int:
     """One run, in this process or (under torchrun) in every process of the job; see :mod:`.distributed`."""
-    if cfg.quantize and cfg.distributed == "fsdp" and distributed.world_size() > 1:
-        raise ValueError("--quantize does not combine with --distributed fsdp: FSDP2 cannot shard bitsandbytes' "
-                         "packed quantized weights; use --distributed ddp (each process holds the quantized base)")
+    check_strategy(cfg, distributed.world_size())  # before joining the job (a resumed run's: in plan_run)
     group = distributed.start(cfg.distributed)
     try:
         with contextlib.ExitStack() as held:
@@ -109,6 +107,13 @@ def resume_config(run_dir: Path, explicit: dict) -> TrainConfig:
     return validate(dataclasses.replace(cfg, resume=str(run_dir), **changes))
 
 
+def check_strategy(cfg: TrainConfig, world_size: int) -> None:
+    """Options that the number of processes rules out."""
+    if cfg.quantize and cfg.distributed == "fsdp" and world_size > 1:
+        raise ValueError("--quantize does not combine with --distributed fsdp: FSDP2 cannot shard bitsandbytes' "
+                         "packed quantized weights; use --distributed ddp (each process holds the quantized base)")
+
+
 def plan_run(cfg: TrainConfig, explicit: dict, world_size: int, held: contextlib.ExitStack) -> Plan:
     """Rank 0: the run folder, locked (``held`` releases the lock when the run ends)."""
     resuming = cfg.resume is not None
@@ -128,6 +133,7 @@ def plan_run(cfg: TrainConfig, explicit: dict, world_size: int, held: contextlib
         if (run_dir / rundir.CONFIG).exists():
             raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                              "or choose another --out")
+    check_strategy(cfg, world_size)
     check_writable(run_dir)  # now, not at the first checkpoint
     held.enter_context(rundir.locked(run_dir))  # a ValueError if another process trains it
     rundir.remove_leftovers(run_dir)  # of a process killed while writing (we hold the lock: nobody else writes)
