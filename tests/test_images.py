@@ -69,7 +69,7 @@ def test_fashion_mnist_loads_with_validation_and_test_sets():
     data = load_fashion_mnist(split_seed=0, image_size=SIZE)
     assert (len(data.train), len(data.test["validation"]), len(data.test["test"])) == (55000, 5000, 10000)
     assert data.extra == {"labels": FASHION_MNIST_LABELS, "image_size": SIZE}
-    image, label = data.train[0]
+    image, _ = data.train[0]
     assert image.shape == (28, 28) and image.dtype == np.uint8
     for examples in (data.train, *data.test.values()):
         labels = {y for _, y in examples}
@@ -172,7 +172,7 @@ def test_cli_train_eval_and_merge(tmp_path):
 @needs_data
 def test_cli_refuses_a_depthwise_target(tmp_path):
     needs_model()
-    code, out, err = run_cli("train", "--model", "efficientnet-lite0", "--task", "fashion-mnist", "--steps", 1,
+    code, _, err = run_cli("train", "--model", "efficientnet-lite0", "--task", "fashion-mnist", "--steps", 1,
                              "--image-size", SIZE, "--targets", "_depthwise_conv", "--threads", 1,
                              "--out", tmp_path / "run")
     assert code == 2

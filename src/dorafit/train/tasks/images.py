@@ -70,7 +70,10 @@ def load_fashion_mnist(split_seed: int, image_size: int, folder: Path = FASHION_
     images, labels = read_fashion_mnist("train", folder)
     test_images, test_labels = read_fashion_mnist("t10k", folder)
     train_ids, val_ids = validation_split(len(labels), split_seed)
-    examples = lambda xs, ys, ids: [(xs[i], int(ys[i])) for i in ids]  # noqa: E731 (views, no copies)
+
+    def examples(xs, ys, ids) -> list:
+        return [(xs[i], int(ys[i])) for i in ids]  # (view of one image, label): no pixels copied
+
     return TaskData(
         "fashion-mnist", examples(images, labels, train_ids),
         {"validation": examples(images, labels, val_ids),
