@@ -134,7 +134,7 @@ def run(
                     loss = task.loss(model, batch) / grad_accum
                     loss.backward()
                 loss_sum += float(loss.detach())
-                tokens += int(batch["attention_mask"].sum())
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(examples)
             if group.several:  # every process logs (and checks) the step's global loss
                 loss_sum, tokens = group.sum([loss_sum, tokens])
                 loss_sum, tokens = loss_sum / group.world_size, int(tokens)

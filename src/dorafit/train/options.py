@@ -51,12 +51,14 @@ class TrainConfig:
     """One training run. The defaults are the embedded demo: MiniLM + DoRA on tweet sentiment."""
 
     # ---- what to train -----------------------------------------------------------------------------------
-    model: str = option("minilm", "a preset (minilm, gemma-3-270m) or a local Hugging Face model folder",
+    model: str = option("minilm", "a preset (minilm, gemma-3-270m; efficientnet-lite0 for image tasks) or a local "
+                        "Hugging Face model folder",
                         metavar="NAME|DIR")
     task: str = option(
         "tweets",
-        "a preset (tweets, bbc: classification; commonsense: multiple choice; bbc-headlines: instruction tuning), "
-        "a commonsense-format data folder, a .jsonl/.csv file of text,label (classification), or a .jsonl file of "
+        "a preset (tweets, bbc: classification; commonsense: multiple choice; bbc-headlines: instruction tuning; "
+        "fashion-mnist: image classification), a commonsense-format data folder, a .jsonl/.csv file of text,label "
+        "(classification), or a .jsonl file of "
         "instruction tuning records (Alpaca instruction/input/output, OpenAI messages, or ShareGPT conversations)",
         metavar="NAME|PATH",
     )
@@ -68,6 +70,10 @@ class TrainConfig:
                              "--seed)", minimum=0)
     max_length: Optional[int] = option(None, "tokens per example (default: the task's: tweets 64, bbc 256, files "
                                        "128, commonsense 256, instruction files 512, bbc-headlines 256)", minimum=2)
+    image_size: Optional[int] = option(
+        None, "image tasks: the side in pixels images are resized to (default: the model's input size, 224 for "
+        "efficientnet-lite0); smaller is much faster on a CPU, multiples of 32 keep EfficientNet's padding as "
+        "trained", minimum=32)
     train_on_prompt: bool = option(False, "causal-LM tasks: train on every token, not only on the responses")
 
     # ---- how to adapt ------------------------------------------------------------------------------------

@@ -84,7 +84,10 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
         targets=cfg.targets or default_targets(loaded.model),
         head=cfg.head if cfg.head is not None else loaded.head,
         eval_limit=cfg.eval_limit if cfg.eval_limit is not None else data.eval_limit,
+        image_size=data.extra.get("image_size"),  # an image task's: --image-size or the model's input size
     )
+    if cfg.image_size and "image_size" not in data.extra:
+        raise ValueError(f"--image-size is for image tasks; a {task_cls.kind} task reads text")
     if cfg.head and not task_cls.has_head:
         raise ValueError(f"--head is for classification tasks; a {task_cls.kind} task trains no head")
     if cfg.steps is None and cfg.epochs is None:

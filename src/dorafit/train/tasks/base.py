@@ -13,7 +13,8 @@ class-level side says which ``--task`` values it reads and how its data and mode
                                ``extra`` (or a run's stored "resolved" dict), e.g. the classifier's labels
     Task(data, tokenizer, cfg) an instance, then:
       train                    the training examples
-      batch(examples)          model inputs (and labels) as tensors; "attention_mask" counts the tokens
+      batch(examples)          model inputs (and labels) as tensors; "attention_mask" counts the tokens (a batch
+                               without one counts its examples, e.g. images)
       loss(model, batch)       a scalar to minimise
       evaluate(model, device, limit, batch_size, progress) -> {"tasks": {test set: {metric: value}}, ...}
       check_outputs(model, examples, device) -> tensor compared after merge / export (same predictions)
