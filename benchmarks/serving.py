@@ -1,14 +1,17 @@
 """Serving K DoRA adapters from one base model: resident memory and batched throughput (``dorafit serve``'s engine).
 
-Memory (each in a fresh process, resident set size after the model is ready and has answered one request):
+Memory (each in a fresh process, resident set size after the model is ready and has answered one request, with
+its adapter active, and glibc has returned freed memory to the system (``malloc_trim``), so that what building
+the adapters allocated and freed is not counted; the tensors' own bytes are given beside it):
 
     unmerged   the base model + K DoRA adapters kept unmerged (what ``dorafit serve`` holds)
     merged1    one merged model (what serving a single adapter merged costs)
     mergedK    K merged copies (the usual workaround for serving K DoRA adapters)
 
 Throughput: N concurrent requests, mixed over the K adapters, each generating T tokens greedily after its own
-prompt, through :class:`dorafit.serving.engine.Engine`: batched (``max_batch_size`` N: one forward per token for
-every request) against one request at a time (``max_batch_size`` 1), interleaved, generated tokens per second.
+prompt, through :class:`dorafit.serving.engine.Engine` run in the main thread as ``dorafit serve`` runs it:
+batched (``max_batch_size`` N: one forward per token for every request) against one request at a time
+(``max_batch_size`` 1), interleaved, generated tokens per second.
 
 The model is the LLaMA-shaped random model of ``dorafit bench`` (hidden 1024, intermediate 2816, 4 layers, 16 heads,
 vocabulary 32,000) with DoRA r 16 on q, k, v, up, down, each adapter's B and magnitude perturbed from their init
@@ -21,6 +24,7 @@ by its own seed (so the adapters differ and are not the identity). Results go to
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import statistics
@@ -90,6 +94,7 @@ def memory_child(what: str, k: int) -> None:
     start = rss_bytes()
     if what == "unmerged":
         models = [adapted(base_model(), k)]
+        dorafit.set_adapter(models[0], "a0")
     elif what == "merged1":
         models = [merged_copy(0)]
     else:
@@ -98,7 +103,11 @@ def memory_child(what: str, k: int) -> None:
         with torch.no_grad():
             model.generate(input_ids=torch.ones(1, 8, dtype=torch.long), max_new_tokens=2, do_sample=False,
                            pad_token_id=0)
-    print(json.dumps({"rss_mib": rss_bytes() / MIB, "rss_at_start_mib": start / MIB}))
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+               for m in models for t in [*m.parameters(), *m.buffers()]}
+    print(json.dumps({"rss_mib": rss_bytes() / MIB, "rss_at_start_mib": start / MIB,
+                      "tensor_mib": sum(tensors.values()) / MIB}))
 
 
 def measure_memory(k: int) -> dict:
@@ -111,23 +120,22 @@ def measure_memory(k: int) -> dict:
 
 
 def run_requests(engine: Engine, prompts: list[list[int]], adapters: list[str], tokens: int) -> float:
-    """Submit every request at once and wait for all: the seconds it took."""
+    """Submit every request at once and run the engine in this (the main) thread, as ``dorafit serve`` does,
+    until all have finished: the seconds it took."""
     done = threading.Event()
     left = [len(prompts)]
-    lock = threading.Lock()
 
     def on_token(token, reason):
         if reason is not None:
-            with lock:
-                left[0] -= 1
-                if left[0] == 0:
-                    done.set()
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
 
     options = SamplingOptions(max_new_tokens=tokens)
     started = time.perf_counter()
     for prompt, adapter in zip(prompts, adapters):
         engine.submit(Request(prompt, adapter, options, on_token=on_token))
-    done.wait()
+    engine.run(until=done.is_set)
     return time.perf_counter() - started
 
 
@@ -139,8 +147,8 @@ def measure_throughput(model, k: int, tokens: int, concurrency: list[int], repea
     for n in concurrency:
         prompts = [torch.randint(1, vocab, (48,), generator=g).tolist() for _ in range(n)]
         adapters = [f"a{i % k}" for i in range(n)]
-        engines = {"batched": Engine(model, Tokens(), max_batch_size=n).start(),
-                   "one_at_a_time": Engine(model, Tokens(), max_batch_size=1).start()}
+        engines = {"batched": Engine(model, Tokens(), max_batch_size=n),
+                   "one_at_a_time": Engine(model, Tokens(), max_batch_size=1)}
         engines["batched"].stops = engines["one_at_a_time"].stops = set()  # exactly `tokens` tokens per request
         times = {name: [] for name in engines}
         for name, engine in engines.items():  # warm-up
@@ -148,8 +156,6 @@ def measure_throughput(model, k: int, tokens: int, concurrency: list[int], repea
         for _ in range(repeats):
             for name, engine in engines.items():
                 times[name].append(run_requests(engine, prompts, adapters, tokens))
-        for engine in engines.values():
-            engine.stop()
         out[n] = {name: {"seconds": statistics.median(t), "seconds_all": t,
                          "tokens_per_s": n * tokens / statistics.median(t)} for name, t in times.items()}
         out[n]["speedup"] = out[n]["batched"]["tokens_per_s"] / out[n]["one_at_a_time"]["tokens_per_s"]
@@ -165,6 +171,7 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", default="memory,throughput", help="what to measure (default: both)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -173,15 +180,21 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     meta = {**machine(), "load_average_start": load_average(), "command": " ".join(["benchmarks/serving.py",
                                                                                      *sys.argv[1:]])}
-    print("memory (fresh processes)", file=sys.stderr, flush=True)
-    memory = measure_memory(args.adapters)
-    print("throughput", file=sys.stderr, flush=True)
-    model = adapted(base_model(), args.adapters)
-    throughput = measure_throughput(model, args.adapters, args.tokens,
-                                    [int(c) for c in args.concurrency.split(",")], args.repeats)
+    parts = args.parts.split(",")
+    memory, throughput = {}, {}
+    if "memory" in parts:
+        print("memory (fresh processes)", file=sys.stderr, flush=True)
+        memory = measure_memory(args.adapters)
+    if "throughput" in parts:
+        print("throughput", file=sys.stderr, flush=True)
+        model = adapted(base_model(), args.adapters)
+        throughput = measure_throughput(model, args.adapters, args.tokens,
+                                        [int(c) for c in args.concurrency.split(",")], args.repeats)
     meta["load_average_end"] = load_average()
-    ratios = {"unmerged_vs_merged1_memory": memory["unmerged"]["rss_mib"] / memory["merged1"]["rss_mib"],
-              "unmerged_vs_mergedK_memory": memory["unmerged"]["rss_mib"] / memory["mergedK"]["rss_mib"]}
+    ratios = {}
+    if memory:
+        ratios = {"unmerged_vs_merged1_memory": memory["unmerged"]["rss_mib"] / memory["merged1"]["rss_mib"],
+                  "unmerged_vs_mergedK_memory": memory["unmerged"]["rss_mib"] / memory["mergedK"]["rss_mib"]}
     record = {"meta": meta, "adapters": args.adapters, "tokens": args.tokens, "memory": memory,
               "throughput": throughput, "ratios": ratios}
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -190,15 +203,18 @@ def main() -> int:
     k = args.adapters
     lines = [f"Serving {k} DoRA adapters (r 16 on q, k, v, up, down) of the LLaMA-shaped model; {meta['cpu']}, "
              f"{args.threads} threads, load average {meta['load_average_start']} -> {meta['load_average_end']}, "
-             f"{meta['date_utc']} UTC", "",
-             "| resident memory | MiB | ratio |", "|---|---:|---:|",
-             f"| base + {k} unmerged adapters | {memory['unmerged']['rss_mib']:.0f} | |",
-             f"| one merged model | {memory['merged1']['rss_mib']:.0f} | unmerged / this: "
-             f"{ratios['unmerged_vs_merged1_memory']:.3f} (target <= 1.15) |",
-             f"| {k} merged copies | {memory['mergedK']['rss_mib']:.0f} | unmerged / this: "
-             f"{ratios['unmerged_vs_mergedK_memory']:.3f} |", "",
-             f"| concurrent requests ({args.tokens} tokens each, adapters mixed) | batched tokens/s | one at a time "
-             "tokens/s | batched / one at a time |", "|---|---:|---:|---:|"]
+             f"{meta['date_utc']} UTC"]
+    if memory:
+        lines += ["", "| resident memory | MiB | tensors MiB | ratio |", "|---|---:|---:|---:|",
+                  f"| base + {k} unmerged adapters | {memory['unmerged']['rss_mib']:.0f} | "
+                  f"{memory['unmerged']['tensor_mib']:.0f} | |",
+                  f"| one merged model | {memory['merged1']['rss_mib']:.0f} | {memory['merged1']['tensor_mib']:.0f} "
+                  f"| unmerged / this: {ratios['unmerged_vs_merged1_memory']:.3f} (target <= 1.15) |",
+                  f"| {k} merged copies | {memory['mergedK']['rss_mib']:.0f} | {memory['mergedK']['tensor_mib']:.0f} "
+                  f"| unmerged / this: {ratios['unmerged_vs_mergedK_memory']:.3f} |"]
+    if throughput:
+        lines += ["", f"| concurrent requests ({args.tokens} tokens each, adapters mixed) | batched tokens/s | one at "
+                  "a time tokens/s | batched / one at a time |", "|---|---:|---:|---:|"]
     for n, r in throughput.items():
         target = " (target >= 2)" if n == max(throughput) else ""
         lines.append(f"| {n} | {r['batched']['tokens_per_s']:.1f} | {r['one_at_a_time']['tokens_per_s']:.1f} | "

@@ -46,8 +46,10 @@ def main(args: argparse.Namespace) -> int:
     from ..train.errors import report_errors
 
     def command() -> int:
+        import signal
         import socket
         import sys
+        import threading
 
         import torch
 
@@ -60,7 +62,6 @@ def main(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         import uvicorn
 
-        from ..cli import Terminated
         from ..serving.api import create_app
         from ..serving.load import build_served
 
@@ -75,16 +76,24 @@ def main(args: argparse.Namespace) -> int:
                 from None
         port = sock.getsockname()[1]
         sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
-        served.engine.start()
         names = ", ".join([served.base_name, *served.adapters])
+        server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning"))
+        web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dorafit-http", daemon=True)
+        web.start()  # HTTP in a thread; the engine in this one, where torch computes fastest (Engine.run)
         print(f"serving {names} on http://{args.host}:{port}/v1 (max batch {args.max_batch_size}); "
               "SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
-        server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning"))
+
+        def shut_down(signum, frame):  # uvicorn stops accepting, lets requests in flight finish, then ends
+            server.should_exit = True
+
+        previous = {sig: signal.signal(sig, shut_down) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            server.run(sockets=[sock])  # uvicorn stops cleanly on SIGINT and SIGTERM: requests in flight finish
-        except (KeyboardInterrupt, Terminated):  # the signal uvicorn re-raises once it has shut down
-            pass
+            served.engine.run(until=lambda: not web.is_alive())  # generates until uvicorn has ended
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            server.should_exit = True
+            web.join(timeout=30)
             served.engine.stop()
         print("server stopped", file=sys.stderr, flush=True)
         return 0

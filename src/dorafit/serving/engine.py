@@ -74,7 +74,8 @@ class Engine:
 
     # ---- control ---------------------------------------------------------------------------------------------
     def start(self) -> "Engine":
-        self._thread = threading.Thread(target=self._loop, name="dorafit-engine", daemon=True)
+        """Run the loop (:meth:`run`) in a thread of its own."""
+        self._thread = threading.Thread(target=self.run, name="dorafit-engine", daemon=True)
         self._thread.start()
         return self
 
@@ -96,8 +97,13 @@ class Engine:
                 "peak_batch": self.peak_batch}
 
     # ---- the loop --------------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """The batching loop, in the calling thread, until :meth:`stop` is called or ``until()`` is true.
+
+        On CPU, run it in the thread that loaded the model (the main thread): torch's thread pool belongs to the
+        thread that first computed with it, and the same decoding ran about 1.5x slower in another thread
+        (benchmarks/serving.py). ``dorafit serve`` does, and runs its HTTP server in a thread."""
+        while not self._stop.is_set() and not (until is not None and until()):
             try:
                 self._join()
                 if not self.active:
@@ -107,7 +113,7 @@ class Engine:
                         pass
                     continue
                 self._decode()
-            except BaseException as exc:  # noqa: BLE001 - end every request with the error rather than hang
+            except Exception as exc:  # noqa: BLE001 - end every request with the error rather than hang
                 self.error = exc
                 for row in self.active:
                     self._finish(row, "error")
