@@ -14,6 +14,8 @@ module shares.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib.util
 
 import torch
@@ -47,13 +49,23 @@ def quantized_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype | 
         # keep the canonical layout: on an AVX512-BF16 CPU the library would repack the weight in place at the
         # first eval forward, after which its rows no longer dequantize block by block
         layer.support_avx512bf16_for_cpu = False
-    layer.weight.data = linear.weight.data.to("cpu").clone()  # quantized by the move below, from the float values
+    layer.weight.data = linear.weight.data.to("cpu")  # quantized by the move below (into new tensors)
     layer.dorafit_float_dtype = dtype  # what dequantizing gives back (the int8 layer does not record it)
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
     layer = layer.to(device)
     layer.requires_grad_(False)
     return layer.train(linear.training)
+
+
+def _return_freed_memory() -> None:
+    """Hand the replaced float weights back to the system: glibc keeps freed heap memory for reuse otherwise,
+    and the process would stay as large as the float model."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
@@ -86,6 +98,7 @@ def quantize_model(model: nn.Module, kind: str, skip: list[str] | tuple[str, ...
     ]
     for name in names:
         set_submodule(model, name, quantized_linear(model.get_submodule(name), kind, compute_dtype))
+    _return_freed_memory()
     if names:  # as transformers marks a model it loads quantized: PEFT then wraps the layers with its bnb layers
         setattr(model, "is_loaded_in_8bit" if kind == "int8" else "is_loaded_in_4bit", True)
     return names
