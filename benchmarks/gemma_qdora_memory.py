@@ -6,6 +6,7 @@
 Each run trains DoRA (the default targets q, k, v, up, down) on the bbc-headlines task for a few steps without
 the before-training evaluation and evaluates one example; the figure is the process's peak resident set (the
 kernel's ru_maxrss of the child), which includes the model, the optimizer, activations and the library code.
+Beside it, the prepared model's own tensor bytes (parameters and buffers, quantized and adapted).
 Needs the gemma and quant extras (``scripts/bootstrap gemma,quant``). Writes
 ``benchmarks/results/gemma-qdora-memory-<date>.json`` and a Markdown table on stdout.
 """
@@ -48,6 +49,18 @@ def peak_of(args: list[str]) -> tuple[float, float]:
     return after / 1024, seconds
 
 
+def model_tensor_mib(variant: str) -> float:
+    """The prepared (quantized, adapted) model's parameter and buffer bytes, each storage once, in MiB."""
+    from dorafit.train.options import TrainConfig
+    from dorafit.train.setup import prepare
+
+    quantize = VARIANTS[variant][1] if VARIANTS[variant] else None
+    model = prepare(TrainConfig(model="gemma-3-270m", task="bbc-headlines", method="dora", quantize=quantize)).model
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}
+    return sum(storages.values()) / 2**20
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
@@ -61,7 +74,7 @@ def main() -> int:
                       str(args.steps), "--batch-size", str(args.batch_size), "--no-eval-before", "--eval-limit", "1",
                       "--max-new-tokens", "4", "--threads", str(args.threads), "--out", str(Path(tmp) / "run")]
             peak, seconds = peak_of(common + VARIANTS[args.variant])
-        print(json.dumps({"peak_mib": peak, "seconds": seconds}))
+        print(json.dumps({"peak_mib": peak, "seconds": seconds, "tensor_mib": model_tensor_mib(args.variant)}))
         return 0
     meta = {**machine(), "load_average_start": load_average(),
             "command": " ".join(["benchmarks/gemma_qdora_memory.py", *sys.argv[1:]])}
@@ -82,9 +95,10 @@ def main() -> int:
     base = results["float32"]["peak_mib"]
     lines = [f"DoRA on Gemma-3-270M, bbc-headlines, {args.steps} steps of {args.batch_size}; {meta['cpu']}, "
              f"{args.threads} threads, {meta['date_utc']} UTC", "",
-             "| base | peak resident MiB | / float32 | wall s |", "|---|---:|---:|---:|"]
+             "| base | peak resident MiB | / float32 | model tensors MiB | wall s |", "|---|---:|---:|---:|---:|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['peak_mib']:.0f} | {r['peak_mib'] / base:.3f} | {r['seconds']:.0f} |")
+        lines.append(f"| {name} | {r['peak_mib']:.0f} | {r['peak_mib'] / base:.3f} | {r['tensor_mib']:.0f} | "
+                     f"{r['seconds']:.0f} |")
     print("\n".join(lines))
     print(f"wrote {path}", file=sys.stderr)
     return 0
