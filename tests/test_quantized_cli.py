@@ -215,3 +215,13 @@ def test_dequantize_reads_a_weight_the_library_repacked_for_the_cpu():
     dorafit.dequantize(model)
     torch.testing.assert_close(model[0].weight, library, rtol=0, atol=0)
     torch.testing.assert_close(model[0].weight, expected, rtol=1e-2, atol=1e-3)  # up to the bfloat16 scales
+
+
+def test_a_model_without_linear_layers_to_quantize_is_refused():
+    """A convolutional network (EfficientNet-Lite0: convolutions and a head) has nothing to quantize: one line."""
+    from dorafit.train.options import TrainConfig
+    from dorafit.train.setup import quantize_base
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 1))
+    with pytest.raises(ValueError, match="Sequential has no nn.Linear layer to quantize"):
+        quantize_base(model, TrainConfig(method="dora", quantize="nf4"))

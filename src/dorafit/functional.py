@@ -124,7 +124,8 @@ def merged_weight(w0: Tensor, p: Tensor | None, q: Tensor | None, magnitude: Ten
     return w.to(w0.dtype)
 
 
-def unmerged_weight(w: Tensor, p: Tensor | None, q: Tensor | None, magnitude: Tensor | None, n: Tensor | None) -> Tensor:
+def unmerged_weight(w: Tensor, p: Tensor | None, q: Tensor | None, magnitude: Tensor | None,
+                    n: Tensor | None) -> Tensor:
     """Inverse of :func:`merged_weight`: ``W0 = W' * n / m - P Q``, with the n that the merge used.
 
     Rows whose magnitude is exactly zero cannot be recovered from W' and are returned as zeros; the caller keeps them.

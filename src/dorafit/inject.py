@@ -218,7 +218,8 @@ def get_config(model: nn.Module, name: str | None = None) -> AdapterConfig:
     if name is not None and name != own_name(model):
         named = getattr(model, _NAMED_ATTR, {})
         if name not in named:
-            raise ValueError(f"this model has no adapter named {name!r}; it has {', '.join(adapter_names(model)) or 'none'}")
+            raise ValueError(f"this model has no adapter named {name!r}; it has "
+                             f"{', '.join(adapter_names(model)) or 'none'}")
         return named[name]
     config = getattr(model, _CONFIG_ATTR, None)
     if config is None:
@@ -331,7 +332,8 @@ def merge(model: nn.Module) -> None:
     get_config(model, active)
     for name, layer, _ in adapter_layers(model, active):
         if not layer.dorafit.ops.can_merge_in_place:
-            raise ValueError(f"dorafit.merge: module {name!r}: " + quantized_merge_refusal(layer.dorafit.ops.describe(layer)))
+            raise ValueError(f"dorafit.merge: module {name!r}: "
+                             + quantized_merge_refusal(layer.dorafit.ops.describe(layer)))
     _merge(model, active)
 
 
@@ -356,7 +358,8 @@ def _remove(model: nn.Module, merge_first: bool, dtype: torch.dtype | None = Non
     if merge_first:
         active = getattr(model, _ACTIVE_ATTR, own_name(model))
         get_config(model, active)
-        floats = {name: merged_float_layer(layer, holder, dtype) for name, layer, holder in adapter_layers(model, active)
+        floats = {name: merged_float_layer(layer, holder, dtype)
+                  for name, layer, holder in adapter_layers(model, active)
                   if not layer.dorafit.ops.can_merge_in_place}
         _merge(model, active, frozenset(floats))
     for layer in _all_adapted(model):

@@ -129,7 +129,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         raise AdapterFileError(f"{config_path} is not a dorafit adapter config (expected format {FORMAT!r})")
     for key in ("config", "modules", "tensors_sha256"):
         if not isinstance(meta.get(key), (dict, str)):
-            raise AdapterFileError(f"{config_path} has no valid {key!r} entry; the file is corrupt, save the adapter again")
+            raise AdapterFileError(f"{config_path} has no valid {key!r} entry; the file is corrupt, save the "
+                                   "adapter again")
     if "config_sha256" in meta and meta["config_sha256"] != _config_digest(meta):
         raise AdapterFileError(f"{config_path} was edited or is damaged: its checksum differs from its contents "
                                "(alpha, targets or another entry changed after saving); save the adapter again")

@@ -474,7 +474,8 @@ def _dorafit_tensors(model: nn.Module, layers: dict, other: dict, meta: dict) ->
                 value = value.reshape(want)  # conv: [1, out, 1, ...] -> [out]
             if value.shape != want:
                 raise _wrong_model(meta, f"module {name!r}: PEFT tensor {role} has shape {list(value.shape)}, this "
-                                         f"model's layer (weight {layer.dorafit.ops.weight_shape(layer)}) needs {list(want)}")
+                                         f"model's layer (weight {layer.dorafit.ops.weight_shape(layer)}) needs "
+                                         f"{list(want)}")
             out[f"{name}.{attr}"] = value
     out.update(other)
     return out

@@ -8,8 +8,9 @@ of the block size. The frozen product is the library's ``matmul_4bit`` in the la
 
 8-bit (LLM.int8, ``has_fp16_weights=False``): int8 codes CB [out, in] and a scale per row SCB,
 ``W0 = CB * SCB / 127``. The frozen product is the library's ``bnb.matmul``: in training mode on CPU it
-multiplies by the dequantized weight (exact; on CUDA it quantizes the input to int8 first); in eval mode it also quantizes the input to int8 (LLM.int8's inference path,
-with outlier columns in float16 above ``threshold``), so eval outputs carry that rounding as the layer does.
+multiplies by the dequantized weight (exact; on CUDA it quantizes the input to int8 first); in eval mode it
+also quantizes the input to int8 (LLM.int8's inference path, with outlier columns in float16 above
+``threshold``), so eval outputs carry that rounding as the layer does.
 
 On CPU the library builds the dense float weight inside its 4-bit matmul and backward and inside its int8
 training product (its kernels dequantize, then call a float matmul); dorafit's own code never does.

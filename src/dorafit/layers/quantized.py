@@ -144,7 +144,8 @@ class QuantizedLinearOps(LinearOps):
         return w
 
     @torch.no_grad()
-    def float_linear(self, module: nn.Module, weight: Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Linear:
+    def float_linear(self, module: nn.Module, weight: Tensor | None = None,
+                     dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` with ``weight`` (default: the dequantized W0) and the layer's bias, in ``dtype``
         (default: :meth:`float_dtype`)."""
         out, inp = self.shape(module)

@@ -118,7 +118,11 @@ def quantize_base(model, cfg: TrainConfig) -> list[str]:
     the head (``cfg.head``, trained in full); the names of the quantized layers."""
     if not cfg.quantize:
         return []
-    return quantize_model(model, cfg.quantize, skip=list(cfg.head or []))
+    names = quantize_model(model, cfg.quantize, skip=list(cfg.head or []))
+    if not names:
+        raise ValueError(f"--quantize {cfg.quantize}: {type(model).__name__} has no nn.Linear layer to quantize "
+                         "besides its output layer and head (only linear layers are quantized); drop --quantize")
+    return names
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -155,7 +159,8 @@ def _adapt_from(cfg: TrainConfig, model, labels: list[str] | None) -> tuple[Trai
             notes.append(f"--init-from: reused {what}; not reused: its head ({', '.join(head)}), trained for "
                          f"{trained_for}, while this task has labels {', '.join(labels)}: a fresh head is trained")
     else:
-        raise ValueError(f"--init-from {folder}: no {PEFT_TENSORS_FILE} (PEFT) or {TENSORS_FILE} (dorafit) in that folder")
+        raise ValueError(f"--init-from {folder}: no {PEFT_TENSORS_FILE} (PEFT) or {TENSORS_FILE} (dorafit) in that "
+                         "folder")
     ac = get_config(model)
     layers = dict(adapted_modules(model))
     magnitude_only = [n for n in adapted if layers[n].dorafit.update is None]

@@ -178,7 +178,8 @@ class MultipleChoiceTask:
                 choices, reqs = self._requests(record, fallback)
                 plans.append((choices, [(fed_rows.setdefault(tuple(f), len(fed_rows)), s) for f, s in reqs]))
             keep = max(len(s) for _, reqs in plans for _, s in reqs)
-            batch = {k: v.to(device) for k, v in left_pad([list(f) for f in fed_rows], self.tokenizer.pad_token_id).items()}
+            padded = left_pad([list(f) for f in fed_rows], self.tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in padded.items()}
             logp = torch.log_softmax(model(**batch, logits_to_keep=keep).logits.float(), dim=-1).cpu()  # (R, keep, V)
             for choices, reqs in plans:
                 scores = []
