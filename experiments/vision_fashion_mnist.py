@@ -29,8 +29,7 @@ import math
 import statistics
 
 import common
-from common import (RESULTS, atomic_write_bytes, markdown_table, mean_std, one_three_ten, pct, train_run,
-                    write_results)
+from common import RESULTS, atomic_write_bytes, markdown_table, mean_std, one_three_ten, pct, train_run, write_results
 
 common.THREADS = 2  # this experiment had the machine's 2 cores to itself (one run at a time)
 
@@ -140,11 +139,11 @@ def main() -> None:
     seconds = round(sum(r["wall_seconds"] or 0 for r in all_runs), 1)
     n_grid = sum(len(r["lr"]["grid"]) for r in results.values())
 
-    md = [f"# Vision: EfficientNet-Lite0 on Fashion-MNIST (experiment 7)\n\n`python experiments/{NAME}.py`: "
+    md = [(f"# Vision: EfficientNet-Lite0 on Fashion-MNIST (experiment 7)\n\n`python experiments/{NAME}.py`: "
           f"{SETTING['image_size']}x{SETTING['image_size']} images, {SETTING['steps']} steps of "
           f"{SETTING['batch_size']}, adapters r8/alpha 16/dropout 0.05 on the 31 MBConv 1x1 convolutions, head `_fc` "
           f"trained by every method. Accuracy in % on 2,000 images of each test set: test = mean ± sample std over "
-          f"seeds 0, 1, 2 at the learning rate chosen on the validation set (seed 0).\n\n"]
+          f"seeds 0, 1, 2 at the learning rate chosen on the validation set (seed 0).\n\n")]
     rows = []
     for v, r in results.items():
         rows.append([LABEL[v], pct(r["test_mean"], r["test_std"]), ", ".join(pct(a) for a in r["test_accuracy"]),
@@ -161,7 +160,8 @@ def main() -> None:
                              [[LABEL[v], "; ".join(f"{k}: {pct(a)}" for k, a in r["lr"]["grid"].items())]
                               for v, r in results.items()]))
     md.append(f"\n![accuracy](accuracy.png)\n\nRuntime: {seconds / 60:.1f} min for {len(all_runs)} runs "
-              f"({n_grid} learning-rate runs at seed 0, {len(all_runs) - n_grid} more seeds), 2 torch threads on a 2-core CPU.\n")
+              f"({n_grid} learning-rate runs at seed 0, {len(all_runs) - n_grid} more seeds), 2 torch threads on a "
+              f"2-core CPU.\n")
     plot(results, RESULTS / NAME / "accuracy.png")
     write_results(NAME, {"seeds": list(SEEDS), "setting": SETTING, "variants": VARIANTS, "grid": GRID,
                          "results": results, "paired_dora_minus_lora_test": paired, "runtime_seconds": seconds,
