@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from dorafit.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from dorafit.files import atomic_write_figure, atomic_write_json, atomic_write_text  # noqa: E402
 from dorafit.train.options import TrainConfig  # noqa: E402
 from dorafit.train.tasks import task_type  # noqa: E402
 
@@ -233,7 +233,6 @@ def write_results(experiment: str, data: dict, markdown: str) -> Path:
 
 def plot_bars(results: dict, labels: dict, path) -> None:
     """One panel per task: mean test accuracy per method with the seed-to-seed std as error bar, seeds as dots."""
-    import io
 
     import matplotlib
 
@@ -255,7 +254,5 @@ def plot_bars(results: dict, labels: dict, path) -> None:
         ax.set_ylabel("test accuracy %")
         ax.set_title(f"MiniLM / {task} ({len(by_variant[names[0]]['test_accuracy'])} seeds)", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_figure(path, fig)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())

@@ -83,14 +83,13 @@ def main() -> None:
 
 
 def plot(results: dict, path) -> None:
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dorafit.files import atomic_write_bytes
+    from dorafit.files import atomic_write_figure
 
     fig, axes = plt.subplots(1, len(results) + 1, figsize=(5 * (len(results) + 1), 3.6))
     for ax, (task, by_method) in zip(axes, results.items()):
@@ -111,10 +110,8 @@ def plot(results: dict, path) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_figure(path, fig)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 if __name__ == "__main__":

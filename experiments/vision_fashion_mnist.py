@@ -24,12 +24,11 @@ Writes experiments/results/vision_fashion_mnist/: results.json, results.md, accu
 
 from __future__ import annotations
 
-import io
 import math
 import statistics
 
 import common
-from common import RESULTS, atomic_write_bytes, markdown_table, mean_std, one_three_ten, pct, train_run, write_results
+from common import RESULTS, atomic_write_figure, markdown_table, mean_std, one_three_ten, pct, train_run, write_results
 
 common.THREADS = 2  # this experiment had the machine's 2 cores to itself (one run at a time)
 
@@ -96,10 +95,8 @@ def plot(results: dict, path) -> None:
     ax2.set_title("learning-rate grid", fontsize=9)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_figure(path, fig)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def main() -> None:

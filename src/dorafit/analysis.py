@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as Fn
-from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .files import atomic_write_figure, atomic_write_json, atomic_write_text
 from .inject import adapted_modules
 
 #: the paper's correlations on VL-BART query/value (section 3)
@@ -148,10 +148,8 @@ def plot(points: list[Point], path: str | Path, title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_figure(path, fig)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 # ---- run folders ---------------------------------------------------------------------------------------------

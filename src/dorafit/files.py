@@ -10,6 +10,7 @@ found by :func:`stale_temporary_files`.
 from __future__ import annotations
 
 import contextlib
+import io
 import errno
 import hashlib
 import json
@@ -47,6 +48,13 @@ def io_error(exc: OSError, path, doing: str) -> FileError:
               errno.EPERM: "you lack permission there: choose another folder or change its permissions"}
     hint = remedy.get(exc.errno, "check the path and the disk")
     return FileError(exc.errno, f"cannot {doing} {path}: {why}; {hint}")
+
+
+def atomic_write_figure(path: str | os.PathLike, fig) -> None:
+    """A matplotlib figure as a PNG (120 dpi), written atomically like :func:`atomic_write_bytes`."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

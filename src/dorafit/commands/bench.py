@@ -73,48 +73,38 @@ def register(subparsers) -> None:
     p.set_defaults(func=lambda args: run(args, p))
 
 
+def _names(option: str, value: str, known) -> tuple[str, ...]:
+    """A comma-separated option's names, each one of ``known``; otherwise an error listing them."""
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names or any(v not in known for v in names):
+        raise SystemExit(f"dorafit bench: --{option} takes a comma-separated list of {', '.join(known)}; "
+                         f"got {value!r}")
+    return names
+
+
 def _variants(args) -> tuple[str, ...] | None:
     from dorafit.bench.models import INFERENCE_VARIANTS, TRAIN_VARIANTS
 
     if args.variants is None:
         return None
-    known = sorted(set(TRAIN_VARIANTS + INFERENCE_VARIANTS) - {"base", "dora_merged"})
-    names = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    unknown = [v for v in names if v not in known]
-    if not names or unknown:
-        raise SystemExit(f"dorafit bench: --variants takes a comma-separated list of {', '.join(known)}; "
-                         f"got {args.variants!r}")
-    return names
+    return _names("variants", args.variants, sorted(set(TRAIN_VARIANTS + INFERENCE_VARIANTS) - {"base", "dora_merged"}))
 
 
 def _sections(args) -> tuple[str, ...]:
     from dorafit.bench.suite import SECTIONS
 
-    names = tuple(v.strip() for v in args.sections.split(",") if v.strip())
-    unknown = [v for v in names if v not in SECTIONS]
-    if not names or unknown:
-        raise SystemExit(f"dorafit bench: --sections takes a comma-separated list of {', '.join(SECTIONS)}; "
-                         f"got {args.sections!r}")
-    return names
+    return _names("sections", args.sections, SECTIONS)
 
 
 def _check(args) -> list[str]:
     from dorafit.bench.models import MODELS
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in MODELS]
-    if not models or unknown:
-        raise SystemExit(
-            f"dorafit bench: --models takes a comma-separated list of {', '.join(MODELS)}; got {args.models!r}"
-        )
+    models = list(_names("models", args.models, MODELS))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("dorafit bench: --device cuda asked for, but torch sees no CUDA device; use --device cpu")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise SystemExit(f"dorafit bench: --device must be cpu or cuda[:N], got {args.device!r}")
-    for name in ("steps", "inference_steps", "r", "vera_r"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"dorafit bench: --{name.replace('_', '-')} must be at least 1")
-    for name in ("gen_batch", "gen_prompt", "gen_tokens"):
+    for name in ("steps", "inference_steps", "r", "vera_r", "gen_batch", "gen_prompt", "gen_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"dorafit bench: --{name.replace('_', '-')} must be at least 1")
     for name in ("warmup", "peak_steps", "threads", "generation_steps"):

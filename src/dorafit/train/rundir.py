@@ -16,12 +16,11 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 from pathlib import Path
 
-from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..files import atomic_write_figure, atomic_write_json, atomic_write_text
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -170,10 +169,8 @@ def plot_loss(run_dir: Path, rows: list[dict], title: str) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
     path = run_dir / PLOT
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(path, fig)
     return path
 
 
