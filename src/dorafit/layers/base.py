@@ -58,10 +58,6 @@ class LayerOps:
         """The dtype of new adapter tensors (LoRA factors, VeRA vectors): the weight's own."""
         return module.weight.dtype
 
-    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
-        """The dtype the frozen product W0 x is computed in (None: the input's)."""
-        return module.weight.dtype
-
     def cache_tensors(self, module: nn.Module) -> tuple[Tensor, ...]:
         """The tensors W0 is stored in: cached norms are recomputed when any of them changes."""
         return (self.weight_matrix(module),)

@@ -53,9 +53,6 @@ class Bnb4bitOps(QuantizedLinearOps):
         out, inp = module.weight.quant_state.shape
         return int(out), int(inp)
 
-    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
-        return module.compute_dtype
-
     def float_dtype(self, module: nn.Module) -> torch.dtype:
         return module.weight.quant_state.dtype
 

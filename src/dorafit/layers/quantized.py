@@ -85,9 +85,6 @@ class QuantizedLinearOps(LinearOps):
     def adapter_dtype(self, module: nn.Module) -> torch.dtype:
         return torch.float32
 
-    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
-        return None
-
     def cache_tensors(self, module: nn.Module) -> tuple[Tensor, ...]:
         return (module.weight,)
 
