@@ -83,11 +83,16 @@ def _names(option: str, value: str, known) -> tuple[str, ...]:
 
 
 def _variants(args) -> tuple[str, ...] | None:
-    from dorafit.bench.models import INFERENCE_VARIANTS, TRAIN_VARIANTS
+    from dorafit.bench.models import INFERENCE_VARIANTS, TRAIN_VARIANTS, train_variants
 
     if args.variants is None:
         return None
-    return _names("variants", args.variants, sorted(set(TRAIN_VARIANTS + INFERENCE_VARIANTS) - {"base", "dora_merged"}))
+    known = sorted(set(TRAIN_VARIANTS + INFERENCE_VARIANTS) - {"base", "dora_merged"})
+    names = _names("variants", args.variants, known)
+    missing = [v for v in names if v in TRAIN_VARIANTS and v not in train_variants()]
+    if missing:
+        raise SystemExit(f"dorafit bench: --variants {', '.join(missing)} need bitsandbytes: scripts/bootstrap quant")
+    return names
 
 
 def _sections(args) -> tuple[str, ...]:
