@@ -209,6 +209,55 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+# two-sided 95% quantiles of Student's t, t(0.975, df), df = 1..30 (standard tables)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """Paired comparison of ``a`` against ``b`` (same seeds, same order): d_i = a_i - b_i.
+
+    mean d, its 95% t-interval mean +- t(0.975, n-1) * sd(d) / sqrt(n), the seeds where each is ahead, and the
+    exact two-sided sign test p = min(1, 2 * P(Binomial(wins + losses, 1/2) <= min(wins, losses))) (ties left out).
+    """
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"a paired difference needs two equal lists of at least 2 values, got {len(a)} and {len(b)}")
+    if len(a) - 1 > len(T95):
+        raise ValueError(f"the t table stops at {len(T95) + 1} pairs; got {len(a)}")
+    diffs = [x - y for x, y in zip(a, b)]
+    n, (mean, sd) = len(diffs), mean_std(diffs)
+    half = T95[n - 2] * sd / math.sqrt(n)
+    ahead, behind = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    decided = ahead + behind
+    tail = sum(math.comb(decided, k) for k in range(min(ahead, behind) + 1)) / 2**decided if decided else 1.0
+    return {"n": n, "per_seed": diffs, "mean": mean, "sd": sd, "t": T95[n - 2], "ci95": [mean - half, mean + half],
+            "a_ahead": ahead, "b_ahead": behind, "ties": n - decided, "sign_test_p": min(1.0, 2 * tail)}
+
+
+def verdict(ci95: list[float], smallest_claimed: float = 0.0) -> str:
+    """What a 95% interval of (DoRA - LoRA) says of the claim "DoRA is ahead".
+
+    "reproduced": the whole interval is above 0. "not reproduced": it is not above 0 and its top is below
+    ``smallest_claimed`` (the smallest gain the paper reports on that scale): an edge as large as the paper's is
+    excluded. "undecided at this scale": the interval holds both no edge and the paper's.
+    """
+    low, high = ci95
+    if low > 0:
+        return "reproduced"
+    if high < smallest_claimed or high < 0:
+        return "not reproduced"
+    return "undecided at this scale"
+
+
+def interval(paired: dict, scale: float = 100, unit: str = "points") -> str:
+    """'+0.30 points, 95% CI [-0.12, +0.72], DoRA ahead on 7 of 10 seeds (1 tie), sign test p 0.34'."""
+    low, high = paired["ci95"]
+    ties = f", {paired['ties']} tied" if paired["ties"] else ""
+    return (f"{scale * paired['mean']:+.2f} {unit}, 95% CI [{scale * low:+.2f}, {scale * high:+.2f}], ahead on "
+            f"{paired['a_ahead']} of {paired['n']} seeds, behind on {paired['b_ahead']}{ties}, sign test p "
+            f"{paired['sign_test_p']:.2g}")
+
+
 def pct(mean: float, std: float | None = None) -> str:
     return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
 

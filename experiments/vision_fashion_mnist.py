@@ -24,11 +24,9 @@ Writes experiments/results/vision_fashion_mnist/: results.json, results.md, accu
 
 from __future__ import annotations
 
-import math
-import statistics
-
 import common
-from common import RESULTS, atomic_write_figure, markdown_table, mean_std, one_three_ten, pct, train_run, write_results
+from common import (RESULTS, atomic_write_figure, markdown_table, mean_std, one_three_ten, paired_difference, pct,
+                    train_run, write_results)
 
 common.THREADS = 2  # this experiment had the machine's 2 cores to itself (one run at a time)
 
@@ -48,8 +46,6 @@ EXTEND = 1  # at most one value beyond the edge of a grid (time budget)
 GRID = {"full": [1e-4, 3e-4, 1e-3], "lora": [1e-3, 3e-3, 1e-2], "dora": [1e-3, 3e-3, 1e-2],
         "dora_magnitude_only": [1e-3, 3e-3, 1e-2]}
 LABEL = {"full": "Full FT", "lora": "LoRA r8", "dora": "DoRA r8", "dora_magnitude_only": "DoRA magnitude-only"}
-# two-sided 95% Student t quantiles by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def run(variant: str, lr: float, seed: int) -> dict:
@@ -58,13 +54,6 @@ def run(variant: str, lr: float, seed: int) -> dict:
 
 def acc(r: dict, split: str) -> float:
     return r["tasks"][split]["accuracy"]
-
-
-def t_interval(diffs: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the 95% t-interval of the mean of paired differences."""
-    mean, std = mean_std(diffs)
-    half = T95[len(diffs) - 1] * std / math.sqrt(len(diffs))
-    return mean, mean - half, mean + half
 
 
 def plot(results: dict, path) -> None:
@@ -129,10 +118,8 @@ def main() -> None:
             total_parameters=runs[0]["total_parameters"], trainable_share=runs[0]["trainable_share"],
             train_seconds=[r["train_seconds"] for r in runs], folders=[r["folder"] for r in runs])
         print(f"{NAME}: {variant}: lr {best:g}, test {pct(tm, ts)}, validation {pct(vm, vs)}", flush=True)
-    diffs = [d - lo for d, lo in zip(results["dora"]["test_accuracy"], results["lora"]["test_accuracy"])]
-    mean, low, high = t_interval(diffs)
-    paired = {"per_seed": diffs, "mean": mean, "ci95": [low, high], "sd": statistics.stdev(diffs),
-              "dora_ahead_on": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)}
+    paired = paired_difference(results["dora"]["test_accuracy"], results["lora"]["test_accuracy"])
+    diffs, mean, (low, high) = paired["per_seed"], paired["mean"], paired["ci95"]
     seconds = round(sum(r["wall_seconds"] or 0 for r in all_runs), 1)
     n_grid = sum(len(r["lr"]["grid"]) for r in results.values())
 
@@ -151,7 +138,7 @@ def main() -> None:
                               "trainable params (with head)", "trainable %"], rows))
     md.append(f"\nPaired DoRA - LoRA test accuracy per seed (points): "
               f"{', '.join(f'{100 * d:+.2f}' for d in diffs)}; mean {100 * mean:+.2f}, 95% t-interval "
-              f"[{100 * low:+.2f}, {100 * high:+.2f}] (n = {len(diffs)}, t = {T95[len(diffs) - 1]}: wide).\n")
+              f"[{100 * low:+.2f}, {100 * high:+.2f}] (n = {len(diffs)}, t = {paired['t']}: wide).\n")
     md.append("\nValidation accuracy (%) of the learning-rate grid (seed 0):\n\n")
     md.append(markdown_table(["method", "learning rate: validation accuracy"],
                              [[LABEL[v], "; ".join(f"{k}: {pct(a)}" for k, a in r["lr"]["grid"].items())]
