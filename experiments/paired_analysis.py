@@ -7,10 +7,11 @@ For each comparison A - B (runs of the same seed share the data order, so they p
 paired difference with its 95% t-interval, the seeds where each is ahead, the exact sign test
 (common.paired_difference) and a verdict (common.verdict):
 
-  "A is ahead" claims (DoRA vs LoRA, DVoRA vs VeRA): "reproduced" when the whole interval is above 0; "not
-      reproduced" when its top is below the smallest gain the paper reports on that scale (DoRA vs LoRA accuracy:
-      +0.7 points; DVoRA vs VeRA: the paper's scale is MT-Bench, so only the sign counts); else "undecided at this
-      scale";
+  "A > B" claims (DoRA vs LoRA, DVoRA vs VeRA, the learning pattern's correlations): "reproduced" when the whole
+      interval is above 0; "not reproduced" when its top is below the smallest gain the paper reports on that
+      scale (DoRA vs LoRA accuracy: +0.7 points; DVoRA vs VeRA: the paper's scale is MT-Bench, and the
+      correlations have no such figure, so only the sign counts); else "undecided at this scale" (a claim about the
+      sign of one method's correlation is a comparison with 0);
   "A costs nothing" claims (the detached norm): "reproduced" when the bottom of the interval is above -0.7
       points (no loss as large as the paper's smallest DoRA gain), "not reproduced" when its top is below -0.7.
 
@@ -56,10 +57,11 @@ def comparisons() -> list[dict]:
     """Every paired comparison, as {section, claim, setting, a, b, kind}; a and b: test accuracies by seed."""
     found = []
 
-    def add(section: str, claim: str, setting: str, a, b, kind: str = "ahead", threshold: float = 0.0) -> None:
+    def add(section: str, claim: str, setting: str, a, b, kind: str = "ahead", threshold: float = 0.0,
+            scale: float = 100) -> None:
         if a is not None and b is not None:
             found.append({"section": section, "claim": claim, "setting": setting, "a": a, "b": b, "kind": kind,
-                          "threshold": threshold})
+                          "threshold": threshold, "scale": scale})
 
     for task in ("tweets", "bbc"):
         acc = lambda variant: read("method_comparison", "results", task, variant, "test_accuracy")  # noqa: E731,B023
@@ -81,6 +83,15 @@ def comparisons() -> list[dict]:
             kind="no loss", threshold=SMALLEST_PAPER_GAIN)
         acc = lambda variant: read("vera_dvora", "results", task, variant, "test_accuracy")  # noqa: E731,B023
         add("4", "DVoRA > VeRA", f"MiniLM {task}", acc("dvora"), acc("vera"))
+    per_seed = read("learning_pattern", "per_seed")
+    if per_seed:  # the dM-dD correlation of each method (paper Figure 2: full -0.62, DoRA -0.31, LoRA +0.83)
+        corr = {m: [per_seed[s][m]["correlation"] for s in sorted(per_seed, key=int)] for m in ("full", "lora", "dora")}
+        zero = [0.0] * len(corr["lora"])
+        add("5", "LoRA's correlation > DoRA's", "MiniLM tweets (correlation)", corr["lora"], corr["dora"], scale=1)
+        add("5", "0 > DoRA's correlation (paper -0.31)", "MiniLM tweets (correlation)", zero, corr["dora"], scale=1)
+        add("5", "0 > full FT's correlation (paper -0.62)", "MiniLM tweets (correlation)", zero, corr["full"],
+            scale=1)
+        add("5", "LoRA's correlation > 0 (paper +0.83)", "MiniLM tweets (correlation)", corr["lora"], zero, scale=1)
     acc = lambda variant: read("vision_fashion_mnist", "results", variant, "test_accuracy")  # noqa: E731
     add("7", "DoRA r8 > LoRA r8", "EfficientNet-Lite0 Fashion-MNIST", acc("dora"), acc("lora"),
         threshold=SMALLEST_PAPER_GAIN)
@@ -103,17 +114,18 @@ def main() -> None:
                         else verdict(p["ci95"], c["threshold"]))
         out.append({**c, "paired": p})
         low, high = p["ci95"]
-        equal = " (all pairs equal)" if p["sd"] == 0 else ""
-        rows.append([c["section"], c["claim"], c["setting"], p["n"], f"{100 * p['mean']:+.2f}",
-                     f"[{100 * low:+.2f}, {100 * high:+.2f}]{equal}",
+        equal, x = " (all pairs equal)" if p["sd"] == 0 else "", c["scale"]
+        rows.append([c["section"], c["claim"], c["setting"], p["n"], f"{x * p['mean']:+.2f}",
+                     f"[{x * low:+.2f}, {x * high:+.2f}]{equal}",
                      f"{p['a_ahead']} / {p['b_ahead']} / {p['ties']}", f"{p['sign_test_p']:.2g}", p["verdict"]])
+    gain = f"{100 * SMALLEST_PAPER_GAIN:.1f}"
     md = ["# Paired analysis of every comparison with seeds\n\n`python experiments/paired_analysis.py` (reads the "
           "other experiments' results.json; trains nothing). A - B per seed in points (accuracy x 100, or ROUGE-L x "
-          "100), 95% t-interval of the mean, the seeds where A / B is ahead / tied, the exact two-sided sign test, "
-          f"and the verdict: for \"A > B\" claims reproduced when the interval is above 0, not reproduced when its "
-          f"top is below the paper's smallest DoRA gain (+{100 * SMALLEST_PAPER_GAIN:.1f} points; 0 for DVoRA vs "
-          f"VeRA and ROUGE-L, which have no paper figure on this scale); for \"costs no accuracy\" reproduced when "
-          f"its bottom is above -{100 * SMALLEST_PAPER_GAIN:.1f} points. Section numbers are docs/RESULTS.md's.\n\n"]
+          "100; correlations as they are), 95% t-interval of the mean, the seeds where A / B is ahead / tied, the "
+          "exact two-sided sign test, and the verdict. \"A > B\": reproduced when the interval is above 0, not "
+          f"reproduced when its top is below the paper's smallest DoRA gain (+{gain} points; 0 for DVoRA vs VeRA, "
+          "ROUGE-L and correlations, which have no paper figure on this scale). \"Costs no accuracy\": reproduced "
+          f"when its bottom is above -{gain} points. Section numbers are docs/RESULTS.md's.\n\n"]
     md.append(markdown_table(["section", "claim (A > B)", "setting", "seeds", "A - B", "95% CI", "A / B / tie",
                               "sign p", "verdict"], rows))
     write_results(NAME, {"smallest_paper_gain": SMALLEST_PAPER_GAIN, "comparisons": out}, "".join(md))
