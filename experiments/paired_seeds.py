@@ -92,13 +92,13 @@ def main() -> None:
                      pct(dora["mean"], dora["std"]), interval(p), p["verdict"]])
     md.append(markdown_table(["task", "lr DoRA / LoRA", "LoRA r8 %", "DoRA r8 %", "DoRA - LoRA (paired by seed)",
                               "verdict"], rows))
-    md.append("\nPer seed (test accuracy %, LoRA / DoRA / difference in points):\n\n")
+    md.append("\nPer seed: test accuracy %, and the difference in points.\n")
     for task in args.tasks:
         lora, dora = results[task]["lora"]["test_accuracy"], results[task]["dora"]["test_accuracy"]
+        md.append(f"\n## {task}\n\n")
         md.append(markdown_table(["seed", "LoRA r8", "DoRA r8", "DoRA - LoRA"],
                                  [[s, pct(a), pct(b), f"{100 * (b - a):+.2f}"] for s, a, b in zip(seeds, lora, dora)]))
-        md.append("\n")
-    md.append(f"![paired differences](paired.png)\n\nRuntime: {seconds / 60:.1f} min for {len(runs)} runs "
+    md.append(f"\n![paired differences](paired.png)\n\nRuntime: {seconds / 60:.1f} min for {len(runs)} runs "
               f"(1 torch thread each, 2-core CPU).\n")
     plot(paired, RESULTS / NAME / "paired.png")
     write_results(NAME, {"seeds": list(seeds), "tasks": {t: TASKS[t] for t in args.tasks}, "results": results,
