@@ -157,6 +157,14 @@ def main() -> None:
         rows.append(row)
     md.append(markdown_table(["rank", "over seeds (paired by seed)", "verdict", "over articles (mean over seeds)",
                               "verdict"], rows))
+    for r in (8, 16):
+        lora, dora = per_article(runs[f"lora_r{r}"][0]), per_article(runs[f"dora_r{r}"][0])
+        differ = [(x, y) for x, y in zip(lora, dora) if x["generated"] != y["generated"]]
+        md.append(f"\nSeed {args.seeds[0]}, r {r}: the {len(differ)} of {len(lora)} articles where LoRA's and DoRA's "
+                  "headlines differ (ROUGE-L in brackets):\n\n")
+        md.append(markdown_table(["real headline", f"LoRA r{r}", f"DoRA r{r}"],
+                                 [[x["reference"], f"{x['generated']} ({x['rouge_l']:.2f})",
+                                   f"{y['generated']} ({y['rouge_l']:.2f})"] for x, y in differ]))
     md.append(f"\n![ROUGE-L](rouge_l.png)\n\nRuntime: {runtime_seconds(every) / 60:.1f} min for {len(every)} runs "
               f"(1 torch thread each, 2-core CPU).\n")
     plot(results, by_article, RESULTS / args.name / "rouge_l.png")
