@@ -7,7 +7,7 @@ bbc 30 steps, max_length 32), 3 seeds by default. Shared frozen random projectio
 intermediate and output dense (the largest power of two below the 384-wide hidden size; VeRA uses high ranks since
 only the scaling vectors train), d initialised to 0.1, b to 0. Learning rate per method and task: the best of the
 grid 3e-3, 1e-2, 3e-2 (extended at an edge as in the method comparison) on the same validation split and budget.
-LoRA and DoRA (r 8) from the method comparison are shown beside them.
+LoRA and DoRA (r 8) from experiment 9 (paired_seeds.py: the same settings, 10 seeds) are shown beside them.
 
 --seeds N (default 3) runs seeds 0 .. N-1 on the test set. Once results.json holds the grid's choice, more seeds
 reuse that learning rate (and keep its grid record) instead of training the grid again.
@@ -29,7 +29,7 @@ NAME = "vera_dvora"
 VARIANTS = {"vera": {"method": "vera", "rank": 256, "dropout": 0.05},
             "dvora": {"method": "dvora", "rank": 256, "dropout": 0.05}}
 GRID = [3e-3, 1e-2, 3e-2]
-LABEL = {"vera": "VeRA r256", "dvora": "DVoRA r256", "lora": "LoRA r8 (exp. 1)", "dora": "DoRA r8 (exp. 1)"}
+LABEL = {"vera": "VeRA r256", "dvora": "DVoRA r256", "lora": "LoRA r8 (exp. 9)", "dora": "DoRA r8 (exp. 9)"}
 PAPER = {"lora": 5.1, "dora": 5.5, "vera": 4.3, "dvora": 5.0}  # MT-Bench score, LLaMA-7B instruction tuning
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     tuning = tuning_seconds(NAME)
     if not tuning and done.is_file():  # the grid was trained by an earlier run of this script
         tuning = json.loads(done.read_text())["tuning_seconds"]
-    comparison = RESULTS / "method_comparison" / "results.json"
+    comparison = RESULTS / "paired_seeds" / "results.json"
     earlier = json.loads(comparison.read_text())["results"] if comparison.is_file() else {}
     md = ["# VeRA vs DVoRA (experiment 4)\n\n`python experiments/vera_dvora.py`: all-MiniLM-L6-v2, test accuracy in "
           f"% (mean ± sample std over seeds 0-{len(seeds) - 1}), learning rate per method and task from a validation "
