@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import json
 
-from common import RESULTS, markdown_table, paired_difference, verdict, write_results
+from common import RESULTS, SMALLEST_PAPER_GAIN, markdown_table, paired_difference, verdict, write_results
 
 NAME = "paired_analysis"
-SMALLEST_PAPER_GAIN = 0.007  # DoRA - LoRA, accuracy as a fraction (paper Table 4: LLaVA-1.5-7B, 67.6 vs 66.9)
 RANKS = ("4", "8", "16", "32", "64")
 
 
