@@ -131,7 +131,7 @@ def main() -> None:
         mean = sum(diffs) / len(diffs)
         by_article[r] = {"n": len(diffs), "mean": mean, "ci95": bootstrap_ci(diffs), "per_article": diffs,
                          "dora_ahead": sum(d > 0 for d in diffs), "lora_ahead": sum(d < 0 for d in diffs),
-                         "identical": sum(d == 0 for d in diffs)}
+                         "equal": sum(d == 0 for d in diffs)}
         by_article[r]["verdict"] = verdict(by_article[r]["ci95"])
 
     every = [run for seed_runs in runs.values() for run in seed_runs]
@@ -152,7 +152,7 @@ def main() -> None:
         row = [f"r {r}", interval(by_seed[r]) if r in by_seed else "one seed: no interval",
                by_seed[r]["verdict"] if r in by_seed else "-",
                f"{100 * a['mean']:+.2f}, 95% bootstrap CI [{100 * a['ci95'][0]:+.2f}, {100 * a['ci95'][1]:+.2f}]; "
-               f"DoRA ahead on {a['dora_ahead']}, LoRA on {a['lora_ahead']}, equal on {a['identical']} of {a['n']}",
+               f"DoRA ahead on {a['dora_ahead']}, LoRA on {a['lora_ahead']}, equal on {a['equal']} of {a['n']}",
                a["verdict"]]
         rows.append(row)
     md.append(markdown_table(["rank", "over seeds (paired by seed)", "verdict", "over articles (mean over seeds)",
