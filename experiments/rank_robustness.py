@@ -83,7 +83,6 @@ def main() -> None:
 
 
 def plot(results: dict, path) -> None:
-
     import matplotlib
 
     matplotlib.use("Agg")

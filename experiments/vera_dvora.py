@@ -36,7 +36,10 @@ PAPER = {"lora": 5.1, "dora": 5.5, "vera": 4.3, "dvora": 5.0}  # MT-Bench score,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
-    seeds = range(parser.parse_args().seeds)
+    args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    seeds = range(args.seeds)
     done = RESULTS / NAME / "results.json"
     chosen = json.loads(done.read_text())["results"] if done.is_file() else {}
     lrs = {(task, variant): chosen.get(task, {}).get(variant, {}).get("lr") for task in TASKS for variant in VARIANTS}

@@ -10,9 +10,9 @@ found by :func:`stale_temporary_files`.
 from __future__ import annotations
 
 import contextlib
-import io
 import errno
 import hashlib
+import io
 import json
 import os
 import tempfile

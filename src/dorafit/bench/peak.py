@@ -4,8 +4,7 @@
 
 Builds the workload and the variant (a quantized variant then lets go of the float weights its quantized
 layers replaced, so its resident set is that of a model loaded quantized), notes the resident set (model
-weights, adapters, optimizer), resets
-the kernel's peak mark, runs STEPS training steps, and prints one JSON line:
+weights, adapters, optimizer), resets the kernel's peak mark, runs STEPS training steps, and prints one JSON line:
 ``{"peak_mib": VmHWM, "peak_over_setup_mib": VmHWM minus the resident set before the steps}``.
 The process uses glibc's default malloc settings, so freed tensors go back to the OS and the peak mark
 follows what is alive (plus fragmentation).
