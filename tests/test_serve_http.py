@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -289,8 +290,14 @@ def unload(server, name):
 
 def test_run_time_adapters_answer_as_generate_and_peft_do(server):
     api = client(server)
-    load(server, "dora", "dora")  # relative to the root
-    load(server, "peft", server["root"] / "peft_dora")  # absolute, under the root
+    long = dict(model=server["base"], prompt="green small", max_tokens=200, temperature=0)
+    with ThreadPoolExecutor(1) as pool:  # adapters are loaded while a request is being generated
+        running = pool.submit(api.completions.create, **long)
+        while call(server, "GET", "/health")[1]["active"] == 0 and not running.done():
+            time.sleep(0.01)
+        load(server, "dora", "dora")  # relative to the root
+        load(server, "peft", server["root"] / "peft_dora")  # absolute, under the root
+        assert running.result().choices[0].text == api.completions.create(**long).choices[0].text
     assert [m.id for m in api.models.list().data] == [server["base"], "dora", "peft"]
     prompts = [PROMPT, "big bird runs"]
 
@@ -305,7 +312,12 @@ def test_run_time_adapters_answer_as_generate_and_peft_do(server):
     base_text = [api.completions.create(model=server["base"], prompt=p, max_tokens=MAX_TOKENS,
                                         temperature=0).choices[0].text for p in prompts]
     assert base_text != peft_text  # the adapter changes the answers
-    unload(server, "dora")  # the first one loaded (the model's own adapter) goes; the other stays right
+    with ThreadPoolExecutor(1) as pool:  # unloading waits for the requests in flight that use the adapter
+        running = pool.submit(chat_long, api, "dora")
+        while call(server, "GET", "/health")[1]["active"] == 0 and not running.done():
+            time.sleep(0.01)
+        unload(server, "dora")  # the first one loaded (the model's own adapter) goes; the other stays right
+        assert running.result().choices[0].finish_reason == "length"  # not cut short by the unload
     assert [api.completions.create(model="peft", prompt=p, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
             for p in prompts] == peft_text
     with pytest.raises(openai.NotFoundError):
@@ -343,6 +355,11 @@ def test_without_an_adapter_root_the_adapter_routes_do_not_exist():
     for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         answer = http.post(route, json={"lora_name": "a", "lora_path": "b"})
         assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
+
+
+def chat_long(api, model):
+    return api.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=150,
+                                       temperature=0)
 
 
 def generate_alone(server, run, prompts) -> list[str]:
