@@ -55,6 +55,9 @@ def server(tmp_path_factory, assets):  # noqa: F811
     make_peft_dora(base, root / "peft_dora")
     shutil.copytree(root / "peft_dora", outside / "peft_dora")
     (root / "empty").mkdir()
+    shutil.copytree(root / "dora", root / "run_hop")  # a run folder whose adapter/ links to a folder under the
+    shutil.rmtree(root / "run_hop" / "adapter")        # root whose files link outside: two hops
+    (root / "run_hop" / "adapter").symlink_to(root / "file_out")
     (root / "link_out").symlink_to(outside / "peft_dora")  # a folder under the root that leads outside
     (root / "file_out").mkdir()
     for f in (outside / "peft_dora").iterdir():  # a folder whose files lead outside
@@ -332,7 +335,7 @@ def test_run_time_adapters_answer_as_generate_and_peft_do(server):
 
 def test_adapter_paths_outside_the_root_are_refused(server):
     outside = server["outside"] / "peft_dora"
-    for path in (outside, "../" + outside.parent.name + "/peft_dora", "link_out", "file_out"):
+    for path in (outside, "../" + outside.parent.name + "/peft_dora", "link_out", "file_out", "run_hop"):
         assert_openai_error(call(server, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(path)}),
                             403, "lora_path", "outside the adapter root")
     assert_openai_error(call(server, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "missing"}),

@@ -29,11 +29,22 @@ from .params import parse_json
 POLL_S = 0.05  # how often an unload looks again whether requests still use the adapter
 
 
-def outside_root(path: Path, root: Path) -> str | None:
-    """The first of ``path`` and everything under it that resolves (symlinks followed) outside ``root``, or None."""
-    for entry in [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]:
-        if not entry.resolve().is_relative_to(root):
-            return str(entry)
+def outside_root(path: Path, root: Path) -> Path | None:
+    """The first of ``path`` and everything under it that resolves (symlinks followed) outside ``root``, or None.
+    Linked folders are walked into too (each real folder once, so link cycles end)."""
+    if not path.resolve().is_relative_to(root):
+        return path
+    folders, seen = [path], set()
+    while folders:
+        folder = folders.pop()
+        if folder.resolve() in seen:
+            continue
+        seen.add(folder.resolve())
+        for entry in sorted(folder.iterdir()):
+            if not entry.resolve().is_relative_to(root):
+                return entry
+            if entry.is_dir():
+                folders.append(entry)
     return None
 
 
@@ -68,7 +79,10 @@ def install_adapter_routes(app: FastAPI, served, root: Path) -> None:
         if name == served.base_name or name in served.adapters:
             raise ApiError(400, f"the name '{name}' is taken (by the base model or a loaded adapter); unload it "
                            "first or choose another", "lora_name", "name_taken")
-        path = (root / given).resolve()  # an absolute lora_path stays as it is
+        try:
+            path = (root / given).resolve()  # an absolute lora_path stays as it is
+        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a link loop
+            raise ApiError(400, f"'lora_path' {given!r}: {exc}", "lora_path", "invalid_value") from None
         if not path.is_relative_to(root):
             raise ApiError(403, f"'lora_path' {given!r} is outside the adapter root of this server; put the adapter "
                            "under the folder given with --adapter-root", "lora_path", "path_outside_root")
@@ -79,7 +93,7 @@ def install_adapter_routes(app: FastAPI, served, root: Path) -> None:
         try:
             escaped = await asyncio.to_thread(outside_root, path, root)
             if escaped is not None:
-                shown = Path(escaped).relative_to(path)
+                shown = escaped.relative_to(path)
                 raise ApiError(403, f"'lora_path' {given!r} holds {str(shown)!r}, a link to outside the adapter root; "
                                "copy the files instead", "lora_path", "path_outside_root")
             try:
