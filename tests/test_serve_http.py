@@ -293,7 +293,7 @@ def unload(server, name):
 
 def test_run_time_adapters_answer_as_generate_and_peft_do(server):
     api = client(server)
-    long = dict(model=server["base"], prompt="green small", max_tokens=200, temperature=0)
+    long = {"model": server["base"], "prompt": "green small", "max_tokens": 200, "temperature": 0}
     with ThreadPoolExecutor(1) as pool:  # adapters are loaded while a request is being generated
         running = pool.submit(api.completions.create, **long)
         while call(server, "GET", "/health")[1]["active"] == 0 and not running.done():
@@ -343,8 +343,8 @@ def test_adapter_paths_outside_the_root_are_refused(server):
     status, answer = call(server, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "empty"})
     assert_openai_error((status, answer), 400, "lora_path", "'empty': neither a run folder")
     assert str(server["root"]) not in answer["error"]["message"]
-    assert_openai_error(call(server, "POST", "/v1/load_lora_adapter", {"lora_name": server["base"],
-                                                                        "lora_path": "dora"}), 400, "lora_name", "taken")
+    taken = {"lora_name": server["base"], "lora_path": "dora"}
+    assert_openai_error(call(server, "POST", "/v1/load_lora_adapter", taken), 400, "lora_name", "taken")
     assert_openai_error(call(server, "POST", "/v1/load_lora_adapter", {"lora_name": "x"}), 400, "lora_path")
     assert [m["id"] for m in call(server, "GET", "/v1/models")[1]["data"]] == [server["base"]]
 

@@ -57,8 +57,9 @@ def install_adapter_routes(app: FastAPI, served, root: Path) -> None:
         body = parse_json(await http.body())
         unknown = set(body) - set(names)
         if unknown:
-            raise ApiError(400, f"unknown parameter '{sorted(unknown)[0]}'; this route takes: {', '.join(names)}",
-                           sorted(unknown)[0], "unknown_parameter")
+            first = min(unknown)
+            raise ApiError(400, f"unknown parameter '{first}'; this route takes: {', '.join(names)}", first,
+                           "unknown_parameter")
         for name in names:
             if not isinstance(body.get(name), str) or not body[name]:
                 raise ApiError(400, f"'{name}' must be a non-empty string", name, "invalid_value")

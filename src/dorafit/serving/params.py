@@ -49,8 +49,7 @@ NEUTRAL_ONLY = {
         "tool_choice": (("none",), "(tool calling) is not implemented: send \"none\" or leave it out"),
         "functions": (([],), "(function calling) is not implemented: leave it out"),
         "function_call": (("none",), "(function calling) is not implemented: send \"none\" or leave it out"),
-        "response_format": (({"type": "text"},), "other than {\"type\": \"text\"} (JSON mode, JSON schema) is not "
-                                                 "implemented"),
+        "response_format": (({"type": "text"},), "other than {\"type\": \"text\"} is not implemented (no JSON mode)"),
         "modalities": ((["text"],), "other than [\"text\"] is not implemented"),
         "audio": ((), "(audio output) is not implemented: leave it out"),
         "prediction": ((), "(predicted outputs) is not implemented: leave it out"),
