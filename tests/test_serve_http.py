@@ -349,15 +349,19 @@ def test_adapter_paths_outside_the_root_are_refused(server):
     assert [m["id"] for m in call(server, "GET", "/v1/models")[1]["data"]] == [server["base"]]
 
 
-def test_without_an_adapter_root_the_adapter_routes_do_not_exist():
+def test_without_an_adapter_root_the_adapter_routes_do_not_exist_and_a_crash_is_a_json_500():
     from fastapi.testclient import TestClient
 
     from dorafit.serving.api import Served, create_app
 
-    http = TestClient(create_app(Served(engine=None, base_name="m", formats={}, adapters={})))
+    app = create_app(Served(engine=None, base_name="m", formats={}, adapters={}))  # no engine: /health fails
+    http = TestClient(app, raise_server_exceptions=False)
     for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         answer = http.post(route, json={"lora_name": "a", "lora_path": "b"})
         assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
+    answer = http.get("/health")
+    assert answer.status_code == 500 and answer.json()["error"]["type"] == "server_error"
+    assert "AttributeError" in answer.json()["error"]["message"]
 
 
 def chat_long(api, model):

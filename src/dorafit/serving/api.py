@@ -52,13 +52,13 @@ class Served:
     loader: object = None  # load.AdapterLoader: adds and removes adapters (run-time adapters)
     disconnected: int = 0  # non-streamed requests cancelled because their client went away
 
+    def __post_init__(self):
+        self.created = int(time.time())
+
     def model_card(self, name: str) -> dict:
         """The OpenAI model object of the base or an adapter: names only (no filesystem path)."""
         card = {"id": name, "object": "model", "created": self.created, "owned_by": "dorafit"}
         return card if name == self.base_name else {**card, "parent": self.base_name}
-
-    def __post_init__(self):
-        self.created = int(time.time())
 
     def adapter_of(self, model) -> str | None:
         if not isinstance(model, str) or not model:
