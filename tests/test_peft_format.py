@@ -265,6 +265,31 @@ def test_peft_vera_with_several_shapes_imports(tmp_path):
     assert torch.equal(again.eval()(x).logits, ours(x).logits)
 
 
+@pytest.mark.parametrize("peft_config", [
+    LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+    VeraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]),
+], ids=["dora", "vera"])
+def test_import_under_a_name_beside_another_adapter(peft_config, tmp_path):
+    """import_peft(..., name=): added beside the model's own adapter (what dorafit serve does at run time); with it
+    active the outputs equal PEFT's, the own adapter is unchanged, and unloading it by name leaves the other."""
+    base = _tiny_llama()
+    peft_model = get_peft_model(copy.deepcopy(base), peft_config)
+    _train_peft(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    ours = copy.deepcopy(base)
+    dorafit.apply(ours, dorafit.AdapterConfig(method="lora", r=2, targets=["q_proj", "o_proj"]))
+    randomize_adapter(ours)
+    x = _ids(40, (2, 8), seed=99)
+    own = ours.eval()(x).logits
+    import_peft(ours, tmp_path, name="peft")
+    assert dorafit.adapter_names(ours) == ["default", "peft"]
+    torch.testing.assert_close(ours(x).logits, own, rtol=0, atol=0)
+    dorafit.set_adapter(ours, "peft")
+    torch.testing.assert_close(ours(x).logits, peft_model(input_ids=x).logits, **TOL)
+    dorafit.unload(ours, "default")
+    torch.testing.assert_close(ours(x).logits, peft_model(input_ids=x).logits, **TOL)
+
+
 # ---- refusals ------------------------------------------------------------------------------------------------------
 def test_export_refuses_what_peft_cannot_express(tmp_path):
     llama = _tiny_llama()

@@ -56,12 +56,14 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
 
 
 def load_named_adapter(model: nn.Module, folder: str | Path, name: str) -> list[str]:
-    """:func:`dorafit.load_adapter` under ``name``, kept inactive and frozen when the model's own adapter or base
-    stays active; for serving."""
-    from .io import load_adapter
+    """:func:`dorafit.load_adapter` (or :func:`dorafit.import_peft` for a PEFT adapter folder) under ``name``, kept
+    inactive and frozen when the model's own adapter or base stays active; for serving."""
+    from .io import TENSORS_FILE, load_adapter
+    from .peft_format import PEFT_TENSORS_FILE, import_peft
 
     was = getattr(model, "dorafit_active", None) if adapter_names(model) else None
-    names = load_adapter(model, folder, name=name)
+    peft = not (Path(folder) / TENSORS_FILE).is_file() and (Path(folder) / PEFT_TENSORS_FILE).is_file()
+    names = import_peft(model, folder, name=name) if peft else load_adapter(model, folder, name=name)
     set_adapter(model, was)
     model.requires_grad_(False)
     get_config(model, name)

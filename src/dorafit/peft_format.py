@@ -47,7 +47,7 @@ from . import vera
 from .adapted import ADAPTER_PARAMS
 from .config import AdapterConfig
 from .files import atomic_write_bytes, atomic_write_json
-from .inject import adapted_modules, adapter_state_dict, apply, get_config, unload
+from .inject import adapted_modules, adapter_layers, adapter_state_dict, apply, get_config, own_name, unload
 from .io import CONFIG_FILE, set_adapter_state_dict
 from .io import FORMAT as DORAFIT_FORMAT
 from .layers import ops_for
@@ -459,17 +459,19 @@ def _plan_vera(model: nn.Module, meta: dict, tensors: dict[str, Tensor]):
     return config, layers, other, projections
 
 
-def _dorafit_tensors(model: nn.Module, layers: dict, other: dict, meta: dict) -> dict[str, Tensor]:
-    """The file's tensors under dorafit's keys, each shape checked against the adapted model."""
+def _dorafit_tensors(model: nn.Module, layers: dict, other: dict, meta: dict,
+                     adapter: str | None = None) -> dict[str, Tensor]:
+    """The file's tensors under dorafit's keys, each shape checked against the adapted model (adapter ``adapter``:
+    default the model's own)."""
     out: dict[str, Tensor] = {}
     roles = {"A": "lora_A", "B": "lora_B", "magnitude": "magnitude", "lambda_d": "vera_lambda_d",
              "lambda_b": "vera_lambda_b"}
-    for name, layer in adapted_modules(model):
+    for name, layer, holder in adapter_layers(model, adapter):
         for role, value in layers[name].items():
             attr = roles[role]
-            if not hasattr(layer, attr):
+            if not hasattr(holder, attr):
                 continue  # a magnitude-only module's zero factors
-            want = getattr(layer, attr).shape
+            want = getattr(holder, attr).shape
             if role == "magnitude" and value.numel() == want.numel():
                 value = value.reshape(want)  # conv: [1, out, 1, ...] -> [out]
             if value.shape != want:
@@ -481,14 +483,16 @@ def _dorafit_tensors(model: nn.Module, layers: dict, other: dict, meta: dict) ->
     return out
 
 
-def import_peft(model: nn.Module, path: str | os.PathLike, extra_trainable: list[str] | None = None) -> list[str]:
+def import_peft(model: nn.Module, path: str | os.PathLike, extra_trainable: list[str] | None = None,
+                name: str | None = None) -> list[str]:
     """Load a PEFT adapter folder (LoRA, rsLoRA, DoRA or VeRA) into a base ``model`` as dorafit adapters, in place.
 
     The PEFT config is mapped to an :class:`AdapterConfig` (rank, alpha, use_rslora, use_dora, target modules with
     exclude_modules / layers_to_transform, dropout, modules_to_save, consistent rank_pattern / alpha_pattern, VeRA's
     stored projections) and the tensors are copied in. ``extra_trainable`` names more modules to train in full
     beside the adapter (e.g. a new classification head), added to the file's modules_to_save; they keep the
-    model's weights. Returns the adapted module names; :func:`dorafit.get_config` gives the config used.
+    model's weights. ``name``: load it as a named adapter, beside any the model has (see :func:`dorafit.apply`).
+    Returns the adapted module names; :func:`dorafit.get_config` gives the config used.
 
     Raises:
         PeftFormatError: an option dorafit does not support (named in the message), a folder that is not a
@@ -507,23 +511,24 @@ def import_peft(model: nn.Module, path: str | os.PathLike, extra_trainable: list
         more = [n for n in extra_trainable if n not in config.extra_trainable]
         config = dataclasses.replace(config, extra_trainable=list(config.extra_trainable) + more)
     try:
-        names = apply(model, config)
+        names = apply(model, config, name=name)
     except ValueError as exc:
         raise PeftFormatError(f"the PEFT adapter in {path} does not fit this model: {exc}") from None
+    adapter = name if name is not None else own_name(model)
     try:
         placed: dict = {}  # one tensor per shape, shared by its layers as dorafit's own projections are
-        for _, layer in adapted_modules(model):
+        for _, layer, holder in adapter_layers(model, adapter):
             if projections is not None:
                 shape = layer.dorafit.ops.shape(layer)
                 if shape not in placed:
-                    like = layer.vera_A
+                    like = holder.vera_A
                     placed[shape] = [t.to(like.device, like.dtype) for t in projections[shape]]
-                layer.vera_A, layer.vera_B = placed[shape]
-        tensors = _dorafit_tensors(model, layers, other, meta)
-        current = adapter_state_dict(model)  # the added extra modules keep their own weights
-        set_adapter_state_dict(model, {**{k: v for k, v in current.items() if k not in tensors}, **tensors})
+                holder.vera_A, holder.vera_B = placed[shape]
+        tensors = _dorafit_tensors(model, layers, other, meta, adapter)
+        current = adapter_state_dict(model, adapter)  # the added extra modules keep their own weights
+        set_adapter_state_dict(model, {**{k: v for k, v in current.items() if k not in tensors}, **tensors}, adapter)
     except BaseException:
-        unload(model)
+        unload(model, adapter)
         raise
     return names
 

@@ -6,11 +6,17 @@ import argparse
 
 from ..quantize import KINDS as QUANTIZE_KINDS
 
+API_KEY_ENV = "DORAFIT_API_KEY"  # as vLLM's VLLM_API_KEY
+DEFAULT_MAX_BODY_MB = 4.0
+
 EPILOG = """\
 examples:
   dorafit serve --model gemma-3-270m --adapter headlines=runs/headlines --adapter chat=runs/chat
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model": "headlines", "messages": [{"role": "user", "content": "..."}]}'
+  DORAFIT_API_KEY=secret dorafit serve --model gemma-3-270m --host 0.0.0.0 --adapter-root runs
+  curl http://HOST:8000/v1/load_lora_adapter -H 'Authorization: Bearer secret' -H 'Content-Type: application/json' \\
+      -d '{"lora_name": "chat", "lora_path": "chat"}'
 """
 
 
@@ -27,7 +33,9 @@ def register(subparsers) -> None:
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_OR_ADAPTER_DIR",
                         help="an adapter to serve under NAME: a run folder of dorafit train (its chat template comes "
                         "along) or an adapter folder; repeat for more")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens the server "
+                        "to the network: set an API key)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests generated at once (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=256,
@@ -39,6 +47,15 @@ def register(subparsers) -> None:
     parser.add_argument("--quantize", default=None, choices=QUANTIZE_KINDS,
                         help="hold the base quantized with bitsandbytes (nf4, fp4 or int8), shared by every adapter; "
                         "runs trained with dorafit train --quantize need the same")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help=f"require 'Authorization: Bearer KEY' on every route but GET /health (default: the "
+                        f"{API_KEY_ENV} environment variable, which keeps the key out of the process list; unset: "
+                        "no key)")
+    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, metavar="MB",
+                        help=f"largest request body; larger ones get 413 unread (default: {DEFAULT_MAX_BODY_MB:g})")
+    parser.add_argument("--adapter-root", default=None, metavar="DIR",
+                        help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter for run, dorafit or "
+                        "PEFT adapter folders under DIR (default: the routes do not exist)")
     parser.set_defaults(func=main)
 
 
@@ -46,10 +63,12 @@ def main(args: argparse.Namespace) -> int:
     from ..train.errors import report_errors
 
     def command() -> int:
+        import os
         import signal
         import socket
         import sys
         import threading
+        from pathlib import Path
 
         import torch
 
@@ -58,13 +77,22 @@ def main(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
+        if not args.max_body_mb > 0:
+            raise ValueError(f"--max-body-mb must be above 0, got {args.max_body_mb:g}")
+        key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+        root = Path(args.adapter_root).expanduser() if args.adapter_root else None
+        if root is not None and not root.is_dir():
+            raise ValueError(f"--adapter-root {args.adapter_root}: no such folder; give the folder that holds the "
+                             "adapters to load at run time")
         if args.threads:
             torch.set_num_threads(args.threads)
         import uvicorn
 
         from ..serving.api import create_app
         from ..serving.load import build_served
+        from ..serving.security import Guard
 
+        guard = Guard(key or None, int(args.max_body_mb * 1024 * 1024))
         served = build_served(args.model, args.adapter, args.device, args.dtype, args.max_batch_size,
                               args.max_new_tokens, args.quantize)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
@@ -77,11 +105,14 @@ def main(args: argparse.Namespace) -> int:
         port = sock.getsockname()[1]
         sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
         names = ", ".join([served.base_name, *served.adapters])
-        server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(create_app(served, guard, root), log_level="warning"))
         web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dorafit-http", daemon=True)
         web.start()  # HTTP in a thread; the engine in this one, where torch computes fastest (Engine.run)
         print(f"serving {names} on http://{args.host}:{port}/v1 (max batch {args.max_batch_size}); "
               "SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
+        if guard.api_key is None and not _loopback(args.host):
+            print(f"warning: {args.host} is reachable from other machines and no API key is set: anyone who can "
+                  f"reach port {port} can use the model; set {API_KEY_ENV} or --api-key", file=sys.stderr, flush=True)
 
         def shut_down(signum, frame):  # uvicorn stops accepting, lets requests in flight finish, then ends
             server.should_exit = True
@@ -99,3 +130,12 @@ def main(args: argparse.Namespace) -> int:
         return 0
 
     return report_errors(command)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -3,4 +3,8 @@
     engine.py   continuous batching with a KV cache per request and one adapter per batch row
     api.py      the FastAPI app: /v1/models, /v1/completions, /v1/chat/completions (streaming), /health
     load.py     the base model and its named adapters (run folders or adapter folders), with their chat formats
+    params.py   the request body: strict JSON, every OpenAI parameter honoured or refused by name, the context budget
+    security.py API key, content type and body size, checked before any route
+    errors.py   OpenAI's error body for every failure
+    adapter_admin.py   adapters loaded and unloaded at run time (--adapter-root)
 """

@@ -1,9 +1,15 @@
 """The OpenAI-compatible HTTP API of ``dorafit serve`` (FastAPI), in front of the batching :class:`Engine`.
 
-    GET  /v1/models             the base model and every adapter, by name
+    GET  /v1/models             the base model and every adapter, by name (never a filesystem path)
+    GET  /v1/models/{id}        one of them (404 if unknown)
     POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
     POST /v1/chat/completions   {"model", "messages", ...}: rendered by the adapter's chat template
-    GET  /health                {"status": "ok", "active", "waiting", "decode_steps"}
+    GET  /health                {"status": "ok", "active", "waiting", "decode_steps", "disconnected"}
+    POST /v1/load_lora_adapter, /v1/unload_lora_adapter   with an adapter root only (:mod:`.adapter_admin`)
+
+Every request parameter is honoured or refused by name (:mod:`.params`); the API key, content type and body size
+are checked before any route (:mod:`.security`); every error is OpenAI's body (:mod:`.errors`). A non-streamed
+request whose client disconnects is cancelled (the engine drops it at its next step), as a streamed one is.
 
 The request's ``model`` picks the adapter (the base model's name: no adapter). ``"stream": true`` answers with
 server-sent events (``data: {chunk}``, then ``data: [DONE]``) whose text pieces concatenate to the whole answer.
@@ -21,23 +27,17 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from ..chat_format import ChatFormat, ChatFormatError
 from ..generation import SamplingOptions
+from . import params
 from .engine import Engine, Request
+from .errors import ApiError, install_error_handlers
+from .security import Guard, GuardMiddleware
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+DISCONNECT_POLL_S = 0.1  # how often a non-streamed request looks whether its client is still there
 
 
 @dataclass
@@ -49,6 +49,16 @@ class Served:
     formats: dict[str, ChatFormat]  # model name (base or adapter) -> how its chats are rendered
     adapters: dict[str, str]  # adapter name -> where it was loaded from
     max_new_tokens: int = 256  # a request's max_tokens when it gives none
+    loader: object = None  # load.AdapterLoader: adds and removes adapters (run-time adapters)
+    disconnected: int = 0  # non-streamed requests cancelled because their client went away
+
+    def __post_init__(self):
+        self.created = int(time.time())
+
+    def model_card(self, name: str) -> dict:
+        """The OpenAI model object of the base or an adapter: names only (no filesystem path)."""
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "dorafit"}
+        return card if name == self.base_name else {**card, "parent": self.base_name}
 
     def adapter_of(self, model) -> str | None:
         if not isinstance(model, str) or not model:
@@ -181,37 +191,51 @@ def _reason(reason: str | None) -> str:
     return {"stop": "stop", "length": "length"}.get(reason, reason or "stop")
 
 
-def create_app(served: Served) -> FastAPI:
-    app = FastAPI(title="dorafit serve", version="1")
+async def whole_unless_gone(served: Served, gen: Generation, http: HttpRequest) -> str:
+    """``gen.whole()``; if the client disconnects first, the request is cancelled (the engine drops its row at the
+    next step) and counted in ``served.disconnected``."""
+    task = asyncio.ensure_future(gen.whole())
+    while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+        if await http.is_disconnected():
+            gen.cancel()
+            text = await task
+            if gen.finish_reason == "cancelled":
+                served.disconnected += 1
+            return text
+    return task.result()
 
-    @app.exception_handler(ApiError)
-    async def api_error(_, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+
+def create_app(served: Served, guard: Guard | None = None, adapter_root=None) -> FastAPI:
+    """The app; ``guard``: API key and body limit (default: no key, 4 MB); ``adapter_root``: a folder enables the
+    run-time adapter routes for adapters under it."""
+    app = FastAPI(title="dorafit serve", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, guard=guard or Guard())
+    if adapter_root is not None:
+        from .adapter_admin import install_adapter_routes
+
+        install_adapter_routes(app, served, adapter_root)
 
     async def read_json(http: HttpRequest) -> dict:
-        try:
-            body = await http.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-            raise ApiError(400, "the request body is not valid JSON", None, "invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
-        return body
+        return params.parse_json(await http.body())
 
     @app.get("/health")
     async def health():
         engine = served.engine
         status = "error" if engine.error else "ok"
-        return {"status": status, **engine.load(), **({"error": str(engine.error)} if engine.error else {})}
+        return {"status": status, **engine.load(), "disconnected": served.disconnected,
+                **({"error": str(engine.error)} if engine.error else {})}
 
     @app.get("/v1/models")
     async def models():
-        created = int(time.time())
-        data = [{"id": served.base_name, "object": "model", "created": created, "owned_by": "dorafit"}]
-        data += [{"id": name, "object": "model", "created": created, "owned_by": "dorafit",
-                  "parent": served.base_name, "root": source} for name, source in served.adapters.items()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [served.model_card(n) for n in [served.base_name, *served.adapters]]}
 
-    def stream(gen: Generation, http: HttpRequest, chunk) -> StreamingResponse:
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        served.adapter_of(model_id)  # 404 if unknown
+        return served.model_card(model_id)
+
+    def stream(gen: Generation, http: HttpRequest, chunk, include_usage: bool = False) -> StreamingResponse:
         async def events():
             try:
                 first = chunk(None, None, start=True)
@@ -223,6 +247,8 @@ def create_app(served: Served) -> FastAPI:
                         return
                     yield f"data: {json.dumps(chunk(piece, None))}\n\n"
                 yield f"data: {json.dumps(chunk('', _reason(gen.finish_reason)))}\n\n"
+                if include_usage:  # OpenAI's last chunk: no choices, the usage
+                    yield f"data: {json.dumps({**chunk('', None), 'choices': [], 'usage': gen.usage()})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 if gen.finish_reason is None:
@@ -233,7 +259,9 @@ def create_app(served: Served) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = await read_json(http)
+        params.check_parameters(body, "completions")
         adapter = served.adapter_of(body.get("model"))
+        usage_chunk = params.include_usage(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -241,6 +269,7 @@ def create_app(served: Served) -> FastAPI:
             raise ApiError(400, "'prompt' must be a non-empty string", "prompt", "invalid_value")
         options, stop = sampling(body, served.max_new_tokens)
         ids = served.engine.tokenizer(prompt)["input_ids"]
+        options = params.fit_to_context(options, len(ids), served.engine.context, body)
         gen = Generation(served, ids, adapter, options, stop)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -251,8 +280,8 @@ def create_app(served: Served) -> FastAPI:
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
 
         if body.get("stream"):
-            return stream(gen, http, chunk)
-        text = await gen.whole()
+            return stream(gen, http, chunk, usage_chunk)
+        text = await whole_unless_gone(served, gen, http)
         answer = chunk(text, _reason(gen.finish_reason))
         answer["usage"] = gen.usage()
         return answer
@@ -260,13 +289,16 @@ def create_app(served: Served) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
         body = await read_json(http)
+        params.check_parameters(body, "chat")
         adapter = served.adapter_of(body.get("model"))
+        usage_chunk = params.include_usage(body)
         messages = chat_messages(body)
         options, stop = sampling(body, served.max_new_tokens)
         try:
             ids = served.formats[body["model"]].prompt_ids(messages)
         except ChatFormatError as exc:
             raise ApiError(400, str(exc), "messages", "invalid_value") from None
+        options = params.fit_to_context(options, len(ids), served.engine.context, body)
         gen = Generation(served, ids, adapter, options, stop)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -276,8 +308,8 @@ def create_app(served: Served) -> FastAPI:
                     "choices": [{"index": 0, "delta": delta, "finish_reason": None if start else reason}]}
 
         if body.get("stream"):
-            return stream(gen, http, chunk)
-        text = await gen.whole()
+            return stream(gen, http, chunk, usage_chunk)
+        text = await whole_unless_gone(served, gen, http)
         return {"id": rid, "object": "chat.completion", "created": created, "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": _reason(gen.finish_reason)}],

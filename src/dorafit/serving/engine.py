@@ -18,6 +18,7 @@ tokens it would get alone.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import queue
 import threading
@@ -71,6 +72,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.calls: queue.Queue = queue.Queue()  # (function, future) to run between steps: call_between_steps
 
     # ---- control ---------------------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -88,6 +90,27 @@ class Engine:
         self.active = []
         while not self.waiting.empty():
             self._end(self.waiting.get_nowait(), "cancelled")
+        while not self.calls.empty():
+            self.calls.get_nowait()[1].cancel()
+
+    def call_between_steps(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run ``fn()`` in the loop's thread before its next step, when no forward is running (so it may change the
+        model: load or unload an adapter); the future gets its result or its exception. Thread-safe."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.calls.put((fn, future))
+        return future
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self.calls.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(exc)
 
     def submit(self, request: Request) -> None:
         self.waiting.put(request)
@@ -105,6 +128,7 @@ class Engine:
         in a thread, 2.03x in the main thread). ``dorafit serve`` runs it there and its HTTP server in a thread."""
         while not self._stop.is_set() and not (until is not None and until()):
             try:
+                self._run_calls()
                 self._join()
                 if not self.active:
                     try:

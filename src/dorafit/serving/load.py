@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..chat_format import ChatFormat
+from ..inject import unload
 from ..multi import load_named_adapter
 from ..train import rundir
 from ..train.models import load_causal_lm, resolve_model
@@ -37,7 +38,7 @@ def base_name_of(spec: str) -> str:
 
 def _adapter_source(name: str, path: Path, base_folder: Path, tokenizer, base_format: ChatFormat,
                     quantize: str | None):
-    """(adapter folder, chat format) of a run folder or an adapter folder."""
+    """(adapter folder, chat format) of a run folder, a dorafit adapter folder or a PEFT adapter folder."""
     if rundir.is_run_folder(path):
         cfg, resolved = stored_config(path)
         task_cls = by_kind(resolved.get("kind", "classification"))
@@ -56,7 +57,27 @@ def _adapter_source(name: str, path: Path, base_folder: Path, tokenizer, base_fo
         return path / rundir.ADAPTER, task_cls.chat_format(tokenizer, resolved)
     if (path / "adapter_config.json").is_file():
         return path, base_format
-    raise ValueError(f"--adapter {name}={path}: neither a run folder of dorafit train nor an adapter folder")
+    raise ValueError(f"--adapter {name}={path}: neither a run folder of dorafit train nor an adapter folder "
+                     "(dorafit's or PEFT's)")
+
+
+class AdapterLoader:
+    """Adds named adapters to the served model and takes them away: at start (``--adapter``) and at run time
+    (:mod:`.adapter_admin`, which calls :meth:`load` and :meth:`unload` in the engine's thread between steps)."""
+
+    def __init__(self, net, base_folder: Path, tokenizer, base_format: ChatFormat, quantize: str | None):
+        self.net, self.base_folder, self.tokenizer = net, base_folder, tokenizer
+        self.base_format, self.quantize = base_format, quantize
+
+    def source(self, name: str, path: Path) -> tuple[Path, ChatFormat]:
+        """(adapter folder, chat format) of ``path``, checked against the served base (ValueError if not)."""
+        return _adapter_source(name, path, self.base_folder, self.tokenizer, self.base_format, self.quantize)
+
+    def load(self, name: str, folder: Path) -> None:
+        load_named_adapter(self.net, folder, name)
+
+    def unload(self, name: str) -> None:
+        unload(self.net, name)
 
 
 def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: str = "float32",
@@ -71,13 +92,14 @@ def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: st
     net = loaded.model.to(device=device, dtype=DTYPES[dtype]).eval()
     if quantize:
         quantize_model(net, quantize)  # every adapter shares the one quantized base
+    loader = AdapterLoader(net, base_folder, tokenizer, base_format, quantize)
     for text in adapters:
         name, path = parse_adapter_option(text)
         if name == base_name or name in sources:
             raise ValueError(f"--adapter {name}: the name is taken (the base model is {base_name!r}); give each "
                              "adapter its own name")
-        folder, fmt = _adapter_source(name, path, base_folder, tokenizer, base_format, quantize)
-        load_named_adapter(net, folder, name)
+        folder, fmt = loader.source(name, path)
+        loader.load(name, folder)
         formats[name], sources[name] = fmt, str(path)
     engine = Engine(net, tokenizer, max_batch_size=max_batch_size)
-    return Served(engine, base_name, formats, sources, max_new_tokens)
+    return Served(engine, base_name, formats, sources, max_new_tokens, loader)
