@@ -89,11 +89,14 @@ class TransformersImageClassifier:
     def load(folder: Path, labels: list[str], image_size: int) -> tuple[nn.Module, ImageProcessor, list[str]]:
         import torch
         from transformers import AutoModelForImageClassification
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.set_verbosity_error()  # the head it re-initialises is reported by dorafit (the run's "head")
+        hf_logging.disable_progress_bar()
         try:
             model, info = AutoModelForImageClassification.from_pretrained(
                 folder, local_files_only=True, dtype=torch.float32, output_loading_info=True,
-                num_labels=len(labels), id2label=dict(enumerate(labels)),
+                id2label=dict(enumerate(labels)),
                 label2id={label: i for i, label in enumerate(labels)}, ignore_mismatched_sizes=True)
         except (OSError, ValueError) as exc:
             raise ModelError(f"the model in {folder} cannot be loaded for image classification: {exc}") from None
