@@ -264,3 +264,14 @@ def test_an_eval_folder_with_an_unknown_class_is_refused(tmp_path):
                              "--out", tmp_path / "run")
     assert code == 2
     assert err.strip() == (f"error: {test_pics}: class folder(s) green do not occur in the training folder {pics}")
+
+
+def test_the_vision_families_sit_below_the_model_loader():
+    """train/models.py looks the families up; no family module imports the loader (or a task) back."""
+    import ast
+
+    folder = Path(__file__).resolve().parent.parent / "src" / "dorafit" / "train" / "vision"
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:  # from ..x import y: outside vision/
+                assert node.module == "model_errors", f"{path.name} imports ..{node.module}"

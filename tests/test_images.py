@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from dorafit.cli import main
-from dorafit.train.models import LoadedModel
 from dorafit.train import vision
-from dorafit.train.vision import efficientnet
+from dorafit.train.models import LoadedModel
 from dorafit.train.tasks.images import FASHION_MNIST_DIR, FASHION_MNIST_LABELS, validation_split
+from dorafit.train.vision import efficientnet
 
 SIZE = 32
 needs_data = pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
