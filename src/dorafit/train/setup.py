@@ -56,7 +56,8 @@ def absolute_paths(options: dict) -> dict:
     """Model and task folders or files and the eval file as absolute paths (preset names stay), so that a run
     folder's config.json means the same from any working directory."""
     out = dict(options)
-    for name, presets in (("model", MODEL_PRESETS), ("task", all_presets()), ("eval_file", ())):
+    for name, presets in (("model", MODEL_PRESETS), ("task", all_presets()), ("eval_file", ()),
+                          ("fashion_mnist_dir", ())):
         value = out.get(name)
         if value and value not in presets and Path(value).expanduser().exists():
             out[name] = str(Path(value).expanduser().resolve())
@@ -92,7 +93,8 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
         raise ValueError(f"--head is for classification tasks; a {task_cls.kind} task trains no head")
     if cfg.steps is None and cfg.epochs is None:
         resolved[data.duration[0]] = data.duration[1]
-    resolved.update(absolute_paths({"model": cfg.model, "task": cfg.task, "eval_file": cfg.eval_file}))
+    resolved.update(absolute_paths({"model": cfg.model, "task": cfg.task, "eval_file": cfg.eval_file,
+                                     "fashion_mnist_dir": cfg.fashion_mnist_dir}))
     cfg = validate(dataclasses.replace(cfg, **resolved))
     task = task_cls(data, loaded.tokenizer, cfg)
     device = device or pick_device(cfg.device)

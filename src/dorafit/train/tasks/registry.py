@@ -52,4 +52,4 @@ def task_type(spec: str) -> type:
 def describe_inputs() -> str:
     return ("give a .jsonl/.csv file of text,label (classification), a .jsonl file of instruction/output, messages "
             "or conversations records (instruction tuning), or a commonsense-format folder of <task>/train.json, "
-            "<task>/test.json (multiple choice)")
+            "<task>/test.json (multiple choice), or a folder of class folders of PNG/JPEG images (image classification)")

