@@ -51,9 +51,10 @@ class TrainConfig:
     """One training run. The defaults are the embedded demo: MiniLM + DoRA on tweet sentiment."""
 
     # ---- what to train -----------------------------------------------------------------------------------
-    model: str = option("minilm", "a preset (minilm, gemma-3-270m; efficientnet-lite0 for image tasks) or a local "
-                        "Hugging Face model folder",
-                        metavar="NAME|DIR")
+    model: str = option("minilm", "a preset (minilm, gemma-3-270m; efficientnet-lite0 for image tasks), a local "
+                        "Hugging Face model folder, or a Hugging Face Hub id ORG/NAME[@REVISION] (downloaded into "
+                        "the Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache only)",
+                        metavar="NAME|DIR|ORG/NAME")
     task: str = option(
         "tweets",
         "a preset (tweets, bbc: classification; commonsense: multiple choice; bbc-headlines: instruction tuning; "
@@ -83,7 +84,8 @@ class TrainConfig:
     rslora: bool = adapter_option("rslora")
     targets: Optional[list[str]] = adapter_option(
         "targets", default=None, help="module names (or name suffixes) that get the adapter; with --method full, the "
-        "modules --save-every snapshots (default: the model's q,k,v,up,down projections)", metavar="NAME")
+        "modules --save-every snapshots (default: the model's q,k,v,up,down projections, found from the architecture; "
+        "all-linear: every linear layer but the output layer and the head)", metavar="NAME")
     magnitude_only: Optional[list[str]] = adapter_option("magnitude_only", metavar="NAME")
     head: Optional[list[str]] = option(
         None, "classification: modules trained in full next to the adapter (default: the modules the checkpoint "
