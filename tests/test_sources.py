@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from dorafit.serving.load import base_name_of
 from dorafit.train.models import resolve_model
 from dorafit.train.tasks import conversations, records
 from dorafit.train.tasks.classification import read_text_label_file
@@ -123,6 +124,10 @@ def test_train_on_a_hub_id_pins_the_commit_for_later_commands(hub_models, assets
     assert code == 0 and out.strip(), err
     code, out, err = run_cli("generate", "org/tiny", "--prompt", "red cat", "--max-new-tokens", 2)
     assert code == 0 and out.strip(), err
+    code, out, err = run_cli("export", run, "--out", tmp_path / "peft", "--check", 2)
+    assert code == 0 and "checked: PEFT's outputs equal dorafit's" in out, err
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"
+    assert base_name_of("org/tiny@v2") == "org/tiny"  # what serve's clients call the base model
 
 
 # ---- data sets by Hub id ---------------------------------------------------------------------------------------

@@ -122,6 +122,12 @@ def model_folder(spec: str) -> Path:
     return folder
 
 
+def repo_of(spec: str) -> str | None:
+    """The repository id of a Hub id that names no local path (``org/name@v2`` -> ``org/name``), else None."""
+    parsed = parse_model_id(spec)
+    return parsed[0] if parsed and not Path(spec).expanduser().exists() else None
+
+
 def pinned(spec: str, folder: Path) -> str:
     """``ORG/NAME@<commit>`` of a resolved ``spec`` (its snapshot folder is named by the commit), so that a run
     folder names exactly the weights it trained on; ``spec`` itself if it is not a Hub id."""
