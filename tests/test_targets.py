@@ -1,5 +1,5 @@
 """Adapter targets found from the architecture (q, k, v, up, down by module name and block), and --targets
-all-linear (every linear layer but the output layer and the head), on tiny random models of six families."""
+all-linear (every linear layer but the output layer and the head), on tiny random models of ten families."""
 
 from __future__ import annotations
 
@@ -29,9 +29,13 @@ def config(family: str):
     if family == "gpt_neox":
         return transformers.GPTNeoXConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, bos_token_id=101, eos_token_id=102)
-    make = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "phi3": transformers.Phi3Config,
-            "gemma3_text": transformers.Gemma3TextConfig}[family]
-    return make(**SMALL, **({"head_dim": 8} if family == "gemma3_text" else {}))
+    if family == "falcon":
+        return transformers.FalconConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         bos_token_id=101, eos_token_id=102)
+    make = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+            "mistral": transformers.MistralConfig, "phi3": transformers.Phi3Config,
+            "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig}[family]
+    return make(**SMALL, **({"head_dim": 8} if family in ("gemma2", "gemma3_text", "qwen3") else {}))
 
 
 def model_of(family: str):
@@ -43,15 +47,26 @@ def model_of(family: str):
 EXPECTED = {
     "llama": (*LLAMA_LIKE, 7),
     "qwen2": (*LLAMA_LIKE, 7),
+    "qwen3": (*LLAMA_LIKE, 7),
+    "mistral": (*LLAMA_LIKE, 7),
+    "gemma2": (*LLAMA_LIKE, 7),
     "gemma3_text": (*LLAMA_LIKE, 7),
     "phi3": (["qkv_proj", "gate_up_proj", "down_proj"], ["o_proj", "qkv_proj", "gate_up_proj", "down_proj"], 4),
     "gpt2": (["c_attn", "c_fc", "mlp.c_proj"], ["c_attn", "c_proj", "c_fc"], 4),
     "gpt_neox": (["query_key_value", "dense_h_to_4h", "dense_4h_to_h"],
                  ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], 4),
+    "falcon": (["query_key_value", "dense_h_to_4h", "dense_4h_to_h"],
+               ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], 4),
 }
 
 
-@pytest.mark.parametrize("family", list(EXPECTED))
+#: Falcon adds the attention output into the MLP output in place (``mlp_output += attention_output``), which
+#: overwrites the output DoRA's magnitude scale saves for backward (dorafit.magnitude_scale): the targets are right,
+#: the DoRA backward raises (LoRA, and DoRA with magnitude_grad="recompute", train: checked by hand)
+FALCON_INPLACE = pytest.mark.xfail(raises=RuntimeError, strict=True, reason="in-place residual add after DoRA")
+
+
+@pytest.mark.parametrize("family", [f if f != "falcon" else pytest.param(f, marks=FALCON_INPLACE) for f in EXPECTED])
 def test_default_and_all_linear_targets_of_each_family(family):
     model = model_of(family)
     defaults, every, per_block = EXPECTED[family]
