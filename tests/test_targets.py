@@ -15,8 +15,8 @@ from dorafit.train.targets import all_linear, role
 from .cli_support import fails, run_cli, tokenizer
 
 transformers = pytest.importorskip("transformers")
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             pad_token_id=0, bos_token_id=101, eos_token_id=102, vocab_size=30522)
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102, "vocab_size": 30522}
 LLAMA_LIKE = (["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
               ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
@@ -114,7 +114,7 @@ def test_cli_trains_all_linear(tmp_path, family):
     assert code == 0, err
     stored = json.loads((run / "config.json").read_text())["config"]["targets"]
     assert stored == EXPECTED[family][1]  # expanded, so eval / generate / merge rebuild the same adapter
-    code, out, err = run_cli("generate", run, "--prompt", "say a", "--max-new-tokens", 2)
+    code, _, err = run_cli("generate", run, "--prompt", "say a", "--max-new-tokens", 2)
     assert code == 0, err
 
 

@@ -84,7 +84,7 @@ def explain(exc: Exception, what: str, repo: str, revision: str | None, repo_typ
     if isinstance(exc, IncompleteSnapshotError):
         return HubError(f"the cached copy of {what} {repo}{at} in {cache} is incomplete (an interrupted "
                         f"download?); complete it where the Hub can be reached: {hint}")
-    if isinstance(exc, LocalEntryNotFoundError) or isinstance(exc, ConnectionError):
+    if isinstance(exc, (LocalEntryNotFoundError, ConnectionError)):
         why = "HF_HUB_OFFLINE is set" if offline() else "the Hugging Face Hub cannot be reached"
         return HubError(f"{what} {repo}{at} is not in the Hugging Face cache ({cache}) and {why}; "
                         f"download it once where the Hub can be reached (`{hint}`, or run this command there "

@@ -22,8 +22,8 @@ from . import hub, rundir
 from .models import PRESETS as MODEL_PRESETS
 from .models import LoadedModel, default_targets, resolve_model
 from .options import TrainConfig, adapter_config, adapter_options, from_dict, validate
-from .tasks import all_presets, by_kind, task_type
 from .targets import expand as expand_targets
+from .tasks import all_presets, by_kind, task_type
 
 DEFAULT_LR = {"full": 2e-5, "lora": 5e-4, "dora": 5e-4, "vera": 5e-3, "dvora": 5e-3}
 

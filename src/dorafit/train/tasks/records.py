@@ -18,9 +18,10 @@ message about it names.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from .base import DataError, clip
 
@@ -179,11 +180,12 @@ def _jsonl_records(path: Path) -> Iterator[Record]:
 
 
 def _parquet_file(path: Path):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         return pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a file that is not Parquet
+    except (pa.ArrowException, OSError) as exc:  # ArrowInvalid for a file that is not Parquet
         raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
 
 
