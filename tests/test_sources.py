@@ -124,6 +124,12 @@ def test_train_on_a_hub_id_pins_the_commit_for_later_commands(hub_models, assets
     assert code == 0 and out.strip(), err
     code, out, err = run_cli("generate", "org/tiny", "--prompt", "red cat", "--max-new-tokens", 2)
     assert code == 0 and out.strip(), err
+    prompts = to_parquet([{"prompt": "red cat", "instruction": None, "input": None},  # null cells: fields absent
+                          {"prompt": None, "instruction": "say", "input": "dog"}], tmp_path / "p.parquet")
+    code, out, err = run_cli("generate", run, "--prompts", prompts, "--out", tmp_path / "g.jsonl", "--max-new-tokens", 2)
+    assert code == 0, err
+    assert [set(r) for r in read_jsonl(tmp_path / "g.jsonl")] == [{"prompt", "generated"},
+                                                                  {"instruction", "input", "generated"}]
     code, out, err = run_cli("export", run, "--out", tmp_path / "peft", "--check", 2)
     assert code == 0 and "checked: PEFT's outputs equal dorafit's" in out, err
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"

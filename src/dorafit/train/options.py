@@ -58,13 +58,15 @@ class TrainConfig:
     task: str = option(
         "tweets",
         "a preset (tweets, bbc: classification; commonsense: multiple choice; bbc-headlines: instruction tuning; "
-        "fashion-mnist: image classification), a commonsense-format data folder, a .jsonl/.csv file of text,label "
-        "(classification), or a .jsonl file of "
-        "instruction tuning records (Alpaca instruction/input/output, OpenAI messages, or ShareGPT conversations)",
-        metavar="NAME|PATH",
+        "fashion-mnist: image classification), a commonsense-format data folder, a .jsonl/.parquet/.csv file of "
+        "text,label (classification), or a .jsonl/.parquet file of "
+        "instruction tuning records (Alpaca instruction/input/output, OpenAI messages, or ShareGPT conversations); "
+        "either kind of records as a Hugging Face dataset hf:ORG/NAME[:SPLIT] (split default: train)",
+        metavar="NAME|PATH|hf:ORG/NAME",
     )
     eval_file: Optional[str] = option(
-        None, "test file for a .jsonl/.csv task (default: a seeded --test-size split of the task file)", metavar="PATH")
+        None, "test file (or hf:ORG/NAME:SPLIT) for a file or dataset task (default: a seeded --test-size split of "
+        "the task's data)", metavar="PATH")
     test_size: float = option(0.1, "share of a .jsonl/.csv task file held out for testing when --eval-file is not "
                               "given", above=0, below=1)
     split_seed: int = option(0, "seed of the fixed train/test split of presets and file tasks (independent of "
