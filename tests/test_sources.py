@@ -180,3 +180,59 @@ def test_command_line_reads_hf_home_and_offline_from_the_environment(hub_models,
                           text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads((run / "config.json").read_text())["config"]["model"] == f"org/tiny@{COMMIT_A}"
+
+
+# ---- online failures and file selection, without a network ----------------------------------------------------
+def hub_error(cls, status: int):
+    import httpx2
+
+    request = httpx2.Request("GET", "https://huggingface.co/api/models/org/x")
+    return cls(f"{status} error", response=httpx2.Response(status, request=request))
+
+
+def test_each_hub_failure_is_one_sentence_saying_what_to_do():
+    from huggingface_hub import errors
+
+    from dorafit.train.hub import explain
+
+    said = {name: str(explain(exc, "model", "org/x", rev)) for name, exc, rev in [
+        ("gated", hub_error(errors.GatedRepoError, 403), None),
+        ("missing", hub_error(errors.RepositoryNotFoundError, 404), None),
+        ("unauthorized", hub_error(errors.HfHubHTTPError, 401), None),
+        ("revision", hub_error(errors.RevisionNotFoundError, 404), "v9"),
+        ("down", ConnectionError("connection refused"), None),
+        ("server", hub_error(errors.HfHubHTTPError, 503), None)]}
+    assert "org/x is gated: accept its terms at https://huggingface.co/org/x" in said["gated"]
+    assert "has no model org/x, or it is private" in said["missing"] and "hf auth login" in said["missing"]
+    assert "has no model org/x, or it is private" in said["unauthorized"]
+    assert "org/x has no revision 'v9'" in said["revision"]
+    assert "is not in the Hugging Face cache" in said["down"] and "`hf download org/x`" in said["down"]
+    assert said["server"].startswith("cannot download model org/x from the Hugging Face Hub: 503 error")
+    assert all("\n" not in line for line in said.values())
+
+
+def test_bin_weights_are_fetched_only_without_safetensors(tmp_path, monkeypatch):
+    """snapshot_download is asked for configs, tokenizer and safetensors; for *.bin only when none came."""
+    import huggingface_hub
+
+    from dorafit.train import hub
+
+    calls = []
+
+    def fake_snapshot(repo, revision=None, allow_patterns=None, ignore_patterns=None):
+        calls.append(allow_patterns)
+        folder = tmp_path / repo.replace("/", "--") / "snapshots" / COMMIT_A
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text("{}")
+        if repo == "org/st":
+            (folder / "model.safetensors").write_bytes(b"")
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    assert hub.model_folder("org/st").name == COMMIT_A and len(calls) == 1 and "*.bin" not in calls[0]
+    assert "*.safetensors" in calls[0] and "*.json" in calls[0]
+    calls.clear()
+    hub.model_folder("org/old")
+    assert len(calls) == 2 and "*.bin" in calls[1]
+    assert hub.pinned("org/st@main", tmp_path / "org--st" / "snapshots" / COMMIT_A) == f"org/st@{COMMIT_A}"
+    assert hub.pinned("minilm", tmp_path) == "minilm"
