@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it: no test reaches the network
+
+import copy  # noqa: E402
 from dataclasses import dataclass
 from typing import Callable
 

@@ -27,10 +27,11 @@ def register(subparsers) -> None:
     parser.add_argument("--format", choices=FORMATS, default="peft", help="the format to write (default: peft)")
     parser.add_argument("--out", metavar="DIR", required=True, help="the folder to write (must not exist or be empty)")
     parser.add_argument("--base-model", metavar="NAME|DIR", default=None,
-                        help="for an adapter folder: the base model it belongs to, a preset or a local transformers "
-                        "folder (default: the base model saved with the adapter)")
+                        help="for an adapter folder: the base model it belongs to, a preset, a local transformers "
+                        "folder or a Hub id ORG/NAME[@REVISION] (default: the base model saved with the adapter)")
     parser.add_argument("--name", metavar="NAME", default=None,
-                        help="base_model_name_or_path to write, e.g. a Hub id (default: the base model's folder)")
+                        help="base_model_name_or_path to write, e.g. a Hub id (default: the run's Hub id, else the base "
+                        "model's folder)")
     parser.add_argument("--check", type=int, default=8, metavar="N",
                         help="for a run folder: compare PEFT's outputs with dorafit's on N test examples (0: skip; "
                         "default: 8)")
@@ -99,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
     def command() -> int:
         from ..io import CONFIG_FILE
         from ..peft_format import export_peft
-        from ..train import rundir
+        from ..train import hub, rundir
         from ..train.setup import load_trained
 
         run, out = Path(args.run), Path(args.out)
@@ -111,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
             if setup.cfg.method == "full":
                 raise ValueError(f"{run} is a full fine-tuning run: it has no adapter to export (dorafit merge "
                                  "writes its model)")
-            model, name = setup.model, args.name or str(setup.loaded.folder)
+            model, name = setup.model, args.name or hub.repo_of(setup.cfg.model) or str(setup.loaded.folder)
         elif (run / CONFIG_FILE).is_file():
             model = _adapted_from_adapter_folder(run, args.base_model)
             name = args.name

@@ -1,6 +1,6 @@
 """``dorafit generate RUN|MODEL_DIR --prompt TEXT``: what a trained (or any) causal LM writes.
 
-``--prompts FILE.jsonl`` reads one request per line (``{"prompt": str}``, ``{"messages": [...]}`` to continue a
+``--prompts FILE.jsonl`` (or ``.parquet``) reads one request per line (row) (``{"prompt": str}``, ``{"messages": [...]}`` to continue a
 conversation, or Alpaca ``{"instruction", "input"}``) and writes each row back with ``"generated"`` added, as
 JSON Lines (to ``--out FILE`` or standard output). Prompts are rendered with the chat template the run was
 trained with (a model folder: its tokenizer's, if any); ``--raw`` sends the text as it is.
@@ -43,19 +43,20 @@ def read_requests(path: str) -> list[dict]:
     """The rows of a --prompts file, each checked: "prompt", "messages" or "instruction" (+ "input")."""
     from pathlib import Path
 
-    from ..train.tasks.base import DataError, clip
-    from ..train.tasks.classification import jsonl_records
+    from ..train.tasks import records
+    from ..train.tasks.base import DataError
 
     rows = []
     if not Path(path).is_file():
         raise DataError(f"--prompts {path} does not exist")
-    for number, record, line in jsonl_records(Path(path)):
-        ok = (isinstance(record.get("prompt"), str) or isinstance(record.get("instruction"), str)
-              or isinstance(record.get("messages"), list))
+    for record in records.records(Path(path)):
+        data = record.data
+        ok = (isinstance(data.get("prompt"), str) or isinstance(data.get("instruction"), str)
+              or isinstance(data.get("messages"), list))
         if not ok:
-            raise DataError(f"{path}: line {number}: expected \"prompt\" (a string), \"messages\" (a list of turns) or "
-                            f"\"instruction\" (+ \"input\"): {clip(line)}")
-        rows.append(record)
+            raise records.field_error(Path(path), record, "\"prompt\" (a string), \"messages\" (a list of turns) "
+                                      "or \"instruction\" (+ \"input\")")
+        rows.append(data)
     return rows
 
 

@@ -29,7 +29,8 @@ def register(subparsers) -> None:
         "all of them, each row with its own adapter.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, metavar="PRESET|DIR", help="the base model: a preset or a folder")
+    parser.add_argument("--model", required=True, metavar="PRESET|DIR|ORG/NAME",
+                        help="the base model: a preset, a folder or a Hugging Face Hub id ORG/NAME[@REVISION]")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_OR_ADAPTER_DIR",
                         help="an adapter to serve under NAME: a run folder of dorafit train (its chat template comes "
                         "along) or an adapter folder; repeat for more")

@@ -10,7 +10,7 @@ import torch
 from ..chat_format import ChatFormat
 from ..inject import unload
 from ..multi import load_named_adapter
-from ..train import rundir
+from ..train import hub, rundir
 from ..train.models import load_causal_lm, resolve_model
 from ..quantize import quantize_model
 from ..train.setup import stored_config
@@ -32,8 +32,8 @@ def parse_adapter_option(text: str) -> tuple[str, Path]:
 
 
 def base_name_of(spec: str) -> str:
-    """How clients name the base model: a preset's name, or the folder's name."""
-    return Path(spec).name or spec
+    """How clients name the base model: a preset's name, a Hub id's repository (``org/name``), or the folder's name."""
+    return hub.repo_of(spec) or Path(spec).name or spec
 
 
 def _adapter_source(name: str, path: Path, base_folder: Path, tokenizer, base_format: ChatFormat,

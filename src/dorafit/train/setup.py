@@ -18,10 +18,11 @@ from ..inject import adapted_modules, apply, get_config
 from ..io import TENSORS_FILE, load_adapter, read_adapter
 from ..peft_format import PEFT_TENSORS_FILE, import_peft
 from ..quantize import quantize_model
-from . import rundir
+from . import hub, rundir
 from .models import PRESETS as MODEL_PRESETS
 from .models import LoadedModel, default_targets, resolve_model
 from .options import TrainConfig, adapter_config, adapter_options, from_dict, validate
+from .targets import expand as expand_targets
 from .tasks import all_presets, by_kind, task_type
 
 DEFAULT_LR = {"full": 2e-5, "lora": 5e-4, "dora": 5e-4, "vera": 5e-3, "dvora": 5e-3}
@@ -79,11 +80,12 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
     folder = model_folder or resolve_model(cfg.model)
     torch.manual_seed(cfg.seed)  # a freshly initialised head and the adapter init follow from the seed
     loaded = task_cls.load_model(folder, data.extra)
+    head = cfg.head if cfg.head is not None else loaded.head
     resolved = dict(
         max_length=cfg.max_length or data.max_length,
         lr=cfg.lr if cfg.lr is not None or cfg.init_from else DEFAULT_LR[cfg.method],  # --init-from: by its method
-        targets=cfg.targets or default_targets(loaded.model),
-        head=cfg.head if cfg.head is not None else loaded.head,
+        targets=expand_targets(cfg.targets, loaded.model, head) if cfg.targets else default_targets(loaded.model),
+        head=head,
         eval_limit=cfg.eval_limit if cfg.eval_limit is not None else data.eval_limit,
         image_size=data.extra.get("image_size"),  # an image task's: --image-size or the model's input size
     )
@@ -95,6 +97,7 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
         resolved[data.duration[0]] = data.duration[1]
     resolved.update(absolute_paths({"model": cfg.model, "task": cfg.task, "eval_file": cfg.eval_file,
                                      "fashion_mnist_dir": cfg.fashion_mnist_dir}))
+    resolved["model"] = hub.pinned(resolved["model"], folder)  # a Hub id: the commit it trains on
     cfg = validate(dataclasses.replace(cfg, **resolved))
     task = task_cls(data, loaded.tokenizer, cfg)
     device = device or pick_device(cfg.device)

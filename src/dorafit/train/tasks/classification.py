@@ -19,7 +19,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import models
+from . import records
 from .base import DataError, TaskData, clip, format_metrics, limited, package_dir, seeded_split
+from .records import utf8_lines
 from .registry import register
 
 
@@ -55,27 +57,6 @@ def _data(name, labels, train, test, **defaults) -> TaskData:
 
 
 # ---- files -----------------------------------------------------------------------------------------------------
-def utf8_lines(path: Path, encoding: str = "utf-8") -> list[str]:
-    """The file's lines (a UTF-8 byte-order mark dropped, as spreadsheets write one); a DataError naming the line
-    and column of a byte that is not UTF-8."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}") from None
-    if encoding != "utf-8":
-        return data.decode(encoding).splitlines(keepends=True)
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    lines = data.splitlines(keepends=True)
-    for number, raw in enumerate(lines, 1):
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: line {number}, column {exc.start + 1}: byte 0x{raw[exc.start]:02x} is not UTF-8 "
-                            "text; save the file as UTF-8") from None
-    return [raw.decode("utf-8") for raw in lines]
-
-
 def _read_csv(path: Path, text_col: str, label_col: str, encoding: str = "utf-8") -> list[tuple[str, str]]:
     with io.StringIO("".join(utf8_lines(path, encoding)), newline="") as f:
         reader = csv.DictReader(f)
@@ -100,52 +81,36 @@ def _read_csv(path: Path, text_col: str, label_col: str, encoding: str = "utf-8"
     return rows
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, str]]:
+def _read_records(src: records.Source) -> list[tuple[str, str]]:
+    """(text, label string) of each record of a .jsonl / .parquet file or a Hub data set."""
     rows, kinds = [], {}
-    for number, record, line in jsonl_records(path):
-        if "text" not in record or "label" not in record:
-            raise DataError(f"{path}: line {number}: expected an object with \"text\" and \"label\": {clip(line)}")
-        label = record["label"]
-        if not isinstance(record["text"], str) or isinstance(label, (dict, list, type(None))):
-            raise DataError(f"{path}: line {number}: \"text\" must be a string and \"label\" a string or number: "
-                            f"{clip(line)}")
+    for record in records.records(src):
+        data, where = record.data, record.where
+        if "text" not in data or "label" not in data:
+            raise records.field_error(src, record, "a record with \"text\" and \"label\"")
+        label = data["label"]
+        if not isinstance(data["text"], str) or isinstance(label, (dict, list, type(None))):
+            raise DataError(f"{where}: \"text\" must be a string and \"label\" a string or number: "
+                            f"{clip(record.text)}")
         kind = "true/false" if isinstance(label, bool) else "a number" if isinstance(label, (int, float)) else "text"
-        kinds.setdefault(kind, number)
+        kinds.setdefault(kind, record.position)
         if len(kinds) > 1:
             other, at = next((k, n) for k, n in kinds.items() if k != kind)
-            raise DataError(f"{path}: line {number}: the label {label!r} is {kind}, but the label on line {at} is "
+            raise DataError(f"{where}: the label {label!r} is {kind}, but the label on {at} is "
                             f"{other}; write every label the same way (e.g. all as strings)")
-        rows.append((record["text"], json.dumps(label) if isinstance(label, bool) else str(label)))
+        rows.append((data["text"], json.dumps(label) if isinstance(label, bool) else str(label)))
     return rows
 
 
-def jsonl_records(path: Path):
-    """(line number, object, line) for every non-blank line of a JSON Lines file; DataError on a bad line."""
-    count = 0
-    for number, line in enumerate(utf8_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg}): {clip(line)}") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: line {number}: expected a JSON object: {clip(line)}")
-        count += 1
-        yield number, record, line
-    if not count:
-        raise DataError(f"{path}: no examples")
-
-
-def read_text_label_file(path: Path) -> list[tuple[str, str]]:
-    """(text, label string) rows of a .jsonl or .csv file."""
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    if path.suffix.lower() == ".jsonl":
-        return canonical_labels(_read_jsonl(path))
-    if path.suffix.lower() == ".csv":
-        return canonical_labels(_read_csv(path, text_col="text", label_col="label"))
-    raise DataError(f"data file {path} must end in .jsonl or .csv")
+def read_text_label_file(src: records.Source) -> list[tuple[str, str]]:
+    """(text, label string) rows of a .jsonl, .parquet or .csv file or a Hub data set."""
+    if isinstance(src, Path) and not src.is_file():
+        raise DataError(f"data file {src} does not exist")
+    if records.is_record_source(src):
+        return canonical_labels(_read_records(src))
+    if src.suffix.lower() == ".csv":
+        return canonical_labels(_read_csv(src, text_col="text", label_col="label"))
+    raise DataError(f"data file {src} must end in .jsonl, .parquet or .csv")
 
 
 def canonical_labels(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -168,11 +133,11 @@ def _label_names(raw_labels: list[str]) -> list[str]:
         return sorted(distinct)
 
 
-def load_file(path: Path, eval_file: str | None, test_size: float, split_seed: int) -> TaskData:
+def load_file(path: records.Source, eval_file: str | None, test_size: float, split_seed: int) -> TaskData:
     rows = read_text_label_file(path)
     labels = _label_names([lab for _, lab in rows])
     if eval_file:
-        train_rows, test_rows = rows, read_text_label_file(Path(eval_file))
+        train_rows, test_rows = rows, read_text_label_file(records.source(eval_file))
         unseen = sorted({lab for _, lab in test_rows} - set(labels))
         if unseen:
             raise DataError(f"{eval_file}: label(s) {', '.join(unseen)} do not occur in the training file {path}")
@@ -187,7 +152,8 @@ def load_file(path: Path, eval_file: str | None, test_size: float, split_seed: i
         raise DataError(f"{path}: a classification task needs at least 2 labels, found {labels}")
     index = {lab: i for i, lab in enumerate(labels)}
     to_ids = lambda rs: [(t, index[lab]) for t, lab in rs]  # noqa: E731
-    return _data(path.stem, labels, to_ids(train_rows), to_ids(test_rows), max_length=128, duration=("epochs", 3))
+    return _data(records.name(path), labels, to_ids(train_rows), to_ids(test_rows), max_length=128,
+                 duration=("epochs", 3))
 
 
 # ---- the task ----------------------------------------------------------------------------------------------
@@ -204,14 +170,12 @@ class ClassificationTask:
         self.labels = data.extra["labels"]
 
     @classmethod
-    def claims(cls, path: Path) -> bool:
-        """A .csv file, or a .jsonl file whose first record has "text" and "label"."""
-        if path.is_file() and path.suffix.lower() == ".csv":
+    def claims(cls, path: records.Source) -> bool:
+        """A .csv file, or a .jsonl / .parquet file or Hub data set whose first record has "text" or "label"."""
+        if isinstance(path, Path) and path.is_file() and path.suffix.lower() == ".csv":
             return True
-        if path.is_file() and path.suffix.lower() == ".jsonl":
-            first = next(jsonl_records(path), (0, {}, ""))[1]
-            return "text" in first or "label" in first
-        return False
+        first = records.first_record(path) or {}
+        return "text" in first or "label" in first
 
     @classmethod
     def load_data(cls, spec: str, cfg) -> TaskData:
@@ -219,7 +183,7 @@ class ClassificationTask:
             return load_tweets(cfg.split_seed)
         if spec == "bbc":
             return load_bbc(cfg.split_seed)
-        return load_file(Path(spec).expanduser(), cfg.eval_file, cfg.test_size, cfg.split_seed)
+        return load_file(records.source(spec), cfg.eval_file, cfg.test_size, cfg.split_seed)
 
     @classmethod
     def load_model(cls, folder: Path, info: dict):

@@ -1,6 +1,7 @@
 """Instruction-tuning records: read, detected by format, and turned into conversations.
 
-A ``.jsonl`` file holds one record per line, all in one of three formats (detected from the records):
+A ``.jsonl`` or ``.parquet`` file or a Hub data set (:mod:`.records`) holds records all in one of three formats
+(detected from the records):
 
 * ``alpaca``   - ``{"instruction": str, "input": str (optional), "output": str}`` (Stanford Alpaca);
 * ``messages`` - ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` (OpenAI chat);
@@ -16,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import records
 from .base import DataError, clip
-from .classification import bbc_articles, jsonl_records
+from .classification import bbc_articles
 
 FORMATS = ("alpaca", "messages", "sharegpt")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -99,38 +101,38 @@ def check_conversation(messages: list[dict], where: str, line: str) -> None:
                         f"must end with the assistant turn to learn: {clip(line)}")
 
 
-def read_file(path: Path) -> tuple[str, list[Example]]:
-    """(format, examples) of an instruction-tuning .jsonl file; DataError naming the line of any bad record."""
-    if not path.is_file():
+def read_file(path: records.Source) -> tuple[str, list[Example]]:
+    """(format, examples) of an instruction-tuning .jsonl / .parquet file or Hub data set; DataError naming the
+    line (row) of any bad record."""
+    if isinstance(path, Path) and not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    found, first_line, examples = None, 0, []
-    for number, record, line in jsonl_records(path):
-        where = f"{path}: line {number}"
-        fmt = record_format(record)
+    found, first_at, examples = None, "", []
+    for record in records.records(path):
+        where, line = record.where, record.text
+        fmt = record_format(record.data)
         if fmt is None:
-            raise DataError(f"{where}: not an instruction-tuning record: expected \"instruction\" and \"output\" "
-                            f"(Alpaca), \"messages\" (OpenAI) or \"conversations\" (ShareGPT): {clip(line)}")
+            raise records.field_error(path, record, "an instruction-tuning record: \"instruction\" and \"output\" "
+                                      "(Alpaca), \"messages\" (OpenAI) or \"conversations\" (ShareGPT)")
         if found is None:
-            found, first_line = fmt, number
+            found, first_at = fmt, record.position
         elif fmt != found:
-            raise DataError(f"{where}: a {fmt} record, but line {first_line} is a {found} record; one file holds "
+            raise DataError(f"{where}: a {fmt} record, but {first_at} is a {found} record; one file holds "
                             "one format (convert the records, or split the file)")
         if fmt == "alpaca":
-            messages = _alpaca(record, where, line)
+            messages = _alpaca(record.data, where, line)
         else:
             key, role_key, text_key = ("messages", "role", "content") if fmt == "messages" else \
                 ("conversations", "from", "value")
-            messages = _turns(record, key, role_key, text_key, where, line)
+            messages = _turns(record.data, key, role_key, text_key, where, line)
         check_conversation(messages, where, line)
         examples.append(Example(messages, where))
     return found, examples
 
 
-def claims(path: Path) -> bool:
-    """A .jsonl file whose first record is in one of the instruction formats."""
-    if not (path.is_file() and path.suffix.lower() == ".jsonl"):
-        return False
-    return record_format(next(jsonl_records(path))[1]) is not None
+def claims(path: records.Source) -> bool:
+    """A .jsonl / .parquet file or Hub data set whose first record is in one of the instruction formats."""
+    first = records.first_record(path)
+    return first is not None and record_format(first) is not None
 
 
 # ---- the bbc-headlines preset -------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ def _visible(folder: Path) -> list[Path]:
 
 
 def is_image_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder with at least one sub-folder holding a PNG or JPEG file (by name)."""
-    if not path.is_dir():
+    """Whether ``path`` is a folder with at least one sub-folder holding a PNG or JPEG file (by name); a Hugging
+    Face dataset source (``hf:...``, not a path) is not."""
+    if not isinstance(path, Path) or not path.is_dir():
         return False
     return any(sub.is_dir() and any(f.suffix.lower() in SUFFIXES for f in sub.iterdir())
                for sub in path.iterdir())

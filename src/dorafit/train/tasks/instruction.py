@@ -1,6 +1,6 @@
 """Instruction and chat tuning of a causal LM, evaluated by held-out loss and by what the model writes.
 
-Data: a ``.jsonl`` file of Alpaca, OpenAI ``messages`` or ShareGPT records (:mod:`.conversations`), or the
+Data: a ``.jsonl`` or ``.parquet`` file or a Hub data set (:mod:`.records`) of Alpaca, OpenAI ``messages`` or ShareGPT records (:mod:`.conversations`), or the
 ``bbc-headlines`` preset (write the headline of a BBC News article). Held-out data: ``--eval-file``, or a seeded
 ``--test-size`` split. Conversations are rendered by the tokenizer's chat template, or by dorafit's default for
 the record format (:mod:`dorafit.chat_format`); the loss covers the assistant turns only (every one of a
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ...chat_format import ChatFormat, ChatFormatError, EncodeStats
 from ...generation import SamplingOptions, generate_text
 from .. import models
-from . import conversations
+from . import conversations, records
 from .base import DataError, TaskData, format_metrics, left_pad, limited, seeded_split
 from .lm import causal_lm_loss, label_rows, token_losses
 from .registry import register
@@ -72,16 +72,17 @@ class InstructionTask:
             train, test = seeded_split(conversations.bbc_headlines(), 0.1, cfg.split_seed)
             return TaskData("bbc-headlines", train, {"bbc-headlines": test}, max_length=256, duration=("epochs", 1),
                             eval_limit=100, extra={"format": "alpaca", "max_new_tokens": 32})
-        path = Path(spec).expanduser()
+        path = records.source(spec)
         fmt, examples = conversations.read_file(path)
         if cfg.eval_file:
-            eval_fmt, test = conversations.read_file(Path(cfg.eval_file).expanduser())
+            eval_fmt, test = conversations.read_file(records.source(cfg.eval_file))
             if eval_fmt != fmt:
                 raise DataError(f"{cfg.eval_file} holds {eval_fmt} records, {path} {fmt} records; use one format")
             train = examples
         else:
             train, test = seeded_split(examples, cfg.test_size, cfg.split_seed)
-        return TaskData(path.stem, train, {path.stem: test}, max_length=512, duration=("epochs", 3),
+        name = records.name(path)
+        return TaskData(name, train, {name: test}, max_length=512, duration=("epochs", 3),
                         extra={"format": fmt, "max_new_tokens": 64})
 
     @classmethod

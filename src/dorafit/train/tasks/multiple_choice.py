@@ -103,7 +103,7 @@ class MultipleChoiceTask:
 
     @classmethod
     def claims(cls, path: Path) -> bool:
-        return path.is_dir() and bool(_task_folders(path))
+        return isinstance(path, Path) and path.is_dir() and bool(_task_folders(path))
 
     @classmethod
     def load_data(cls, spec: str, cfg) -> TaskData:

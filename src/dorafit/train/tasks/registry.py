@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from . import records
 from .base import DataError
 
 TASK_TYPES: dict[str, type] = {}
@@ -38,11 +37,13 @@ def task_type(spec: str) -> type:
     presets = all_presets()
     if spec in presets:
         return presets[spec]
-    path = Path(spec).expanduser()
-    if path.exists():
+    path = records.source(spec)
+    if isinstance(path, records.HubDataset) or path.exists():
         for cls in TASK_TYPES.values():
             if cls.claims(path):
                 return cls
+        if records.is_record_source(path):
+            raise DataError(f"no task type reads {path}: {records.describe_fields(path)}; {describe_inputs()}")
         what = "folder" if path.is_dir() else "file"
         raise DataError(f"no task type reads the {what} {path}: {describe_inputs()}")
     raise DataError(f"unknown task {spec!r}: not a preset ({', '.join(presets)}), nor an existing file or folder; "
@@ -50,6 +51,7 @@ def task_type(spec: str) -> type:
 
 
 def describe_inputs() -> str:
-    return ("give a .jsonl/.csv file of text,label (classification), a .jsonl file of instruction/output, messages "
-            "or conversations records (instruction tuning), or a commonsense-format folder of <task>/train.json, "
-            "<task>/test.json (multiple choice), or a folder of class folders of PNG/JPEG images (image classification)")
+    return ("give a .jsonl/.parquet/.csv file of text,label (classification), a .jsonl/.parquet file of "
+            "instruction/output, messages or conversations records (instruction tuning), either of them as a Hugging "
+            "Face dataset hf:ORG/NAME[:SPLIT], a commonsense-format folder of <task>/train.json, <task>/test.json "
+            "(multiple choice), or a folder of class folders of PNG/JPEG images (image classification)")
