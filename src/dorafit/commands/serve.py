@@ -39,6 +39,12 @@ def register(subparsers) -> None:
     parser.add_argument("--quantize", default=None, choices=QUANTIZE_KINDS,
                         help="hold the base quantized with bitsandbytes (nf4, fp4 or int8), shared by every adapter; "
                         "runs trained with dorafit train --quantize need the same")
+    parser.add_argument("--prefill-chunk", type=int, default=256,
+                        help="prompt tokens prefilled per step: a long prompt is prefilled in chunks between decode "
+                        "steps, so running requests keep producing tokens (default: 256)")
+    parser.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                        help="on SIGTERM or Ctrl-C, requests in flight get this long to finish, then fail with a 503 "
+                        "(default: 10; a second signal stops at once)")
     parser.set_defaults(func=main)
 
 
@@ -46,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
     from ..train.errors import report_errors
 
     def command() -> int:
+        import logging
         import signal
         import socket
         import sys
@@ -53,20 +60,25 @@ def main(args: argparse.Namespace) -> int:
 
         import torch
 
-        for name in ("max_batch_size", "max_new_tokens"):
+        if not args.shutdown_grace >= 0:
+            raise ValueError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
+        for name in ("max_batch_size", "max_new_tokens", "prefill_chunk"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
         if args.threads:
             torch.set_num_threads(args.threads)
+        engine_log = logging.getLogger("dorafit.serve")  # failed generations, with their tracebacks, on stderr
+        if not engine_log.handlers:
+            engine_log.addHandler(logging.StreamHandler(sys.stderr))
         import uvicorn
 
         from ..serving.api import create_app
         from ..serving.load import build_served
 
         served = build_served(args.model, args.adapter, args.device, args.dtype, args.max_batch_size,
-                              args.max_new_tokens, args.quantize)
+                              args.max_new_tokens, args.quantize, prefill_chunk=args.prefill_chunk)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -77,13 +89,16 @@ def main(args: argparse.Namespace) -> int:
         port = sock.getsockname()[1]
         sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
         names = ", ".join([served.base_name, *served.adapters])
-        server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning",
+                                               timeout_graceful_shutdown=args.shutdown_grace))
         web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dorafit-http", daemon=True)
         web.start()  # HTTP in a thread; the engine in this one, where torch computes fastest (Engine.run)
         print(f"serving {names} on http://{args.host}:{port}/v1 (max batch {args.max_batch_size}); "
               "SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
 
-        def shut_down(signum, frame):  # uvicorn stops accepting, lets requests in flight finish, then ends
+        def shut_down(signum, frame):  # uvicorn stops accepting, lets requests in flight finish (up to the
+            if server.should_exit:      # grace period, then cancels them), then ends; a second signal: at once
+                server.force_exit = True
             server.should_exit = True
 
         previous = {sig: signal.signal(sig, shut_down) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -93,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             server.should_exit = True
-            web.join(timeout=30)
+            web.join(timeout=args.shutdown_grace + 5)
             served.engine.stop()
         print("server stopped", file=sys.stderr, flush=True)
         return 0

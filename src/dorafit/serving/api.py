@@ -26,8 +26,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..chat_format import ChatFormat, ChatFormatError
 from ..generation import SamplingOptions
 from .engine import Engine, Request
+from .logprobs import TokenText, chat_logprobs, completion_logprobs
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+MAX_N = 16  # choices per prompt (each generated as a request of its own)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+API_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingOptions' field -> the request's parameter
 
 
 class ApiError(Exception):
@@ -78,13 +82,14 @@ def _number(body: dict, name: str, default, low=None, high=None, integer=False):
     return value
 
 
-def sampling(body: dict, default_max_tokens: int) -> tuple[SamplingOptions, list[str]]:
-    """The request's sampling options and stop strings, each checked (400 naming the parameter)."""
-    if _number(body, "n", 1, 1, 1, integer=True) != 1:
-        raise ApiError(400, "only n = 1 is supported", "n", "invalid_value")
-    max_tokens = _number(body, "max_tokens", None, 1, integer=True)
+def sampling(body: dict, default_max_tokens: int, least_tokens: int = 1) -> tuple[SamplingOptions, list[str]]:
+    """The request's sampling options and stop strings, each checked (400 naming the parameter). ``max_tokens``
+    may be 0 where ``least_tokens`` is 0 (completions with echo); the options then say 1 (the caller asks the
+    engine for none)."""
+    _number(body, "n", 1, 1, MAX_N, integer=True)
+    max_tokens = _number(body, "max_tokens", None, least_tokens, integer=True)
     if max_tokens is None:
-        max_tokens = _number(body, "max_completion_tokens", default_max_tokens, 1, integer=True)
+        max_tokens = _number(body, "max_completion_tokens", default_max_tokens, least_tokens, integer=True)
     temperature = _number(body, "temperature", 1.0, 0, MAX_TEMPERATURE)
     top_p = _number(body, "top_p", 1.0, 0, 1)
     if top_p == 0:
@@ -94,8 +99,37 @@ def sampling(body: dict, default_max_tokens: int) -> tuple[SamplingOptions, list
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop", "invalid_value")
-    return SamplingOptions(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                           seed=seed), stop
+    try:
+        options = SamplingOptions(max_new_tokens=max(max_tokens, 1), temperature=float(temperature),
+                                  top_p=float(top_p), seed=seed, label=lambda name: f"'{API_NAMES.get(name, name)}'")
+    except ValueError as exc:  # the one validation of sampling options, shared with the CLI
+        name = str(exc).split("'")[1] if str(exc).startswith("'") else None
+        raise ApiError(400, str(exc), name, "invalid_value") from None
+    return options, stop
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false, got {value!r}", name, "invalid_value")
+    return bool(value)
+
+
+def prompt_list(prompt) -> list:
+    """``prompt`` as a list of prompts, each a string or a list of token ids: OpenAI's four forms (a string, a
+    list of token ids, a list of strings, a list of token-id lists)."""
+    def is_ids(p):
+        return isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                 for t in p)
+
+    if isinstance(prompt, str) and prompt:
+        return [prompt]
+    if is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) and p or is_ids(p) for p in prompt):
+        return prompt
+    raise ApiError(400, "'prompt' must be a non-empty string, a list of token ids, or a list of either",
+                   "prompt", "invalid_value")
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -120,7 +154,7 @@ class Generation:
     """One request in flight: tokens arrive from the engine thread into an asyncio queue."""
 
     def __init__(self, served: Served, prompt: list[int], adapter: str | None, options: SamplingOptions,
-                 stop: list[str]):
+                 stop: list[str], logprobs: int | None = None, echo: bool = False, max_new_tokens: int | None = None):
         context = served.engine.context
         if context and len(prompt) >= context:
             raise ApiError(400, f"This model's context is {context} tokens; the prompt has {len(prompt)}. Shorten it.",
@@ -130,7 +164,8 @@ class Generation:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
-        self.request = Request(prompt, adapter, options, stop, self._on_token)
+        self.request = Request(prompt, adapter, options, stop, self._on_token, logprobs=logprobs, echo=echo,
+                               max_new_tokens=max_new_tokens)
         served.engine.submit(self.request)
 
     def _on_token(self, token, reason) -> None:  # called by the engine thread
@@ -152,6 +187,10 @@ class Generation:
         hold = max((len(s) for s in self.stop), default=1) - 1
         while True:
             token, reason = await self.queue.get()
+            if reason == "error":  # the engine failed this request: a 5xx, never a 200 with a cut answer
+                self.finish_reason = reason
+                status = 503 if self.served.engine.stopping else 500
+                raise ApiError(status, f"generation failed: {self.request.error}", None, "engine_error")
             if reason is not None:
                 self.finish_reason = reason
                 rest = self.text()[sent:]
@@ -171,6 +210,19 @@ class Generation:
         async for _ in self.pieces():
             pass
         return self.text()
+
+    def logprobs_of_completion(self, echo: bool) -> dict:
+        """OpenAI's completion ``logprobs`` object: the prompt's tokens (with ``echo``), then the generated ones."""
+        r, n = self.request, len(self.tokens)
+        ids = (self.prompt if echo else []) + self.tokens
+        values = (r.prompt_logprobs if echo else []) + r.token_logprobs[:n]
+        tops = (r.prompt_top_logprobs if echo else []) + r.top_logprobs[:n]
+        return completion_logprobs(TokenText(self.served.engine.tokenizer), ids, values, tops)
+
+    def logprobs_of_chat(self) -> dict:
+        r, n = self.request, len(self.tokens)
+        return chat_logprobs(TokenText(self.served.engine.tokenizer), self.prompt, self.tokens,
+                             r.token_logprobs[:n], r.top_logprobs[:n])
 
     def usage(self) -> dict:
         return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
@@ -199,9 +251,11 @@ def create_app(served: Served) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        """The engine's state now: "ok" while its loop runs, "starting" before, "stopping" at shutdown; the
+        number of requests that failed so far and the last error stay visible but do not change the status."""
         engine = served.engine
-        status = "error" if engine.error else "ok"
-        return {"status": status, **engine.load(), **({"error": str(engine.error)} if engine.error else {})}
+        status = "stopping" if engine.stopping else "ok" if engine.running else "starting"
+        return {"status": status, **engine.load(), "last_error": engine.last_error}
 
     @app.get("/v1/models")
     async def models():
@@ -217,11 +271,15 @@ def create_app(served: Served) -> FastAPI:
                 first = chunk(None, None, start=True)
                 if first is not None:
                     yield f"data: {json.dumps(first)}\n\n"
-                async for piece in gen.pieces():
-                    if await http.is_disconnected():
-                        gen.cancel()
-                        return
-                    yield f"data: {json.dumps(chunk(piece, None))}\n\n"
+                try:
+                    async for piece in gen.pieces():
+                        if await http.is_disconnected():
+                            gen.cancel()
+                            return
+                        yield f"data: {json.dumps(chunk(piece, None))}\n\n"
+                except ApiError as exc:  # the engine failed it: an error event (the status line has gone)
+                    yield f"data: {json.dumps(exc.body())}\n\n"
+                    return
                 yield f"data: {json.dumps(chunk('', _reason(gen.finish_reason)))}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
@@ -234,28 +292,51 @@ def create_app(served: Served) -> FastAPI:
     async def completions(http: HttpRequest):
         body = await read_json(http)
         adapter = served.adapter_of(body.get("model"))
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "'prompt' must be a non-empty string", "prompt", "invalid_value")
-        options, stop = sampling(body, served.max_new_tokens)
-        ids = served.engine.tokenizer(prompt)["input_ids"]
-        gen = Generation(served, ids, adapter, options, stop)
+        prompts = prompt_list(body.get("prompt"))
+        echo = _flag(body, "echo")
+        logprobs = _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+        options, stop = sampling(body, served.max_new_tokens, least_tokens=0 if echo else 1)
+        n = body.get("n") or 1
+        score_only = body.get("max_tokens") == 0
+        if body.get("stream") and (len(prompts) > 1 or n > 1 or echo or logprobs is not None):
+            raise ApiError(400, "'stream' is supported for one prompt and n = 1, without 'echo' and 'logprobs'",
+                           "stream", "invalid_value")
+        tokenizer = served.engine.tokenizer
+        ids = [p if isinstance(p, list) else await asyncio.to_thread(lambda p=p: tokenizer(p)["input_ids"])
+               for p in prompts]
+        vocab = served.engine.vocab_size
+        if any(t >= vocab for p in ids for t in p):
+            raise ApiError(400, f"'prompt' has token ids outside this model's vocabulary (0 to {vocab - 1})", "prompt",
+                           "invalid_value")
+        gens = [Generation(served, p, adapter, options, stop, logprobs=logprobs,
+                           echo=echo and logprobs is not None, max_new_tokens=0 if score_only else None)
+                for p in ids for _ in range(n)]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-        def chunk(text, reason, start=False):
+        def chunk(text, reason, start=False, index=0, logprobs=None):
             if start:
                 return None
             return {"id": rid, "object": "text_completion", "created": created, "model": body["model"],
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+                    "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
 
         if body.get("stream"):
-            return stream(gen, http, chunk)
-        text = await gen.whole()
-        answer = chunk(text, _reason(gen.finish_reason))
-        answer["usage"] = gen.usage()
-        return answer
+            return stream(gens[0], http, chunk)
+        try:
+            texts = await asyncio.gather(*(gen.whole() for gen in gens))
+        finally:
+            for gen in gens:
+                if gen.finish_reason is None:
+                    gen.cancel()
+        choices = []
+        for i, (gen, text) in enumerate(zip(gens, texts)):
+            prompt = prompts[i // n]
+            if echo:
+                text = (prompt if isinstance(prompt, str) else tokenizer.decode(prompt)) + text
+            scores = gen.logprobs_of_completion(echo) if logprobs is not None else None
+            choices.append(chunk(text, _reason(gen.finish_reason), index=i, logprobs=scores)["choices"][0])
+        usage = [gen.usage() for gen in gens]
+        return {"id": rid, "object": "text_completion", "created": created, "model": body["model"],
+                "choices": choices, "usage": {k: sum(u[k] for u in usage) for k in usage[0]}}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
@@ -263,11 +344,19 @@ def create_app(served: Served) -> FastAPI:
         adapter = served.adapter_of(body.get("model"))
         messages = chat_messages(body)
         options, stop = sampling(body, served.max_new_tokens)
+        logprobs = _flag(body, "logprobs")
+        top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+        if top is not None and not logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+        if (body.get("n") or 1) > 1:
+            raise ApiError(400, "/v1/chat/completions supports n = 1 (send several requests)", "n", "invalid_value")
+        if logprobs and body.get("stream"):
+            raise ApiError(400, "'logprobs' is not supported with 'stream'", "logprobs", "invalid_value")
         try:
-            ids = served.formats[body["model"]].prompt_ids(messages)
+            ids = await asyncio.to_thread(served.formats[body["model"]].prompt_ids, messages)
         except ChatFormatError as exc:
             raise ApiError(400, str(exc), "messages", "invalid_value") from None
-        gen = Generation(served, ids, adapter, options, stop)
+        gen = Generation(served, ids, adapter, options, stop, logprobs=(top or 0) if logprobs else None)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(text, reason, start=False):
@@ -280,6 +369,7 @@ def create_app(served: Served) -> FastAPI:
         text = await gen.whole()
         return {"id": rid, "object": "chat.completion", "created": created, "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": gen.logprobs_of_chat() if logprobs else None,
                              "finish_reason": _reason(gen.finish_reason)}],
                 "usage": gen.usage()}
 

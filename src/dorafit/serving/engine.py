@@ -99,6 +99,7 @@ class Engine:
         self.context = context or getattr(model.config, "max_position_embeddings", None)
         self.n_layers = model.config.num_hidden_layers
         self.stops = set(stop_ids(model, tokenizer))
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.device = next(model.parameters()).device
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.prefilling: list[_Row] = []
@@ -129,6 +130,10 @@ class Engine:
         while not self.waiting.empty():
             self._fail([_Row(self.waiting.get_nowait(), None)], reason)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def submit(self, request: Request) -> None:
         self.waiting.put(request)
 
@@ -147,19 +152,26 @@ class Engine:
         self.running = True
         try:
             while not self._stop.is_set() and not (until is not None and until()):
-                self._admit()
-                if not self.prefilling and not self.active:
-                    try:
-                        self.waiting.put(self.waiting.get(timeout=0.05))  # sleep until a request comes
-                    except queue.Empty:
-                        pass
-                    continue
-                if self.prefilling:
-                    self._prefill_step()
-                if self.active:
-                    self._decode()
+                try:
+                    self._iteration()
+                except Exception as exc:  # noqa: BLE001 - not expected (each step guards its requests): fail
+                    self._fail(self.prefilling + self.active, exc)  # what is in flight, and keep serving
+                    self.prefilling, self.active, self.cache = [], [], None
         finally:
             self.running = False
+
+    def _iteration(self) -> None:
+        self._admit()
+        if not self.prefilling and not self.active:
+            try:
+                self.waiting.put(self.waiting.get(timeout=0.05))  # sleep until a request comes
+            except queue.Empty:
+                pass
+            return
+        if self.prefilling:
+            self._prefill_step()
+        if self.active:
+            self._decode()
 
     def _forward(self, adapters: list[str | None], **inputs):
         """The model's forward with row i using adapter ``adapters[i]`` (one place to observe or fault it)."""
