@@ -197,7 +197,8 @@ def test_logprobs_equal_log_softmax_with_the_adapter(servers):
     with torch.no_grad():
         full = torch.log_softmax(model(torch.tensor([prompt + ids])).logits[0].float(), -1)
     expected = [full[len(prompt) - 1 + j, t].item() for j, t in enumerate(ids)]
-    assert len(values) == len(ids) and max(abs(a - b) for a, b in zip(values, expected)) < 1e-4
+    assert len(values) == len(ids) + (generated.choices[0].finish_reason == "stop")  # the stop token is listed
+    assert max(abs(a - b) for a, b in zip(values, expected)) < 1e-4
     assert values[0] == pytest.approx(logp[-1].max().item(), abs=1e-4)  # greedy: the most likely token
 
     chat = api.chat.completions.create(model="dora", messages=[{"role": "user", "content": "red cat"}], max_tokens=3,
@@ -227,7 +228,8 @@ def test_prompt_forms_give_one_choice_per_prompt(servers):
     assert [c.index for c in twice.choices] == [0, 1] and [c.text for c in twice.choices] == [alone[0]] * 2
     echoed = api.completions.create(model=base, prompt=texts[0], max_tokens=2, temperature=0, echo=True, logprobs=0)
     assert echoed.choices[0].text.startswith(texts[0])
-    assert len(echoed.choices[0].logprobs.tokens) == len(ids[0]) + echoed.usage.completion_tokens
+    stopped = echoed.choices[0].finish_reason == "stop"  # then the stop token is listed too
+    assert len(echoed.choices[0].logprobs.tokens) == len(ids[0]) + echoed.usage.completion_tokens + stopped
     status, body = post(server["url"], "/completions", {"model": base, "prompt": [10**9], "max_tokens": 1})
     assert status == 400 and body["error"]["param"] == "prompt"
 
@@ -250,39 +252,40 @@ def test_parameters_that_used_to_hang_are_answered(servers):
     assert health(url)["status"] == "ok"
 
 
-def test_lm_eval_local_completions_scores_what_it_scores_in_process(servers, tmp_path):
+def loglikelihood(model, tok, context: str, continuation: str) -> float:
+    """Sum of the continuation's token log-probabilities after the context, tokenized as lm-eval's API models do
+    (the whole text encoded without special tokens, the context's tokens cut off)."""
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    n = len(tok(context, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+    return sum(logp[i - 1, whole[i]].item() for i in range(n, len(whole)))
+
+
+def test_lm_eval_local_completions_gives_the_accuracy_computed_in_process(servers, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     server = servers["llama"]
     model, tok = local_model(server, adapter=True)
-    docs = [{"question": f"{a} {b}?", "choices": [c, d, e], "gold": i % 3}
-            for i, (a, b, c, d, e) in enumerate([("red", "cat", "dog", "bird", "runs"), ("big", "dog", "green", "small",
-                                                 "jumps"), ("blue", "bird", "sleeps", "red", "cat"),
-                                                ("small", "cat", "runs", "big", "blue"),
-                                                ("green", "runs", "bird", "dog", "sleeps")])]
+    rows = [("red cat", "dog bird runs"), ("big dog", "green small jumps"), ("blue bird", "sleeps red cat"),
+            ("small cat", "runs big blue"), ("green runs", "bird dog sleeps"), ("dog jumps", "red green big")]
+    docs = [{"question": f"{q}?", "choices": c.split(), "gold": i % 3} for i, (q, c) in enumerate(rows)]
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "tiny_mc.yaml").write_text(
         "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {tmp_path / 'mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
         "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: gold\n"
-        "metric_list:\n  - metric: acc\n")
-    tasks = TaskManager(include_path=str(tmp_path))
-    served = lm_eval.simple_evaluate(
-        model="local-completions", tasks=["tiny_mc"], task_manager=tasks, log_samples=True,
-        model_args=f"model=dora,base_url={server['url']}/completions,tokenizer={server['dir']},"
-                   "tokenizer_backend=huggingface,num_concurrent=2,max_retries=1")
-    local = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=1), tasks=["tiny_mc"],
-                                    task_manager=tasks, log_samples=True)
-    assert served["results"]["tiny_mc"]["acc,none"] == local["results"]["tiny_mc"]["acc,none"]
-
-    def scores(result):
-        return [[r[0] for r in s["filtered_resps"]] for s in sorted(result["samples"]["tiny_mc"],
-                                                                    key=lambda s: s["doc_id"])]
-
-    for ours, theirs in zip(scores(served), scores(local)):
-        assert ours == pytest.approx(theirs, abs=1e-4)
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    result = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True, model_args=f"model=dora,base_url={server['url']}/completions,tokenizer={server['dir']},"
+                                     "tokenizer_backend=huggingface,num_concurrent=2,max_retries=1")
+    scores = [[loglikelihood(model, tok, d["question"], " " + c) for c in d["choices"]] for d in docs]
+    accuracy = sum(max(range(3), key=s.__getitem__) == d["gold"] for s, d in zip(scores, docs)) / len(docs)
+    assert result["results"]["tiny_mc"]["acc,none"] == pytest.approx(accuracy)
+    for sample in result["samples"]["tiny_mc"]:
+        assert [r[0] for r in sample["filtered_resps"]] == pytest.approx(scores[sample["doc_id"]], abs=1e-4)
 
 
 def test_an_engine_error_fails_only_its_request_with_a_5xx(servers):

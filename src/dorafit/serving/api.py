@@ -212,11 +212,12 @@ class Generation:
         return self.text()
 
     def logprobs_of_completion(self, echo: bool) -> dict:
-        """OpenAI's completion ``logprobs`` object: the prompt's tokens (with ``echo``), then the generated ones."""
-        r, n = self.request, len(self.tokens)
-        ids = (self.prompt if echo else []) + self.tokens
-        values = (r.prompt_logprobs if echo else []) + r.token_logprobs[:n]
-        tops = (r.prompt_top_logprobs if echo else []) + r.top_logprobs[:n]
+        """OpenAI's completion ``logprobs`` object: the prompt's tokens (with ``echo``), then the generated ones
+        (with the stop token that ended the generation, as OpenAI lists it: lm-eval counts on it)."""
+        r = self.request
+        ids = (self.prompt if echo else []) + r.scored
+        values = (r.prompt_logprobs if echo else []) + r.token_logprobs
+        tops = (r.prompt_top_logprobs if echo else []) + r.top_logprobs
         return completion_logprobs(TokenText(self.served.engine.tokenizer), ids, values, tops)
 
     def logprobs_of_chat(self) -> dict:

@@ -64,6 +64,7 @@ class Request:
     echo: bool = False  # score the prompt's tokens too (prompt_logprobs; the first token has none)
     max_new_tokens: int | None = None  # overrides options.max_new_tokens; 0: only score the prompt (with echo)
     # filled by the engine
+    scored: list[int] = field(default_factory=list)  # the chosen tokens, a stop token that ended it included
     token_logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
@@ -286,6 +287,7 @@ class Engine:
         token = self._choose(row, logits)
         if request.logprobs is not None:
             logp = torch.log_softmax(logits.float(), dim=-1)
+            request.scored.append(token)
             request.token_logprobs.append(float(logp[token]))
             request.top_logprobs.append(_top(logp, request.logprobs))
         if token in self.stops:
