@@ -1,14 +1,21 @@
 """The OpenAI-compatible HTTP API of ``dorafit serve`` (FastAPI), in front of the batching :class:`Engine`.
 
     GET  /v1/models             the base model and every adapter, by name
-    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
-    POST /v1/chat/completions   {"model", "messages", ...}: rendered by the adapter's chat template
-    GET  /health                {"status": "ok", "active", "waiting", "decode_steps"}
+    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+                                 "n", "logprobs", "echo"}: "prompt" a string, a list of token ids, or a list of
+                                 either (one choice per prompt and per n, with its "index"); "echo" with
+                                 "logprobs" scores the prompt's tokens too, and "max_tokens": 0 then generates none
+    POST /v1/chat/completions   {"model", "messages", ..., "logprobs", "top_logprobs"}: rendered by the adapter's
+                                 chat template
+    GET  /health                {"status": "ok" | "starting" | "stopping", "active", "prefilling", "waiting",
+                                 "decode_steps", "failed_requests", "last_error"}
 
 The request's ``model`` picks the adapter (the base model's name: no adapter). ``"stream": true`` answers with
 server-sent events (``data: {chunk}``, then ``data: [DONE]``) whose text pieces concatenate to the whole answer.
 Bad requests get OpenAI's error body ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status (404 for
-an unknown model, 400 for an invalid parameter or a prompt longer than the context); the server stays up.
+an unknown model, 400 for an invalid parameter or a prompt longer than the context); the server stays up. A
+request the engine fails gets a 500 (503 at shutdown) with the same body, or, once a stream has started, an event
+``data: {"error": {...}}`` in place of the rest; never a 200 with a cut answer.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import asyncio
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import FastAPI
@@ -169,7 +177,10 @@ class Generation:
         served.engine.submit(self.request)
 
     def _on_token(self, token, reason) -> None:  # called by the engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason))
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason))
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is waiting any more
+            pass
 
     def cancel(self) -> None:
         self.request.cancelled = True
@@ -236,6 +247,10 @@ def _reason(reason: str | None) -> str:
 
 def create_app(served: Served) -> FastAPI:
     app = FastAPI(title="dorafit serve", version="1")
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="dorafit-tokenize")  # off the event loop, one at a time
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
 
     @app.exception_handler(ApiError)
     async def api_error(_, exc: ApiError):
@@ -303,8 +318,7 @@ def create_app(served: Served) -> FastAPI:
             raise ApiError(400, "'stream' is supported for one prompt and n = 1, without 'echo' and 'logprobs'",
                            "stream", "invalid_value")
         tokenizer = served.engine.tokenizer
-        ids = [p if isinstance(p, list) else await asyncio.to_thread(lambda p=p: tokenizer(p)["input_ids"])
-               for p in prompts]
+        ids = [p if isinstance(p, list) else (await off_loop(tokenizer, p))["input_ids"] for p in prompts]
         vocab = served.engine.vocab_size
         if any(t >= vocab for p in ids for t in p):
             raise ApiError(400, f"'prompt' has token ids outside this model's vocabulary (0 to {vocab - 1})", "prompt",
@@ -354,7 +368,7 @@ def create_app(served: Served) -> FastAPI:
         if logprobs and body.get("stream"):
             raise ApiError(400, "'logprobs' is not supported with 'stream'", "logprobs", "invalid_value")
         try:
-            ids = await asyncio.to_thread(served.formats[body["model"]].prompt_ids, messages)
+            ids = await off_loop(served.formats[body["model"]].prompt_ids, messages)
         except ChatFormatError as exc:
             raise ApiError(400, str(exc), "messages", "invalid_value") from None
         gen = Generation(served, ids, adapter, options, stop, logprobs=(top or 0) if logprobs else None)

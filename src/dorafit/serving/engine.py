@@ -201,13 +201,14 @@ class Engine:
     @torch.no_grad()
     def _prefill_step(self) -> None:
         """The next chunk of the prefilling request with the fewest prompt tokens left."""
+        for row in [r for r in self.prefilling if r.request.cancelled]:
+            self.prefilling.remove(row)
+            self._end(row.request, "cancelled")
+        if not self.prefilling:
+            return
         row = min(self.prefilling, key=lambda r: len(r.request.prompt) - r.done)
         request = row.request
         try:
-            if request.cancelled:
-                self.prefilling.remove(row)
-                self._end(request, "cancelled")
-                return
             start, end = row.done, min(row.done + self.prefill_chunk, len(request.prompt))
             ids = torch.tensor([request.prompt[start:end]], device=self.device)
             positions = torch.arange(start, end, device=self.device)[None]
