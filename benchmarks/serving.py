@@ -191,18 +191,15 @@ def time_to_first_token(model, long_tokens: int, chunk: int, with_long: bool) ->
                        SamplingOptions(max_new_tokens=2))
         engine.submit(long)
 
-        def submit_short():
-            while not engine.prefilling or engine.prefilling[0].done == 0:  # the long prefill under way
-                time.sleep(0.001)
+        def submit_short():  # once the long prefill is under way: its first chunk in, or (one forward for the
+            while not engine.prefilling or (chunk < long_tokens and engine.prefilling[0].done == 0):  # whole
+                time.sleep(0.001)                                                       # prompt) 0.1 s into it
+            if chunk >= long_tokens:
+                time.sleep(0.1)
             times["submitted"] = time.perf_counter()
             engine.submit(short)
 
-        if chunk >= long_tokens:  # one forward for the whole prompt: submit as it starts
-            engine._admit()
-            times["submitted"] = time.perf_counter()
-            engine.submit(short)
-        else:
-            threading.Thread(target=submit_short, daemon=True).start()
+        threading.Thread(target=submit_short, daemon=True).start()
     else:
         times["submitted"] = time.perf_counter()
         engine.submit(short)
