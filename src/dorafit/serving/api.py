@@ -163,10 +163,7 @@ class Generation:
 
     def __init__(self, served: Served, prompt: list[int], adapter: str | None, options: SamplingOptions,
                  stop: list[str], logprobs: int | None = None, echo: bool = False, max_new_tokens: int | None = None):
-        context = served.engine.context
-        if context and len(prompt) >= context:
-            raise ApiError(400, f"This model's context is {context} tokens; the prompt has {len(prompt)}. Shorten it.",
-                           "messages", "context_length_exceeded")
+        self.fits(served, prompt)
         self.served, self.prompt, self.stop = served, prompt, stop
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -175,6 +172,13 @@ class Generation:
         self.request = Request(prompt, adapter, options, stop, self._on_token, logprobs=logprobs, echo=echo,
                                max_new_tokens=max_new_tokens)
         served.engine.submit(self.request)
+
+    @staticmethod
+    def fits(served: Served, prompt: list[int]) -> None:
+        context = served.engine.context
+        if context and len(prompt) >= context:
+            raise ApiError(400, f"This model's context is {context} tokens; the prompt has {len(prompt)}. Shorten it.",
+                           "messages", "context_length_exceeded")
 
     def _on_token(self, token, reason) -> None:  # called by the engine thread
         try:
@@ -323,6 +327,8 @@ def create_app(served: Served) -> FastAPI:
         if any(t >= vocab for p in ids for t in p):
             raise ApiError(400, f"'prompt' has token ids outside this model's vocabulary (0 to {vocab - 1})", "prompt",
                            "invalid_value")
+        for p in ids:  # every prompt checked before any is generated
+            Generation.fits(served, p)
         gens = [Generation(served, p, adapter, options, stop, logprobs=logprobs,
                            echo=echo and logprobs is not None, max_new_tokens=0 if score_only else None)
                 for p in ids for _ in range(n)]
