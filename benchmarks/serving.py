@@ -316,7 +316,7 @@ def main() -> int:
                      f"{r['speedup']:.2f}{target} |")
     if ttft:
         long = args.long_prompt
-        lines += ["", f"| time to first token of a 16-token request | seconds | / alone |", "|---|---:|---:|",
+        lines += ["", "| time to first token of a 16-token request | seconds | / alone |", "|---|---:|---:|",
                   f"| alone | {ttft['alone']['seconds']:.3f} | 1 |",
                   f"| beside a {long}-token prompt, prefilled in chunks of {ttft['chunk']} | "
                   f"{ttft[f'beside_{long}_chunked']['seconds']:.3f} | {ttft['chunked_vs_alone']:.2f} (target <= 2) |",

@@ -33,8 +33,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -115,7 +115,7 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     # ---- control ---------------------------------------------------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         """Run the loop (:meth:`run`) in a thread of its own."""
         self._thread = threading.Thread(target=self.run, name="dorafit-engine", daemon=True)
         self._thread.start()
@@ -338,7 +338,7 @@ class Engine:
             self.failed += 1
             try:
                 self._end(row.request, "error")
-            except Exception:  # noqa: BLE001 - a consumer that cannot be told must not stop the others
+            except Exception:  # a consumer that cannot be told must not stop the others
                 log.exception("could not hand request %s its error", row.request.id)
 
     @staticmethod

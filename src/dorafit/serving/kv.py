@@ -126,7 +126,7 @@ class RowCache(Cache):
             layer.length = used
         self.starts = [self.starts[i] - drop for i in rows]
 
-    def join(self, other: "RowCache") -> None:
+    def join(self, other: RowCache) -> None:
         """Append ``other``'s rows below these, both right-aligned to the longer of the two."""
         length = max(self.length, other.length)
         shift, other_shift = length - self.length, length - other.length
