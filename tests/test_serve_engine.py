@@ -5,7 +5,8 @@ Long requests (past the window and the chunk) batched with short ones of other l
 alone (transformers' ``generate`` with its own caches); log-probabilities equal ``log_softmax`` computed in this
 process; echo, token-id and list prompts; lm-evaluation-harness's ``local-completions`` on a small multiple-choice
 task scores what its in-process ``hf`` model scores; parameters that used to hang are answered; an engine error
-fails only its request, with a 5xx; SIGTERM then stops each server with exit status 0 within seconds."""
+fails only its request, with a 5xx; SIGTERM then stops each server with exit status 0 within seconds. In process,
+Mistral, Gemma-2, Qwen3 and Phi-3 (sliding windows, q/k norms, fused projections) batched equal generating alone."""
 
 from __future__ import annotations
 
@@ -169,6 +170,52 @@ def test_long_requests_batched_with_short_ones_equal_each_alone(servers, kind):
         assert answer == tok.decode(alone, skip_special_tokens=True), len(prompt)
     state = health(server["url"])
     assert state["status"] == "ok" and state["decode_steps"] > steps_before and state["peak_batch"] > 1
+
+
+class _Ids:
+    """A tokenizer stand-in for the engine (it decodes only for stop strings; none here)."""
+
+    eos_token_id = pad_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+KINDS = {  # model class name, config class name, what is special about its attention
+    "mistral": ("MistralForCausalLM", "MistralConfig", {"sliding_window": WINDOW}),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {"sliding_window": WINDOW, "head_dim": 8}),  # alternating
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 8}),  # q/k norms
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {"sliding_window": WINDOW, "pad_token_id": 0}),  # fused qkv
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_engine_equals_generate_alone_on_other_model_kinds(kind):
+    """In process, more cache kinds: mixed-length rows batched, prefilled in chunks of 5, equal generate alone."""
+    import transformers
+
+    from dorafit.generation import SamplingOptions
+    from dorafit.serving.engine import Engine, Request
+
+    model_cls, config_cls, extra = KINDS[kind]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=512, **extra)
+    model = getattr(transformers, model_cls)(config).eval()
+    engine = Engine(model, _Ids(), max_batch_size=8, prefill_chunk=5)
+    engine.stops = set()
+    prompts = [torch.randint(1, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (23, 3, 11, 1)]
+    requests = [Request(p, None, SamplingOptions(max_new_tokens=MAX_TOKENS)) for p in prompts]
+    got = {r.id: [] for r in requests}
+    for r in requests:
+        r.on_token = lambda token, reason, out=got[r.id]: out.append(token if reason is None else reason)
+        engine.submit(r)
+    engine.run(until=lambda: all(len(out) == MAX_TOKENS + 1 for out in got.values()))
+    for r in requests:
+        alone = model.generate(torch.tensor([r.prompt]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
+        assert got[r.id] == [*alone[0, len(r.prompt):].tolist(), "length"], (kind, len(r.prompt))
+    assert engine.peak_batch > 1
 
 
 def test_logprobs_equal_log_softmax_with_the_adapter(servers):
