@@ -57,6 +57,7 @@ def main(args: argparse.Namespace) -> int:
         import socket
         import sys
         import threading
+        import time
 
         import torch
 
@@ -89,26 +90,34 @@ def main(args: argparse.Namespace) -> int:
         port = sock.getsockname()[1]
         sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
         names = ", ".join([served.base_name, *served.adapters])
-        server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning",
-                                               timeout_graceful_shutdown=args.shutdown_grace))
+        server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning",  # time to send the 503s:
+                                               timeout_graceful_shutdown=args.shutdown_grace + 5))
         web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dorafit-http", daemon=True)
         web.start()  # HTTP in a thread; the engine in this one, where torch computes fastest (Engine.run)
         print(f"serving {names} on http://{args.host}:{port}/v1 (max batch {args.max_batch_size}); "
               "SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
 
-        def shut_down(signum, frame):  # uvicorn stops accepting, lets requests in flight finish (up to the
-            if server.should_exit:      # grace period, then cancels them), then ends; a second signal: at once
+        deadline = []  # when the requests still in flight are failed (503)
+
+        def shut_down(signum, frame):  # uvicorn stops accepting and waits for the requests in flight; they get the
+            if server.should_exit:      # grace period to finish, then fail; a second signal stops at once
                 server.force_exit = True
             server.should_exit = True
+            deadline.append(time.monotonic() + args.shutdown_grace)
+
+        def web_ended() -> bool:  # checked by the engine loop between steps, in this thread
+            if deadline and time.monotonic() > deadline[0] and not served.engine.stopping:
+                served.engine.drain("the server is shutting down")
+            return not web.is_alive()
 
         previous = {sig: signal.signal(sig, shut_down) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            served.engine.run(until=lambda: not web.is_alive())  # generates until uvicorn has ended
+            served.engine.run(until=web_ended)  # generates until uvicorn has ended
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             server.should_exit = True
-            web.join(timeout=args.shutdown_grace + 5)
+            web.join(timeout=args.shutdown_grace + 10)
             served.engine.stop()
         print("server stopped", file=sys.stderr, flush=True)
         return 0

@@ -112,6 +112,7 @@ class Engine:
         self.last_error: str | None = None
         self.running = False  # the loop is running now
         self._stop = threading.Event()
+        self._draining = False
         self._thread: threading.Thread | None = None
 
     # ---- control ---------------------------------------------------------------------------------------------
@@ -126,6 +127,12 @@ class Engine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.drain(reason)
+
+    def drain(self, reason: str = "the server is shutting down") -> None:
+        """Fail every request in flight or waiting with ``reason`` (call it in the loop's thread, or after it has
+        ended); :attr:`stopping` is true from now on."""
+        self._draining = True
         self._fail(self.prefilling + self.active, reason)
         self.prefilling, self.active, self.cache = [], [], None
         while not self.waiting.empty():
@@ -133,7 +140,7 @@ class Engine:
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self._stop.is_set() or self._draining
 
     def submit(self, request: Request) -> None:
         self.waiting.put(request)
