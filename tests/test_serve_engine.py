@@ -347,12 +347,16 @@ def test_an_engine_error_fails_only_its_request_with_a_5xx(servers):
     server = servers["llama"]
     served = build_served(str(server["dir"]), [], prefill_chunk=8)
     engine = served.engine
-    marker = 1500
+    marker, position = 1500, 30  # a prompt with the marker fails in prefill; a row decoding at the position fails
     forward = engine._forward
+    decode_faults = []  # rows of each decode forward that failed
 
     def faulty(adapters, **inputs):
         if (inputs["input_ids"] == marker).any():
             raise RuntimeError("injected fault")
+        if inputs["input_ids"].shape[1] == 1 and (inputs["position_ids"] == position).any():
+            decode_faults.append(inputs["input_ids"].shape[0])
+            raise RuntimeError("injected decode fault")
         return forward(adapters, **inputs)
 
     engine._forward = faulty
@@ -382,6 +386,19 @@ def test_an_engine_error_fails_only_its_request_with_a_5xx(servers):
         assert state["status"] == "ok" and state["failed_requests"] == 2 and "injected fault" in state["last_error"]
         again = api.completions.create(model=base, prompt=good, max_tokens=2, temperature=0)
         assert again.choices[0].finish_reason in ("stop", "length")
+
+        # in a batched decode step: the row that fails alone fails; the row beside it goes on, as it would alone
+        long, short = prompts_of([position - 3], 5000, seed=7)[0], prompts_of([5], 5000, seed=8)[0]
+        with ThreadPoolExecutor(2) as pool:
+            beside = pool.submit(lambda: api.completions.create(model=base, prompt=short, max_tokens=12,
+                                                                temperature=0, stop=None))
+            failing = pool.submit(post, url, "/completions", {"model": base, "prompt": long, "max_tokens": 6,
+                                                              "temperature": 0})
+            status, body = failing.result()
+            assert status == 500 and "injected decode fault" in body["error"]["message"]
+            text = beside.result().choices[0].text
+        assert decode_faults == [2, 1]  # the batched step, then that row alone
+        assert text == api.completions.create(model=base, prompt=short, max_tokens=12, temperature=0).choices[0].text
     finally:
         web.should_exit = True
         engine.stop()

@@ -21,8 +21,9 @@ Log-probabilities (``Request.logprobs``, ``Request.echo``) are ``log_softmax`` o
 request's adapter (not of the temperature-scaled ones), for each chosen token and, with ``echo``, for each prompt
 token after the first.
 
-Failures: an exception while prefilling, choosing a token or handing it over fails only that request; one in a
-batched decode forward fails the rows of that forward. Each failed request gets ``error`` set and ends with
+Failures: an exception while prefilling, choosing a token or handing it over fails only that request; after one in a
+batched decode forward, each row is run alone (on a copy of its cache) and the rows that fail alone fail (all of
+them if none does), the others go on. Each failed request gets ``error`` set and ends with
 reason ``"error"``; the exception is logged with its traceback and the loop goes on serving.
 """
 
@@ -245,17 +246,21 @@ class Engine:
         row.cache = None
         self.active.append(row)
 
+    def _decode_forward(self, rows: list[_Row], cache: RowCache):
+        ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[r.length] for r in rows], device=self.device)
+        return self._forward([r.request.adapter for r in rows], input_ids=ids, position_ids=positions, cache=cache,
+                             attention_mask=cache.attention_mask(1, self.device))
+
     @torch.no_grad()
     def _decode(self) -> None:
         rows, cache = self.active, self.cache
+        before = cache.length
         try:
-            ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)  # (B, 1)
-            positions = torch.tensor([[r.length] for r in rows], device=self.device)
-            out = self._forward([r.request.adapter for r in rows], input_ids=ids, position_ids=positions,
-                                cache=cache, attention_mask=cache.attention_mask(1, self.device))
-        except Exception as exc:  # noqa: BLE001 - the forward concerns every row in it
-            self.active, self.cache = [], None
-            self._fail(rows, exc)
+            out = self._decode_forward(rows, cache)
+        except Exception as exc:  # noqa: BLE001 - find the rows it concerns, fail them, keep the others
+            cache.rewind(before)
+            self._isolate(rows, cache, exc)
             return
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
@@ -272,6 +277,27 @@ class Engine:
                 cache.keep(keep)
             else:
                 self.cache = None
+
+    def _isolate(self, rows: list[_Row], cache: RowCache, exc: Exception) -> None:
+        """After a batched decode forward failed: run each row alone (on a copy of its cache) to find the rows
+        that fail by themselves; fail those (all rows if none fails alone) and keep the others, which decode at
+        the next step."""
+        culprits = []
+        if len(rows) > 1:
+            for i, row in enumerate(rows):
+                try:
+                    self._decode_forward([row], cache.copy_rows([i]))
+                except Exception as alone:  # noqa: BLE001 - this row's own failure
+                    culprits.append((i, alone))
+        culprits = culprits or [(i, exc) for i in range(len(rows))]
+        for i, error in culprits:
+            self._fail([rows[i]], error)
+        keep = [i for i in range(len(rows)) if i not in {j for j, _ in culprits}]
+        self.active = [rows[i] for i in keep]
+        if keep:
+            cache.keep(keep)
+        else:
+            self.cache = None
 
     # ---- choosing tokens and stopping ------------------------------------------------------------------------
     def _choose(self, row: _Row, logits: torch.Tensor) -> int:

@@ -117,14 +117,28 @@ class RowCache(Cache):
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order), dropping the padding columns no remaining row needs."""
+        self._take_rows(self, rows)
+
+    def copy_rows(self, rows: list[int]) -> RowCache:
+        """A new cache of these rows (this one unchanged)."""
+        return self._take_rows(RowCache(len(self.layers)), rows)
+
+    def rewind(self, length: int) -> None:
+        """Forget the columns from ``length`` on (what a failed forward may have written)."""
+        for layer in self.layers:
+            layer.length = min(layer.length, length)
+
+    def _take_rows(self, into: RowCache, rows: list[int]) -> RowCache:
         drop = min(self.starts[i] for i in rows)
         index = torch.tensor(rows, device=self.layers[0].keys.device)
-        for layer in self.layers:
-            used = layer.length - drop
-            layer.keys = _resized(layer.keys.index_select(0, index)[:, :, drop:layer.length], used, used + GROW)
-            layer.values = _resized(layer.values.index_select(0, index)[:, :, drop:layer.length], used, used + GROW)
-            layer.length = used
-        self.starts = [self.starts[i] - drop for i in rows]
+        for source, target in zip(self.layers, into.layers):
+            used = source.length - drop
+            keys = _resized(source.keys.index_select(0, index)[:, :, drop:source.length], used, used + GROW)
+            values = _resized(source.values.index_select(0, index)[:, :, drop:source.length], used, used + GROW)
+            target.keys, target.values, target.length = keys, values, used
+            target.device, target.is_initialized = source.device, True
+        into.starts = [self.starts[i] - drop for i in rows]
+        return into
 
     def join(self, other: RowCache) -> None:
         """Append ``other``'s rows below these, both right-aligned to the longer of the two."""
