@@ -18,7 +18,15 @@ vocabulary 32,000) with DoRA r 16 on q, k, v, up, down, each adapter's B and mag
 by its own seed (so the adapters differ and are not the identity). Results go to
 ``benchmarks/results/serving-<date>.json`` and a Markdown table on stdout.
 
+Time to first token (``ttft``): a 16-token request's time from submission to its first token, alone, and submitted
+while a 3,000-token prompt is being prefilled (after its first chunk), with chunked prefill (``--prefill-chunk``)
+and without (the whole prompt in one forward, as before chunking).
+
+DoRA decode (``dora_decode``): one request generating T tokens with an unmerged DoRA adapter / with that adapter
+merged into the weights (seconds per token, interleaved repeats).
+
     .venv/bin/python benchmarks/serving.py [--adapters 4] [--tokens 32] [--concurrency 1,4,8] [--threads 2]
+        [--parts memory,throughput,ttft,dora_decode]
 """
 
 from __future__ import annotations
@@ -51,8 +59,8 @@ from dorafit.serving.engine import Engine, Request  # noqa: E402
 MIB = 2**20
 
 
-def base_model():
-    spec = WorkloadSpec(model="llama", batch=1, seq=64, r=16, alpha=32)
+def base_model(seq: int = 64):
+    spec = WorkloadSpec(model="llama", batch=1, seq=seq, r=16, alpha=32)  # positions up to max(seq, 2048)
     model = build_workload(spec).base
     model.config.use_cache = True
     return model.eval()
@@ -164,6 +172,80 @@ def measure_throughput(model, k: int, tokens: int, concurrency: list[int], repea
     return out
 
 
+def time_to_first_token(model, long_tokens: int, chunk: int, with_long: bool) -> float:
+    """Seconds from submitting a 16-token request to its first token (alone, or while a ``long_tokens`` prompt is
+    prefilled: submitted once the long prompt's first chunk is in)."""
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(11)
+    engine = Engine(model, Tokens(), max_batch_size=8, prefill_chunk=chunk)
+    engine.stops = set()
+    times = {}
+
+    def on_short(token, reason):
+        times.setdefault("first", time.perf_counter())
+
+    short = Request(torch.randint(1, vocab, (16,), generator=g).tolist(), "a0", SamplingOptions(max_new_tokens=2),
+                    on_token=on_short)
+    if with_long:
+        long = Request(torch.randint(1, vocab, (long_tokens,), generator=g).tolist(), "a1",
+                       SamplingOptions(max_new_tokens=2))
+        engine.submit(long)
+
+        def submit_short():  # once the long prefill is under way: its first chunk in, or (one forward for the
+            while not engine.prefilling or (chunk < long_tokens and engine.prefilling[0].done == 0):  # whole
+                time.sleep(0.001)                                                       # prompt) 0.1 s into it
+            if chunk >= long_tokens:
+                time.sleep(0.1)
+            times["submitted"] = time.perf_counter()
+            engine.submit(short)
+
+        threading.Thread(target=submit_short, daemon=True).start()
+    else:
+        times["submitted"] = time.perf_counter()
+        engine.submit(short)
+    engine.run(until=lambda: "first" in times)
+    engine.stop()
+    return times["first"] - times["submitted"]
+
+
+def measure_ttft(model, long_tokens: int, chunk: int, repeats: int) -> dict:
+    model.config.max_position_embeddings = max(model.config.max_position_embeddings, long_tokens + 64)
+    time_to_first_token(model, 64, chunk, with_long=False)  # warm-up
+    runs = {"alone": [], f"beside_{long_tokens}_chunked": [], f"beside_{long_tokens}_unchunked": []}
+    for _ in range(repeats):
+        runs["alone"].append(time_to_first_token(model, long_tokens, chunk, with_long=False))
+        runs[f"beside_{long_tokens}_chunked"].append(time_to_first_token(model, long_tokens, chunk, with_long=True))
+        runs[f"beside_{long_tokens}_unchunked"].append(
+            time_to_first_token(model, long_tokens, long_tokens, with_long=True))
+    out = {name: {"seconds": statistics.median(t), "seconds_all": t} for name, t in runs.items()}
+    out["chunk"] = chunk
+    out["chunked_vs_alone"] = out[f"beside_{long_tokens}_chunked"]["seconds"] / out["alone"]["seconds"]
+    out["unchunked_vs_alone"] = out[f"beside_{long_tokens}_unchunked"]["seconds"] / out["alone"]["seconds"]
+    print(f"  TTFT alone {out['alone']['seconds']:.3f} s; beside a {long_tokens}-token prefill: chunked "
+          f"{out['chunked_vs_alone']:.2f}x, unchunked {out['unchunked_vs_alone']:.2f}x", file=sys.stderr, flush=True)
+    return out
+
+
+def measure_dora_decode(tokens: int, repeats: int) -> dict:
+    """Seconds per generated token at batch 1: unmerged DoRA adapter a0 / the same adapter merged."""
+    unmerged, merged = adapted(base_model(), 1), merged_copy(0)
+    vocab = unmerged.config.vocab_size
+    prompt = torch.randint(1, vocab, (48,), generator=torch.Generator().manual_seed(5)).tolist()
+    engines = {"unmerged": (Engine(unmerged, Tokens(), max_batch_size=1), "a0"),
+               "merged": (Engine(merged, Tokens(), max_batch_size=1), None)}
+    times = {name: [] for name in engines}
+    for name, (engine, adapter) in engines.items():
+        engine.stops = set()
+        run_requests(engine, [prompt], [adapter], 2)  # warm-up
+    for _ in range(repeats):
+        for name, (engine, adapter) in engines.items():
+            times[name].append(run_requests(engine, [prompt], [adapter], tokens) / tokens)
+    out = {name: {"seconds_per_token": statistics.median(t), "all": t} for name, t in times.items()}
+    out["unmerged_vs_merged"] = out["unmerged"]["seconds_per_token"] / out["merged"]["seconds_per_token"]
+    print(f"  DoRA decode at batch 1: unmerged / merged {out['unmerged_vs_merged']:.3f}", file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=4)
@@ -171,7 +253,10 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--parts", default="memory,throughput", help="what to measure (default: both)")
+    parser.add_argument("--parts", default="memory,throughput,ttft,dora_decode",
+                        help="what to measure (default: all of memory,throughput,ttft,dora_decode)")
+    parser.add_argument("--long-prompt", type=int, default=3000, help="ttft: the long prompt's tokens")
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="ttft: prompt tokens per prefill step")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -181,7 +266,7 @@ def main() -> int:
     meta = {**machine(), "load_average_start": load_average(), "command": " ".join(["benchmarks/serving.py",
                                                                                      *sys.argv[1:]])}
     parts = args.parts.split(",")
-    memory, throughput = {}, {}
+    memory, throughput, ttft, dora_decode = {}, {}, {}, {}
     if "memory" in parts:
         print("memory (fresh processes)", file=sys.stderr, flush=True)
         memory = measure_memory(args.adapters)
@@ -190,13 +275,23 @@ def main() -> int:
         model = adapted(base_model(), args.adapters)
         throughput = measure_throughput(model, args.adapters, args.tokens,
                                         [int(c) for c in args.concurrency.split(",")], args.repeats)
+    if "ttft" in parts:
+        print("time to first token", file=sys.stderr, flush=True)
+        ttft = measure_ttft(adapted(base_model(), 2), args.long_prompt, args.prefill_chunk, args.repeats)
+    if "dora_decode" in parts:
+        print("DoRA decode, unmerged / merged", file=sys.stderr, flush=True)
+        dora_decode = measure_dora_decode(args.tokens, args.repeats)
     meta["load_average_end"] = load_average()
     ratios = {}
     if memory:
         ratios = {"unmerged_vs_merged1_memory": memory["unmerged"]["rss_mib"] / memory["merged1"]["rss_mib"],
                   "unmerged_vs_mergedK_memory": memory["unmerged"]["rss_mib"] / memory["mergedK"]["rss_mib"]}
+    if ttft:
+        ratios["ttft_chunked_vs_alone"] = ttft["chunked_vs_alone"]
+    if dora_decode:
+        ratios["dora_decode_unmerged_vs_merged"] = dora_decode["unmerged_vs_merged"]
     record = {"meta": meta, "adapters": args.adapters, "tokens": args.tokens, "memory": memory,
-              "throughput": throughput, "ratios": ratios}
+              "throughput": throughput, "ttft": ttft, "dora_decode": dora_decode, "ratios": ratios}
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = ROOT / "benchmarks" / "results" / f"serving-{stamp}.json"
     atomic_write_json(path, record)
@@ -216,9 +311,22 @@ def main() -> int:
         lines += ["", f"| concurrent requests ({args.tokens} tokens each, adapters mixed) | batched tokens/s | one at "
                   "a time tokens/s | batched / one at a time |", "|---|---:|---:|---:|"]
     for n, r in throughput.items():
-        target = " (target >= 2)" if n == max(throughput) else ""
+        target = " (target >= 3)" if n == max(throughput) else ""
         lines.append(f"| {n} | {r['batched']['tokens_per_s']:.1f} | {r['one_at_a_time']['tokens_per_s']:.1f} | "
                      f"{r['speedup']:.2f}{target} |")
+    if ttft:
+        long = args.long_prompt
+        lines += ["", "| time to first token of a 16-token request | seconds | / alone |", "|---|---:|---:|",
+                  f"| alone | {ttft['alone']['seconds']:.3f} | 1 |",
+                  f"| beside a {long}-token prompt, prefilled in chunks of {ttft['chunk']} | "
+                  f"{ttft[f'beside_{long}_chunked']['seconds']:.3f} | {ttft['chunked_vs_alone']:.2f} (target <= 2) |",
+                  f"| beside a {long}-token prompt, prefilled in one forward | "
+                  f"{ttft[f'beside_{long}_unchunked']['seconds']:.3f} | {ttft['unchunked_vs_alone']:.2f} |"]
+    if dora_decode:
+        lines += ["", "| decode at batch 1 | ms per token |", "|---|---:|",
+                  f"| unmerged DoRA | {1000 * dora_decode['unmerged']['seconds_per_token']:.1f} |",
+                  f"| merged | {1000 * dora_decode['merged']['seconds_per_token']:.1f} |",
+                  f"| unmerged / merged | {dora_decode['unmerged_vs_merged']:.3f} (target <= 1.05) |"]
     print("\n".join(lines))
     print(f"wrote {path}", file=sys.stderr)
     return 0

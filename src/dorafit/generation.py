@@ -4,18 +4,27 @@ An adapted model generates with its adapter unmerged: in eval mode each DoRA lay
 generated token costs the base layer plus the low-rank product and one per-unit scale (see METHOD.md,
 "DoRA at inference"). Greedy decoding (``temperature`` 0, the default) is deterministic and gives exactly the
 merged model's tokens up to float rounding; sampling draws from ``softmax(logits / temperature)`` restricted to
-the smallest set of tokens whose probability reaches ``top_p``, seeded by ``seed``.
+the smallest set of tokens whose probability reaches ``top_p``, seeded by ``seed``. A temperature below
+:data:`MIN_TEMPERATURE` means greedy: ``logits / T`` overflows as T goes to 0 (1e-45 gives infinities and NaN
+probabilities), and its limit is the argmax.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import InitVar, dataclass
+from typing import Callable, Optional
 
 import torch
 
 from . import fields
 from .fields import option
+
+MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy decoding (the limit T -> 0), as in vLLM
+MAX_SEED = 2**64 - 1  # torch.Generator's seeds are 64-bit
+
+
+def cli_label(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -27,14 +36,16 @@ class SamplingOptions:
                                 minimum=0)
     top_p: float = option(1.0, "sampling: keep the smallest set of tokens whose probability reaches top_p",
                           above=0, maximum=1)
-    seed: Optional[int] = option(None, "seed of the sampler (default: not seeded)", minimum=0)
+    seed: Optional[int] = option(None, "seed of the sampler (default: not seeded)", minimum=0, maximum=MAX_SEED)
+    label: InitVar[Optional[Callable[[str], str]]] = None  # how errors name a field (default: --max-new-tokens)
 
-    def __post_init__(self) -> None:
-        fields.check(self, label=lambda name: "--" + name.replace("_", "-"))
+    def __post_init__(self, label) -> None:
+        fields.check(self, label=label or cli_label)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """True for greedy decoding: temperature 0, or below :data:`MIN_TEMPERATURE`."""
+        return self.temperature < MIN_TEMPERATURE
 
 
 def stop_ids(model, tokenizer) -> list[int]:

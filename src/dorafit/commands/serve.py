@@ -57,6 +57,12 @@ def register(subparsers) -> None:
     parser.add_argument("--adapter-root", default=None, metavar="DIR",
                         help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter for run, dorafit or "
                         "PEFT adapter folders under DIR (default: the routes do not exist)")
+    parser.add_argument("--prefill-chunk", type=int, default=256,
+                        help="prompt tokens prefilled per step: a long prompt is prefilled in chunks between decode "
+                        "steps, so running requests keep producing tokens (default: 256)")
+    parser.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                        help="on SIGTERM or Ctrl-C, requests in flight get this long to finish, then fail with a 503 "
+                        "(default: 10; a second signal stops at once)")
     parser.set_defaults(func=main)
 
 
@@ -64,16 +70,20 @@ def main(args: argparse.Namespace) -> int:
     from ..train.errors import report_errors
 
     def command() -> int:
+        import logging
         import os
         import signal
         import socket
         import sys
         import threading
+        import time
         from pathlib import Path
 
         import torch
 
-        for name in ("max_batch_size", "max_new_tokens"):
+        if not args.shutdown_grace >= 0:
+            raise ValueError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
+        for name in ("max_batch_size", "max_new_tokens", "prefill_chunk"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= args.port <= 65535:
@@ -87,6 +97,9 @@ def main(args: argparse.Namespace) -> int:
                              "adapters to load at run time")
         if args.threads:
             torch.set_num_threads(args.threads)
+        engine_log = logging.getLogger("dorafit.serve")  # failed generations, with their tracebacks, on stderr
+        if not engine_log.handlers:
+            engine_log.addHandler(logging.StreamHandler(sys.stderr))
         import uvicorn
 
         from ..serving.api import create_app
@@ -95,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
 
         guard = Guard(key or None, int(args.max_body_mb * 1024 * 1024))
         served = build_served(args.model, args.adapter, args.device, args.dtype, args.max_batch_size,
-                              args.max_new_tokens, args.quantize)
+                              args.max_new_tokens, args.quantize, prefill_chunk=args.prefill_chunk)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -106,7 +119,8 @@ def main(args: argparse.Namespace) -> int:
         port = sock.getsockname()[1]
         sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
         names = ", ".join([served.base_name, *served.adapters])
-        server = uvicorn.Server(uvicorn.Config(create_app(served, guard, root), log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(create_app(served, guard, root), log_level="warning",  # time to send
+                                               timeout_graceful_shutdown=args.shutdown_grace + 5))  # the 503s
         web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dorafit-http", daemon=True)
         web.start()  # HTTP in a thread; the engine in this one, where torch computes fastest (Engine.run)
         print(f"serving {names} on http://{args.host}:{port}/v1 (max batch {args.max_batch_size}); "
@@ -115,17 +129,27 @@ def main(args: argparse.Namespace) -> int:
             print(f"warning: {args.host} is reachable from other machines and no API key is set: anyone who can "
                   f"reach port {port} can use the model; set {API_KEY_ENV} or --api-key", file=sys.stderr, flush=True)
 
-        def shut_down(signum, frame):  # uvicorn stops accepting, lets requests in flight finish, then ends
+        deadline = []  # when the requests still in flight are failed (503)
+
+        def shut_down(signum, frame):  # uvicorn stops accepting and waits for the requests in flight; they get the
+            if server.should_exit:      # grace period to finish, then fail; a second signal stops at once
+                server.force_exit = True
             server.should_exit = True
+            deadline.append(time.monotonic() + args.shutdown_grace)
+
+        def web_ended() -> bool:  # checked by the engine loop between steps, in this thread
+            if deadline and time.monotonic() > deadline[0] and not served.engine.stopping:
+                served.engine.drain("the server is shutting down")
+            return not web.is_alive()
 
         previous = {sig: signal.signal(sig, shut_down) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            served.engine.run(until=lambda: not web.is_alive())  # generates until uvicorn has ended
+            served.engine.run(until=web_ended)  # generates until uvicorn has ended
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             server.should_exit = True
-            web.join(timeout=30)
+            web.join(timeout=args.shutdown_grace + 10)
             served.engine.stop()
         print("server stopped", file=sys.stderr, flush=True)
         return 0

@@ -134,7 +134,7 @@ def _unload_if_idle(served, name: str) -> bool:
     engine = served.engine
     with engine.waiting.mutex:
         waiting = [r.adapter for r in engine.waiting.queue]
-    if name in waiting or any(row.request.adapter == name for row in engine.active):
+    if name in waiting or any(row.request.adapter == name for row in engine.prefilling + engine.active):
         return False
     served.loader.unload(name)
     return True

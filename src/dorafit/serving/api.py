@@ -2,9 +2,14 @@
 
     GET  /v1/models             the base model and every adapter, by name (never a filesystem path)
     GET  /v1/models/{id}        one of them (404 if unknown)
-    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
-    POST /v1/chat/completions   {"model", "messages", ...}: rendered by the adapter's chat template
-    GET  /health                {"status": "ok", "active", "waiting", "decode_steps", "disconnected"}
+    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+                                 "n", "logprobs", "echo"}: "prompt" a string, a list of token ids, or a list of
+                                 either (one choice per prompt and per n, with its "index"); "echo" with
+                                 "logprobs" scores the prompt's tokens too, and "max_tokens": 0 then generates none
+    POST /v1/chat/completions   {"model", "messages", ..., "logprobs", "top_logprobs"}: rendered by the adapter's
+                                 chat template
+    GET  /health                {"status": "ok" | "starting" | "stopping", "active", "prefilling", "waiting",
+                                 "decode_steps", "failed_requests", "last_error", "disconnected"}
     POST /v1/load_lora_adapter, /v1/unload_lora_adapter   with an adapter root only (:mod:`.adapter_admin`)
 
 Every request parameter is honoured or refused by name (:mod:`.params`); the API key, content type and body size
@@ -14,7 +19,9 @@ request whose client disconnects is cancelled (the engine drops it at its next s
 The request's ``model`` picks the adapter (the base model's name: no adapter). ``"stream": true`` answers with
 server-sent events (``data: {chunk}``, then ``data: [DONE]``) whose text pieces concatenate to the whole answer.
 Bad requests get OpenAI's error body ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status (404 for
-an unknown model, 400 for an invalid parameter or a prompt longer than the context); the server stays up.
+an unknown model, 400 for an invalid parameter or a prompt longer than the context); the server stays up. A
+request the engine fails gets a 500 (503 at shutdown) with the same body, or, once a stream has started, an event
+``data: {"error": {...}}`` in place of the rest; never a 200 with a cut answer.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import asyncio
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import FastAPI
@@ -34,9 +42,13 @@ from ..generation import SamplingOptions
 from . import params
 from .engine import Engine, Request
 from .errors import ApiError, install_error_handlers
+from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .security import Guard, GuardMiddleware
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+MAX_N = 16  # choices per prompt (each generated as a request of its own)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+API_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingOptions' field -> the request's parameter
 DISCONNECT_POLL_S = 0.1  # how often a non-streamed request looks whether its client is still there
 
 
@@ -88,13 +100,14 @@ def _number(body: dict, name: str, default, low=None, high=None, integer=False):
     return value
 
 
-def sampling(body: dict, default_max_tokens: int) -> tuple[SamplingOptions, list[str]]:
-    """The request's sampling options and stop strings, each checked (400 naming the parameter)."""
-    if _number(body, "n", 1, 1, 1, integer=True) != 1:
-        raise ApiError(400, "only n = 1 is supported", "n", "invalid_value")
-    max_tokens = _number(body, "max_tokens", None, 1, integer=True)
+def sampling(body: dict, default_max_tokens: int, least_tokens: int = 1) -> tuple[SamplingOptions, list[str]]:
+    """The request's sampling options and stop strings, each checked (400 naming the parameter). ``max_tokens``
+    may be 0 where ``least_tokens`` is 0 (completions with echo); the options then say 1 (the caller asks the
+    engine for none)."""
+    _number(body, "n", 1, 1, MAX_N, integer=True)
+    max_tokens = _number(body, "max_tokens", None, least_tokens, integer=True)
     if max_tokens is None:
-        max_tokens = _number(body, "max_completion_tokens", default_max_tokens, 1, integer=True)
+        max_tokens = _number(body, "max_completion_tokens", default_max_tokens, least_tokens, integer=True)
     temperature = _number(body, "temperature", 1.0, 0, MAX_TEMPERATURE)
     top_p = _number(body, "top_p", 1.0, 0, 1)
     if top_p == 0:
@@ -104,8 +117,37 @@ def sampling(body: dict, default_max_tokens: int) -> tuple[SamplingOptions, list
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop", "invalid_value")
-    return SamplingOptions(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                           seed=seed), stop
+    try:
+        options = SamplingOptions(max_new_tokens=max(max_tokens, 1), temperature=float(temperature),
+                                  top_p=float(top_p), seed=seed, label=lambda name: f"'{API_NAMES.get(name, name)}'")
+    except ValueError as exc:  # the one validation of sampling options, shared with the CLI
+        name = str(exc).split("'")[1] if str(exc).startswith("'") else None
+        raise ApiError(400, str(exc), name, "invalid_value") from None
+    return options, stop
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false, got {value!r}", name, "invalid_value")
+    return bool(value)
+
+
+def prompt_list(prompt) -> list:
+    """``prompt`` as a list of prompts, each a string or a list of token ids: OpenAI's four forms (a string, a
+    list of token ids, a list of strings, a list of token-id lists)."""
+    def is_ids(p):
+        return isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                 for t in p)
+
+    if isinstance(prompt, str) and prompt:
+        return [prompt]
+    if is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) and p or is_ids(p) for p in prompt):
+        return prompt
+    raise ApiError(400, "'prompt' must be a non-empty string, a list of token ids, or a list of either",
+                   "prompt", "invalid_value")
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -130,21 +172,29 @@ class Generation:
     """One request in flight: tokens arrive from the engine thread into an asyncio queue."""
 
     def __init__(self, served: Served, prompt: list[int], adapter: str | None, options: SamplingOptions,
-                 stop: list[str]):
-        context = served.engine.context
-        if context and len(prompt) >= context:
-            raise ApiError(400, f"This model's context is {context} tokens; the prompt has {len(prompt)}. Shorten it.",
-                           "messages", "context_length_exceeded")
+                 stop: list[str], logprobs: int | None = None, echo: bool = False, max_new_tokens: int | None = None):
+        self.fits(served, prompt)
         self.served, self.prompt, self.stop = served, prompt, stop
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
-        self.request = Request(prompt, adapter, options, stop, self._on_token)
+        self.request = Request(prompt, adapter, options, stop, self._on_token, logprobs=logprobs, echo=echo,
+                               max_new_tokens=max_new_tokens)
         served.engine.submit(self.request)
 
+    @staticmethod
+    def fits(served: Served, prompt: list[int]) -> None:
+        context = served.engine.context
+        if context and len(prompt) >= context:
+            raise ApiError(400, f"This model's context is {context} tokens; the prompt has {len(prompt)}. Shorten it.",
+                           "messages", "context_length_exceeded")
+
     def _on_token(self, token, reason) -> None:  # called by the engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason))
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason))
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is waiting any more
+            pass
 
     def cancel(self) -> None:
         self.request.cancelled = True
@@ -162,6 +212,10 @@ class Generation:
         hold = max((len(s) for s in self.stop), default=1) - 1
         while True:
             token, reason = await self.queue.get()
+            if reason == "error":  # the engine failed this request: a 5xx, never a 200 with a cut answer
+                self.finish_reason = reason
+                status = 503 if self.served.engine.stopping else 500
+                raise ApiError(status, f"generation failed: {self.request.error}", None, "engine_error")
             if reason is not None:
                 self.finish_reason = reason
                 rest = self.text()[sent:]
@@ -182,6 +236,20 @@ class Generation:
             pass
         return self.text()
 
+    def logprobs_of_completion(self, echo: bool) -> dict:
+        """OpenAI's completion ``logprobs`` object: the prompt's tokens (with ``echo``), then the generated ones
+        (with the stop token that ended the generation, as OpenAI lists it: lm-eval counts on it)."""
+        r = self.request
+        ids = (self.prompt if echo else []) + r.scored
+        values = (r.prompt_logprobs if echo else []) + r.token_logprobs
+        tops = (r.prompt_top_logprobs if echo else []) + r.top_logprobs
+        return completion_logprobs(TokenText(self.served.engine.tokenizer), ids, values, tops)
+
+    def logprobs_of_chat(self) -> dict:
+        r, n = self.request, len(self.tokens)
+        return chat_logprobs(TokenText(self.served.engine.tokenizer), self.prompt, self.tokens,
+                             r.token_logprobs[:n], r.top_logprobs[:n])
+
     def usage(self) -> dict:
         return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
                 "total_tokens": len(self.prompt) + len(self.tokens)}
@@ -191,18 +259,23 @@ def _reason(reason: str | None) -> str:
     return {"stop": "stop", "length": "length"}.get(reason, reason or "stop")
 
 
-async def whole_unless_gone(served: Served, gen: Generation, http: HttpRequest) -> str:
-    """``gen.whole()``; if the client disconnects first, the request is cancelled (the engine drops its row at the
-    next step) and counted in ``served.disconnected``."""
-    task = asyncio.ensure_future(gen.whole())
-    while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
-        if await http.is_disconnected():
-            gen.cancel()
-            text = await task
-            if gen.finish_reason == "cancelled":
-                served.disconnected += 1
-            return text
-    return task.result()
+async def whole_unless_gone(served: Served, gens: list[Generation], http: HttpRequest) -> list[str]:
+    """Each ``gen.whole()``; if the client disconnects first, every one is cancelled (the engine drops its row at
+    the next step) and counted in ``served.disconnected``."""
+    task = asyncio.ensure_future(asyncio.gather(*(gen.whole() for gen in gens)))
+    try:
+        while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+            if await http.is_disconnected():
+                for gen in gens:
+                    gen.cancel()
+                texts = await task
+                served.disconnected += sum(gen.finish_reason == "cancelled" for gen in gens)
+                return texts
+        return task.result()
+    finally:
+        for gen in gens:
+            if gen.finish_reason is None:
+                gen.cancel()
 
 
 def create_app(served: Served, guard: Guard | None = None, adapter_root=None) -> FastAPI:
@@ -215,16 +288,22 @@ def create_app(served: Served, guard: Guard | None = None, adapter_root=None) ->
         from .adapter_admin import install_adapter_routes
 
         install_adapter_routes(app, served, adapter_root)
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="dorafit-tokenize")  # off the event loop, one at a time
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
 
     async def read_json(http: HttpRequest) -> dict:
         return params.parse_json(await http.body())
 
     @app.get("/health")
     async def health():
+        """The engine's state now: "ok" while its loop runs, "starting" before, "stopping" at shutdown; the
+        number of requests that failed so far and the last error stay visible but do not change the status."""
         engine = served.engine
-        status = "error" if engine.error else "ok"
-        return {"status": status, **engine.load(), "disconnected": served.disconnected,
-                **({"error": str(engine.error)} if engine.error else {})}
+        status = "stopping" if engine.stopping else "ok" if engine.running else "starting"
+        return {"status": status, **engine.load(), "last_error": engine.last_error,
+                "disconnected": served.disconnected}
 
     @app.get("/v1/models")
     async def models():
@@ -241,11 +320,15 @@ def create_app(served: Served, guard: Guard | None = None, adapter_root=None) ->
                 first = chunk(None, None, start=True)
                 if first is not None:
                     yield f"data: {json.dumps(first)}\n\n"
-                async for piece in gen.pieces():
-                    if await http.is_disconnected():
-                        gen.cancel()
-                        return
-                    yield f"data: {json.dumps(chunk(piece, None))}\n\n"
+                try:
+                    async for piece in gen.pieces():
+                        if await http.is_disconnected():
+                            gen.cancel()
+                            return
+                        yield f"data: {json.dumps(chunk(piece, None))}\n\n"
+                except ApiError as exc:  # the engine failed it: an error event (the status line has gone)
+                    yield f"data: {json.dumps(exc.body())}\n\n"
+                    return
                 yield f"data: {json.dumps(chunk('', _reason(gen.finish_reason)))}\n\n"
                 if include_usage:  # OpenAI's last chunk: no choices, the usage
                     yield f"data: {json.dumps({**chunk('', None), 'choices': [], 'usage': gen.usage()})}\n\n"
@@ -262,29 +345,49 @@ def create_app(served: Served, guard: Guard | None = None, adapter_root=None) ->
         params.check_parameters(body, "completions")
         adapter = served.adapter_of(body.get("model"))
         usage_chunk = params.include_usage(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "'prompt' must be a non-empty string", "prompt", "invalid_value")
-        options, stop = sampling(body, served.max_new_tokens)
-        ids = served.engine.tokenizer(prompt)["input_ids"]
-        options = params.fit_to_context(options, len(ids), served.engine.context, body)
-        gen = Generation(served, ids, adapter, options, stop)
+        prompts = prompt_list(body.get("prompt"))
+        echo = _flag(body, "echo")
+        logprobs = _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+        options, stop = sampling(body, served.max_new_tokens, least_tokens=0 if echo else 1)
+        n = body.get("n") or 1
+        score_only = body.get("max_tokens") == 0
+        if body.get("stream") and (len(prompts) > 1 or n > 1 or echo or logprobs is not None):
+            raise ApiError(400, "'stream' is supported for one prompt and n = 1, without 'echo' and 'logprobs'",
+                           "stream", "invalid_value")
+        tokenizer = served.engine.tokenizer
+        ids = [p if isinstance(p, list) else (await off_loop(tokenizer, p))["input_ids"] for p in prompts]
+        vocab = served.engine.vocab_size
+        if any(t >= vocab for p in ids for t in p):
+            raise ApiError(400, f"'prompt' has token ids outside this model's vocabulary (0 to {vocab - 1})", "prompt",
+                           "invalid_value")
+        fitted = []
+        for p in ids:  # every prompt checked before any is generated
+            Generation.fits(served, p)
+            fitted.append(params.fit_to_context(options, len(p), served.engine.context, body))
+        gens = [Generation(served, p, adapter, fit, stop, logprobs=logprobs,
+                           echo=echo and logprobs is not None, max_new_tokens=0 if score_only else None)
+                for p, fit in zip(ids, fitted) for _ in range(n)]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-        def chunk(text, reason, start=False):
+        def chunk(text, reason, start=False, index=0, logprobs=None):
             if start:
                 return None
             return {"id": rid, "object": "text_completion", "created": created, "model": body["model"],
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+                    "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
 
         if body.get("stream"):
-            return stream(gen, http, chunk, usage_chunk)
-        text = await whole_unless_gone(served, gen, http)
-        answer = chunk(text, _reason(gen.finish_reason))
-        answer["usage"] = gen.usage()
-        return answer
+            return stream(gens[0], http, chunk, usage_chunk)
+        texts = await whole_unless_gone(served, gens, http)
+        choices = []
+        for i, (gen, text) in enumerate(zip(gens, texts)):
+            prompt = prompts[i // n]
+            if echo:
+                text = (prompt if isinstance(prompt, str) else tokenizer.decode(prompt)) + text
+            scores = gen.logprobs_of_completion(echo) if logprobs is not None else None
+            choices.append(chunk(text, _reason(gen.finish_reason), index=i, logprobs=scores)["choices"][0])
+        usage = [gen.usage() for gen in gens]
+        return {"id": rid, "object": "text_completion", "created": created, "model": body["model"],
+                "choices": choices, "usage": {k: sum(u[k] for u in usage) for k in usage[0]}}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
@@ -294,12 +397,21 @@ def create_app(served: Served, guard: Guard | None = None, adapter_root=None) ->
         usage_chunk = params.include_usage(body)
         messages = chat_messages(body)
         options, stop = sampling(body, served.max_new_tokens)
+        logprobs = _flag(body, "logprobs")
+        top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+        if top is not None and not logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+        if (body.get("n") or 1) > 1:
+            raise ApiError(400, "/v1/chat/completions supports n = 1 (send several requests)", "n", "invalid_value")
+        if logprobs and body.get("stream"):
+            raise ApiError(400, "'logprobs' is not supported with 'stream'", "logprobs", "invalid_value")
         try:
-            ids = served.formats[body["model"]].prompt_ids(messages)
+            ids = await off_loop(served.formats[body["model"]].prompt_ids, messages)
         except ChatFormatError as exc:
             raise ApiError(400, str(exc), "messages", "invalid_value") from None
+        Generation.fits(served, ids)
         options = params.fit_to_context(options, len(ids), served.engine.context, body)
-        gen = Generation(served, ids, adapter, options, stop)
+        gen = Generation(served, ids, adapter, options, stop, logprobs=(top or 0) if logprobs else None)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(text, reason, start=False):
@@ -309,9 +421,10 @@ def create_app(served: Served, guard: Guard | None = None, adapter_root=None) ->
 
         if body.get("stream"):
             return stream(gen, http, chunk, usage_chunk)
-        text = await whole_unless_gone(served, gen, http)
+        (text,) = await whole_unless_gone(served, [gen], http)
         return {"id": rid, "object": "chat.completion", "created": created, "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": gen.logprobs_of_chat() if logprobs else None,
                              "finish_reason": _reason(gen.finish_reason)}],
                 "usage": gen.usage()}
 

@@ -1,95 +1,145 @@
 """Continuous batching: one forward per generated token serves every active request, each row with its adapter.
 
-Requests wait in a queue; a background thread runs the loop:
+Requests wait in a queue; a loop (:meth:`Engine.run`, in one thread) repeats:
 
-1. **Join**: while fewer than ``max_batch_size`` requests are active, a waiting request is prefilled alone (its
-   prompt, with its adapter: base model + that adapter, or the base) and its first token chosen; it then joins.
-2. **Decode**: one forward over all active rows: each row's last token, its own position, and its own KV cache,
-   left-padded to the longest (padding masked out), with :func:`dorafit.per_row_adapters` giving every row its
-   adapter (the rows of one adapter share one low-rank product; DoRA's norms are cached). Each row's next token
-   is chosen from its logits (greedy, or sampled with the request's own seeded generator).
-3. **Leave**: a row that produced a stop token, reached its token limit or matched a stop string finishes; its
-   cache is dropped, and waiting requests may join before the next step.
+1. **Admit**: while fewer than ``max_batch_size`` requests are prefilling or decoding, a waiting request starts
+   prefilling, with a KV cache of its own (:class:`dorafit.serving.kv.RowCache`, one row).
+2. **Prefill one chunk**: the prefilling request with the fewest prompt tokens left runs its next
+   ``prefill_chunk`` prompt tokens (with its adapter), so a long prompt is prefilled over several iterations and
+   the requests already decoding keep producing a token per iteration meanwhile; a short prompt that arrives
+   behind a long one goes first. When its prompt is in, its first token is chosen and its row joins the batch.
+3. **Decode**: one forward over all decoding rows (each row's last token at its own position, rows right-aligned
+   in one preallocated batch cache, padding masked out), with :func:`dorafit.per_row_adapters` giving every row
+   its adapter. Each row's next token is chosen from its logits (greedy, or sampled with the request's own seeded
+   generator). A row that produced a stop token, reached its token limit or matched a stop string leaves.
 
-Each request's tokens are handed to its consumer as they are chosen (for streaming). A row's computation does
-not depend on the other rows beyond float rounding of batched matrix products, so a greedy request gets the
-tokens it would get alone.
+A row's computation does not depend on the other rows beyond float rounding of batched products, so a greedy
+request gets the tokens it would get alone, on every model kind :mod:`dorafit.serving.kv` serves (GQA,
+sliding-window and hybrid layers).
+
+Log-probabilities (``Request.logprobs``, ``Request.echo``) are ``log_softmax`` of the model's logits with the
+request's adapter (not of the temperature-scaled ones), for each chosen token and, with ``echo``, for each prompt
+token after the first.
+
+Failures: an exception while prefilling, choosing a token or handing it over fails only that request; after one in a
+batched decode forward, each row is run alone (on a copy of its cache) and the rows that fail alone fail (all of
+them if none does), the others go on. Each failed request gets ``error`` set and ends with
+reason ``"error"``; the exception is logged with its traceback and the loop goes on serving.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..generation import SamplingOptions, stop_ids
 from ..multi import per_row_adapters
+from .kv import RowCache, check_supported
+
+log = logging.getLogger("dorafit.serve")
 
 
 @dataclass
 class Request:
-    """One generation: prompt tokens, which adapter (None: the base), how to choose tokens, when to stop."""
+    """One generation: prompt tokens, which adapter (None: the base), how to choose tokens, when to stop.
+
+    The consumer gets ``on_token(token, None)`` per token and ``on_token(None, reason)`` at the end, from the
+    engine's thread; reason is "stop", "length", "cancelled" or "error" (then ``error`` says why). Log-
+    probabilities are appended to the lists below before the call that hands over their token (or the end)."""
 
     prompt: list[int]
     adapter: str | None
     options: SamplingOptions
     stop: list[str] = field(default_factory=list)
-    on_token: Callable[[int | None, str | None], None] | None = None  # (token, None) per token; (None, reason) at end
+    on_token: Callable[[int | None, str | None], None] | None = None
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False  # set by the consumer (a client that went away): the row leaves at the next step
+    logprobs: int | None = None  # None: none; k >= 0: each chosen token's log-probability and the k most likely
+    echo: bool = False  # score the prompt's tokens too (prompt_logprobs; the first token has none)
+    max_new_tokens: int | None = None  # overrides options.max_new_tokens; 0: only score the prompt (with echo)
+    # filled by the engine
+    scored: list[int] = field(default_factory=list)  # the chosen tokens, a stop token that ended it included
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def limit(self) -> int:
+        return self.options.max_new_tokens if self.max_new_tokens is None else self.max_new_tokens
 
 
 @dataclass
 class _Row:
     request: Request
-    cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys [1, heads, L, d], values)
-    length: int  # tokens in the cache
-    generated: list[int]
-    generator: torch.Generator | None
+    cache: RowCache | None  # its own while prefilling; None once it has joined the batch cache
+    done: int = 0  # prompt tokens prefilled
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    @property
+    def length(self) -> int:  # tokens in its cache
+        return self.done + len(self.generated) - (1 if self.generated else 0)
 
 
 class Engine:
     """The batching loop over one model (see the module docstring). ``submit`` is thread-safe."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 8, context: int | None = None):
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, context: int | None = None,
+                 prefill_chunk: int = 256):
+        check_supported(model.config)
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_batch_size = max_batch_size
+        self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.context = context or getattr(model.config, "max_position_embeddings", None)
+        self.n_layers = model.config.num_hidden_layers
         self.stops = set(stop_ids(model, tokenizer))
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.device = next(model.parameters()).device
         self.waiting: queue.Queue[Request] = queue.Queue()
-        self.active: list[_Row] = []
+        self.prefilling: list[_Row] = []
+        self.active: list[_Row] = []  # decoding; row i of self.cache is self.active[i]
+        self.cache: RowCache | None = None
         self.steps = 0  # batched decode forwards so far (for /health and tests)
         self.peak_batch = 0  # the most rows one decode forward has served
-        self.lock = threading.Lock()
+        self.failed = 0  # requests ended by an error
+        self.last_error: str | None = None
+        self.running = False  # the loop is running now
         self._stop = threading.Event()
+        self._draining = False
         self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
         self.calls: queue.Queue = queue.Queue()  # (function, future) to run between steps: call_between_steps
 
     # ---- control ---------------------------------------------------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         """Run the loop (:meth:`run`) in a thread of its own."""
         self._thread = threading.Thread(target=self.run, name="dorafit-engine", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 10) -> None:
+    def stop(self, timeout: float = 10, reason: str = "the server is shutting down") -> None:
+        """End the loop; every request still prefilling, decoding or waiting fails with ``reason``."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        for row in self.active:  # whatever is left ends as cancelled
-            self._finish(row, "cancelled")
-        self.active = []
+        self.drain(reason)
+
+    def drain(self, reason: str = "the server is shutting down") -> None:
+        """Fail every request in flight or waiting with ``reason`` (call it in the loop's thread, or after it has
+        ended); :attr:`stopping` is true from now on."""
+        self._draining = True
+        self._fail(self.prefilling + self.active, reason)
+        self.prefilling, self.active, self.cache = [], [], None
         while not self.waiting.empty():
-            self._end(self.waiting.get_nowait(), "cancelled")
+            self._fail([_Row(self.waiting.get_nowait(), None)], reason)
         while not self.calls.empty():
             self.calls.get_nowait()[1].cancel()
 
@@ -112,12 +162,17 @@ class Engine:
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     future.set_exception(exc)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set() or self._draining
+
     def submit(self, request: Request) -> None:
         self.waiting.put(request)
 
     def load(self) -> dict:
-        return {"active": len(self.active), "waiting": self.waiting.qsize(), "decode_steps": self.steps,
-                "peak_batch": self.peak_batch}
+        return {"running": self.running, "active": len(self.active), "prefilling": len(self.prefilling),
+                "waiting": self.waiting.qsize(), "decode_steps": self.steps, "peak_batch": self.peak_batch,
+                "failed_requests": self.failed}
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def run(self, until: Callable[[], bool] | None = None) -> None:
@@ -126,74 +181,147 @@ class Engine:
         On CPU, run it in the thread that loaded the model (the main thread): the same decoding ran markedly slower
         in another thread (benchmarks/serving.py: batched / one-at-a-time 1.44x-1.61x at 8 requests with the loop
         in a thread, 2.03x in the main thread). ``dorafit serve`` runs it there and its HTTP server in a thread."""
-        while not self._stop.is_set() and not (until is not None and until()):
-            try:
-                self._run_calls()
-                self._join()
-                if not self.active:
-                    try:
-                        self.waiting.put(self.waiting.get(timeout=0.05))  # sleep until a request comes
-                    except queue.Empty:
-                        pass
-                    continue
-                self._decode()
-            except Exception as exc:  # noqa: BLE001 - end every request with the error rather than hang
-                self.error = exc
-                for row in self.active:
-                    self._finish(row, "error")
-                self.active = []
+        self.running = True
+        try:
+            while not self._stop.is_set() and not (until is not None and until()):
+                try:
+                    self._iteration()
+                except Exception as exc:  # noqa: BLE001 - not expected (each step guards its requests): fail
+                    self._fail(self.prefilling + self.active, exc)  # what is in flight, and keep serving
+                    self.prefilling, self.active, self.cache = [], [], None
+        finally:
+            self.running = False
 
-    @torch.no_grad()
-    def _join(self) -> None:
-        while len(self.active) < self.max_batch_size:
+    def _iteration(self) -> None:
+        self._run_calls()
+        self._admit()
+        if not self.prefilling and not self.active:
+            try:
+                self.waiting.put(self.waiting.get(timeout=0.05))  # sleep until a request comes
+            except queue.Empty:
+                pass
+            return
+        if self.prefilling:
+            self._prefill_step()
+        if self.active:
+            self._decode()
+
+    def _forward(self, adapters: list[str | None], **inputs):
+        """The model's forward with row i using adapter ``adapters[i]`` (one place to observe or fault it)."""
+        with per_row_adapters(self.model, adapters):
+            return self.model(**inputs, use_cache=True)
+
+    def _admit(self) -> None:
+        while len(self.active) + len(self.prefilling) < self.max_batch_size:
             try:
                 request = self.waiting.get_nowait()
             except queue.Empty:
                 return
-            ids = torch.tensor([request.prompt], device=self.device)
-            with per_row_adapters(self.model, [request.adapter]):
-                out = self.model(input_ids=ids, use_cache=True)
-            cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-            generator = None
-            if not request.options.greedy:
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(request.options.seed if request.options.seed is not None
-                                      else int(time.time_ns()) & 0x7FFFFFFF)
-            row = _Row(request, cache, len(request.prompt), [], generator)
-            if not self._take(row, out.logits[0, -1]):
-                self.active.append(row)
+            row = _Row(request, RowCache(self.n_layers))
+            try:
+                if request.cancelled:
+                    self._end(request, "cancelled")
+                    continue
+                if not request.options.greedy:
+                    row.generator = torch.Generator(device=self.device)
+                    row.generator.manual_seed(request.options.seed if request.options.seed is not None
+                                              else time.time_ns() & 0xFFFFFFFFFFFF)
+                self.prefilling.append(row)
+            except Exception as exc:  # noqa: BLE001 - fail this request, keep serving
+                self._fail([row], exc)
+
+    @torch.no_grad()
+    def _prefill_step(self) -> None:
+        """The next chunk of the prefilling request with the fewest prompt tokens left."""
+        for row in [r for r in self.prefilling if r.request.cancelled]:
+            self.prefilling.remove(row)
+            self._end(row.request, "cancelled")
+        if not self.prefilling:
+            return
+        row = min(self.prefilling, key=lambda r: len(r.request.prompt) - r.done)
+        request = row.request
+        try:
+            start, end = row.done, min(row.done + self.prefill_chunk, len(request.prompt))
+            ids = torch.tensor([request.prompt[start:end]], device=self.device)
+            positions = torch.arange(start, end, device=self.device)[None]
+            out = self._forward([request.adapter], input_ids=ids, position_ids=positions, cache=row.cache,
+                                attention_mask=row.cache.attention_mask(end - start, self.device),
+                                logits_to_keep=0 if request.echo else 1)
+            row.done = end
+            if request.echo:
+                self._score_prompt(row, out.logits[0], start, end)
+            if end < len(request.prompt):
+                return
+            self.prefilling.remove(row)
+            if request.limit == 0:  # only the prompt's log-probabilities were asked for
+                self._end(request, "length")
+            elif not self._take(row, out.logits[0, -1]):
+                self._join(row)
+        except Exception as exc:  # noqa: BLE001 - fail this request, keep serving
+            if row in self.prefilling:
+                self.prefilling.remove(row)
+            self._fail([row], exc)
+
+    def _join(self, row: _Row) -> None:
+        if self.cache is None:
+            self.cache = row.cache
+        else:
+            self.cache.join(row.cache)
+        row.cache = None
+        self.active.append(row)
+
+    def _decode_forward(self, rows: list[_Row], cache: RowCache):
+        ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[r.length] for r in rows], device=self.device)
+        return self._forward([r.request.adapter for r in rows], input_ids=ids, position_ids=positions, cache=cache,
+                             attention_mask=cache.attention_mask(1, self.device))
 
     @torch.no_grad()
     def _decode(self) -> None:
-        from transformers import DynamicCache
-
-        rows = self.active
-        longest = max(r.length for r in rows)
-        layers = []
-        for i in range(len(rows[0].cache)):
-            keys = torch.cat([F.pad(r.cache[i][0], (0, 0, longest - r.length, 0)) for r in rows])  # (B, h, L, d)
-            values = torch.cat([F.pad(r.cache[i][1], (0, 0, longest - r.length, 0)) for r in rows])
-            layers.append((keys, values))
-        cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
-        mask = torch.zeros(len(rows), longest + 1, dtype=torch.long, device=self.device)  # (B, L + 1)
-        for i, r in enumerate(rows):
-            mask[i, longest - r.length:] = 1
-        ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)  # (B, 1)
-        positions = torch.tensor([[r.length] for r in rows], device=self.device)
-        with per_row_adapters(self.model, [r.request.adapter for r in rows]):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True)
+        rows, cache = self.active, self.cache
+        before = cache.length
+        try:
+            out = self._decode_forward(rows, cache)
+        except Exception as exc:  # noqa: BLE001 - find the rows it concerns, fail them, keep the others
+            cache.rewind(before)
+            self._isolate(rows, cache, exc)
+            return
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
-        still = []
+        keep = []
         for i, r in enumerate(rows):
-            pad = longest - r.length
-            r.cache = [(layer.keys[i : i + 1, :, pad:], layer.values[i : i + 1, :, pad:])
-                       for layer in out.past_key_values.layers]
-            r.length += 1
-            if not self._take(r, out.logits[i, -1]):
-                still.append(r)
-        self.active = still
+            try:
+                if not self._take(r, out.logits[i, -1]):
+                    keep.append(i)
+            except Exception as exc:  # noqa: BLE001 - fail this row only
+                self._fail([r], exc)
+        if len(keep) < len(rows):
+            self.active = [rows[i] for i in keep]
+            if keep:
+                cache.keep(keep)
+            else:
+                self.cache = None
+
+    def _isolate(self, rows: list[_Row], cache: RowCache, exc: Exception) -> None:
+        """After a batched decode forward failed: run each row alone (on a copy of its cache) to find the rows
+        that fail by themselves; fail those (all rows if none fails alone) and keep the others, which decode at
+        the next step."""
+        culprits = []
+        if len(rows) > 1:
+            for i, row in enumerate(rows):
+                try:
+                    self._decode_forward([row], cache.copy_rows([i]))
+                except Exception as alone:  # noqa: BLE001 - this row's own failure
+                    culprits.append((i, alone))
+        culprits = culprits or [(i, exc) for i in range(len(rows))]
+        for i, error in culprits:
+            self._fail([rows[i]], error)
+        keep = [i for i in range(len(rows)) if i not in {j for j, _ in culprits}]
+        self.active = [rows[i] for i in keep]
+        if keep:
+            cache.keep(keep)
+        else:
+            self.cache = None
 
     # ---- choosing tokens and stopping ------------------------------------------------------------------------
     def _choose(self, row: _Row, logits: torch.Tensor) -> int:
@@ -205,6 +333,8 @@ class Engine:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(0) - sorted_probs < options.top_p  # the smallest set reaching top_p
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        if not torch.isfinite(probs).all():
+            raise FloatingPointError("the token probabilities are not finite (the model's logits overflowed)")
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
     def _take(self, row: _Row, logits: torch.Tensor) -> bool:
@@ -213,6 +343,11 @@ class Engine:
         if request.cancelled:
             return self._finish(row, "cancelled")
         token = self._choose(row, logits)
+        if request.logprobs is not None:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            request.scored.append(token)
+            request.token_logprobs.append(float(logp[token]))
+            request.top_logprobs.append(_top(logp, request.logprobs))
         if token in self.stops:
             return self._finish(row, "stop")
         row.generated.append(token)
@@ -222,17 +357,56 @@ class Engine:
             text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
             if any(s in text for s in request.stop):
                 return self._finish(row, "stop")
-        if len(row.generated) >= request.options.max_new_tokens:
+        if len(row.generated) >= request.limit:
             return self._finish(row, "length")
         if self.context and row.length + 1 >= self.context:
             return self._finish(row, "length")
         return False
 
+    @staticmethod
+    def _score_prompt(row: _Row, logits: torch.Tensor, start: int, end: int) -> None:
+        """Log-probabilities of prompt tokens ``start + 1 .. end`` (within the prompt) from this chunk's logits."""
+        request = row.request
+        if start == 0:
+            request.prompt_logprobs.append(None)
+            request.prompt_top_logprobs.append(None)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (chunk, vocab): position j predicts token start + j + 1
+        targets = request.prompt[start + 1:end + 1]
+        chosen = logp[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)]
+        request.prompt_logprobs.extend(chosen.tolist())
+        k = request.logprobs or 0
+        request.prompt_top_logprobs.extend(_top(logp[j], k) for j in range(len(targets)))
+
     def _finish(self, row: _Row, reason: str) -> bool:
         self._end(row.request, reason)
         return True
+
+    def _fail(self, rows: list[_Row], error: BaseException | str) -> None:
+        """End these rows' requests with reason "error" (logged with its traceback when it is an exception)."""
+        if not rows:
+            return
+        message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        if isinstance(error, BaseException):
+            log.error("generation failed for request(s) %s", ", ".join(str(r.request.id) for r in rows),
+                      exc_info=error)
+            self.last_error = message
+        for row in rows:
+            row.request.error = message
+            self.failed += 1
+            try:
+                self._end(row.request, "error")
+            except Exception:  # a consumer that cannot be told must not stop the others
+                log.exception("could not hand request %s its error", row.request.id)
 
     @staticmethod
     def _end(request: Request, reason: str) -> None:
         if request.on_token:
             request.on_token(None, reason)
+
+
+def _top(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely tokens with their log-probabilities, most likely first."""
+    if k <= 0:
+        return []
+    values, ids = logp.topk(k)
+    return list(zip(ids.tolist(), values.tolist()))

@@ -81,7 +81,8 @@ class AdapterLoader:
 
 
 def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: str = "float32",
-                 max_batch_size: int = 8, max_new_tokens: int = 256, quantize: str | None = None) -> Served:
+                 max_batch_size: int = 8, max_new_tokens: int = 256, quantize: str | None = None,
+                 prefill_chunk: int = 256) -> Served:
     base_folder = resolve_model(model)
     loaded = load_causal_lm(base_folder)
     tokenizer = loaded.tokenizer
@@ -101,5 +102,5 @@ def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: st
         folder, fmt = loader.source(name, path)
         loader.load(name, folder)
         formats[name], sources[name] = fmt, str(path)
-    engine = Engine(net, tokenizer, max_batch_size=max_batch_size)
+    engine = Engine(net, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
     return Served(engine, base_name, formats, sources, max_new_tokens, loader)
