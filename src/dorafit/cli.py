@@ -1,7 +1,9 @@
 """The ``dorafit`` command line: one sub-command per module under :mod:`dorafit.commands`.
 
 Each command module defines ``register(subparsers)``, which adds its parser and sets ``func`` (a callable
-taking the parsed ``argparse.Namespace`` and returning an exit code).
+taking the parsed ``argparse.Namespace`` and returning an exit code). Command modules import heavy libraries
+(torch, transformers) only inside ``func``: ``dorafit --help``, ``--version`` and ``dorafit COMMAND --help`` import
+neither.
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ def quiet_imports() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser: an unknown argument is reported with the sub-command's usage line (argparse leaves
+    unknown arguments to the top-level parser, whose usage says nothing about the sub-command's options)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -35,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dorafit", description="Fine-tune pretrained models with LoRA, DoRA and their relatives."
     )
     parser.add_argument("--version", action="version", version=f"dorafit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
     for name in COMMANDS:
         importlib.import_module(f"dorafit.commands.{name}").register(sub)
     return parser

@@ -20,9 +20,11 @@ import ctypes
 import gc
 import importlib.util
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used: the command line imports this module for KINDS
+    import torch
+    from torch import nn
 
 KINDS = ("nf4", "fp4", "int8")
 INSTALL = "pip install 'dorafit[quant]' (bitsandbytes)"
@@ -46,9 +48,17 @@ def require_bitsandbytes(what: str = "quantization") -> None:
         raise ValueError(f"{what} needs the bitsandbytes package; install it with: {INSTALL}")
 
 
-@torch.no_grad()
 def quantized_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """A bitsandbytes layer holding ``linear``'s weight quantized as ``kind`` (and its bias as it is), frozen."""
+    import torch
+
+    with torch.no_grad():
+        return _quantized_linear(linear, kind, compute_dtype)
+
+
+def _quantized_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype | None) -> nn.Module:
+    from torch import nn
+
     if kind not in KINDS:
         raise ValueError(f"unknown quantization {kind!r}; choose one of {', '.join(KINDS)}")
     require_bitsandbytes()
@@ -105,8 +115,9 @@ def quantize_model(model: nn.Module, kind: str, skip: list[str] | tuple[str, ...
     if kind not in KINDS:
         raise ValueError(f"unknown quantization {kind!r}; choose one of {', '.join(KINDS)}")
     require_bitsandbytes()
-    from .dequantize import set_submodule
+    from torch import nn
 
+    from .dequantize import set_submodule
     from .inject import find_modules
 
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -11,6 +11,8 @@ import argparse
 import copy
 from pathlib import Path
 
+from .common import add_compute_arguments, use_threads
+
 FORMATS = ("peft",)
 
 
@@ -34,6 +36,7 @@ def register(subparsers) -> None:
     parser.add_argument("--check", type=int, default=8, metavar="N",
                         help="for a run folder: compare PEFT's outputs with dorafit's on N test examples (0: skip; "
                         "default: 8)")
+    add_compute_arguments(parser, device="cpu")
     parser.set_defaults(func=main)
 
 
@@ -107,12 +110,13 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"{out} exists and is not an empty folder; choose another --out or remove it")
         setup = None
         if (run / rundir.CONFIG).is_file():
-            setup = load_trained(run, device="cpu")
+            setup = load_trained(run, args.device, args.threads)
             if setup.cfg.method == "full":
                 raise ValueError(f"{run} is a full fine-tuning run: it has no adapter to export (dorafit merge "
                                  "writes its model)")
             model, name = setup.model, args.name or str(setup.loaded.folder)
         elif (run / CONFIG_FILE).is_file():
+            use_threads(args)  # exported as saved: no model runs on --device
             model = _adapted_from_adapter_folder(run, args.base_model)
             name = args.name
         else:
