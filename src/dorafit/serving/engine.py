@@ -129,7 +129,7 @@ class Engine:
             ids = torch.tensor([request.prompt], device=self.device)
             with per_row_adapters(self.model, [request.adapter]):
                 out = self.model(input_ids=ids, use_cache=True)
-            cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            cache = [(layer.keys, layer.values) for layer in out.cache.layers]
             generator = None
             if not request.options.greedy:
                 generator = torch.Generator(device=self.device)
@@ -157,7 +157,7 @@ class Engine:
         ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)  # (B, 1)
         positions = torch.tensor([[r.length] for r in rows], device=self.device)
         with per_row_adapters(self.model, [r.request.adapter for r in rows]):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                              use_cache=True)
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
@@ -165,7 +165,7 @@ class Engine:
         for i, r in enumerate(rows):
             pad = longest - r.length
             r.cache = [(layer.keys[i : i + 1, :, pad:], layer.values[i : i + 1, :, pad:])
-                       for layer in out.past_key_values.layers]
+                       for layer in out.cache.layers]
             r.length += 1
             if not self._take(r, out.logits[i, -1]):
                 still.append(r)
