@@ -53,8 +53,8 @@ def test_under_the_avx512_kernel_chunks_of_rows_and_the_whole_weight_disagree(mo
         rows = 64 // inp if inp < 64 else 1
         chunks = torch.cat([
             torch.ops.bitsandbytes.dequantize_4bit.default(
-                codes.reshape(-1)[s * inp // 2 : (s + rows) * inp // 2], state.absmax[s * inp // 64 : (s + rows) * inp // 64],
-                64, "nf4", [rows, inp], torch.float32)
+                codes.reshape(-1)[s * inp // 2 : (s + rows) * inp // 2],
+                state.absmax[s * inp // 64 : (s + rows) * inp // 64], 64, "nf4", [rows, inp], torch.float32)
             for s in range(0, 8, rows)])
         assert torch.equal(chunks, whole) != differ
 

@@ -127,7 +127,8 @@ def test_files_respect_the_umask_and_leftovers_are_removed(tmp_path, assets):  #
     try:
         run = tmp_path / "run"
         assert run_cli("train", *base_args(assets, run, 2))[0] == 0
-        assert run_cli("merge", run, "--out", tmp_path / "merged", "--check", 0, "--threads", 1, "--device", "cpu")[0] == 0
+        done = run_cli("merge", run, "--out", tmp_path / "merged", "--check", 0, "--threads", 1, "--device", "cpu")
+        assert done[0] == 0, done
     finally:
         os.umask(old)
     for name in ("config.json", "metrics.jsonl", "eval.json", "checkpoint.safetensors", "adapter/adapter.safetensors"):

@@ -72,8 +72,8 @@ def _quantized_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype |
     else:
         blocksize = blocksize_for(linear.in_features)
         if blocksize is None:
-            raise ValueError(f"a {kind} layer needs an input width that is a multiple of {BLOCKSIZES[-1]}; this one has "
-                             f"{linear.in_features} (leave it in float)")
+            raise ValueError(f"a {kind} layer needs an input width that is a multiple of {BLOCKSIZES[-1]}; this one "
+                             f"has {linear.in_features} (leave it in float)")
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
                                   compute_dtype=compute_dtype or dtype, compress_statistics=True, quant_type=kind)
         layer.weight.blocksize = blocksize  # used by the quantizing move below

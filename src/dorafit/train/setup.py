@@ -130,7 +130,11 @@ def enable_gradient_checkpointing(model) -> None:
     checkpointing, so frozen inputs need no gradient and the adapter gradients are unchanged)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support gradient checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5 (the old warns)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _adapt_from(cfg: TrainConfig, model, labels: list[str] | None) -> tuple[TrainConfig, list[str], list[str]]:
