@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import warnings
 from pathlib import Path
 
 from .common import add_compute_arguments, use_threads
@@ -80,16 +79,14 @@ def _check_with_peft(setup, out: Path, n: int) -> None:
         print("not checked: the peft package is not installed (pip install peft)")
         return
     from ..inject import unload
+    from ..peft_format import peft_deprecation_quiet
     from ..train.merge import check_examples
 
     examples = check_examples(setup, n)
     if not examples:
         return
     ours = setup.task.check_outputs(setup.model.eval(), examples, setup.device)
-    with warnings.catch_warnings():
-        # PeftModel reads the model's is_gradient_checkpointing, an alias transformers 5 deprecates with a
-        # FutureWarning (PEFT's code, not this check's); the model here is never checkpointed
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with peft_deprecation_quiet():
         theirs_model = PeftModel.from_pretrained(unload(copy.deepcopy(setup.model)), out).eval()
     theirs = setup.task.check_outputs(theirs_model, examples, setup.device)
     diff = float((ours - theirs).abs().max())
