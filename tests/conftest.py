@@ -156,3 +156,33 @@ def adapted(layer_case, method):
     randomize_adapter(model)
     x = layer_case.make_input(torch.Generator().manual_seed(2))
     return layer_case, base, model, x
+
+
+#: CPU features whose kernels give different numbers (bitsandbytes' AVX512 4-bit dequantization, its AVX512-BF16
+#: repacking, oneDNN's AMX paths), named in the session header so a failure report says which ran
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """Which of :data:`CPU_FEATURES` the first CPU's ``flags`` line lists (empty where there is no such file)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [name for name in CPU_FEATURES if name in flags]
+
+
+def cpu_line() -> str:
+    return (f"cpu: {', '.join(cpu_features()) or 'none of ' + ', '.join(CPU_FEATURES)}; "
+            f"torch's CPU capability: {torch.backends.cpu.get_cpu_capability()}")
+
+
+def pytest_report_header(config) -> str:
+    return cpu_line()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The same line at the end, where the project's quiet default (``-q``) leaves out the header."""
+    if config.get_verbosity() < 0:
+        terminalreporter.write_line(cpu_line())

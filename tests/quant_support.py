@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -91,3 +93,30 @@ class Holder(nn.Module):
 
     def forward(self, x):
         return self.layer(x)
+
+
+def dequantize_4bit_reference(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                              shape, dtype: torch.dtype, avx512: bool = False) -> torch.Tensor:
+    """bitsandbytes' 4-bit dequantization in plain torch: element (r, c) of an [m, n] weight is
+    ``code_table[nibble] * absmax[(r n + c) // blocksize]`` (the flat block that quantized it; the scalar CPU
+    kernel and CUDA). With ``avx512``, as bitsandbytes' AVX512 CPU kernel computes it (csrc/cpu_ops.cpp,
+    ``dequantizeBlockwise4bitCpu``, taken when ``n % 16 == 0``): the scale index is
+    ``r * (n // blocksize) + c // blocksize``, which is the flat block only when ``n % blocksize == 0``."""
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    m, n = math.prod(shape[:-1]), shape[-1]
+    raw = codes.view(torch.uint8).reshape(-1)
+    nibbles = torch.stack([raw >> 4, raw & 0xF], dim=1).reshape(-1)[: m * n].long()
+    values = _get_4bit_code(quant_type, raw.device)[nibbles].view(m, n)
+    r, c = torch.arange(m).unsqueeze(1), torch.arange(n)
+    index = r * (n // blocksize) + c // blocksize if avx512 and n % 16 == 0 else (r * n + c) // blocksize
+    return (values * absmax.float()[index]).reshape(shape).to(dtype)
+
+
+def emulate_avx512_dequantize(monkeypatch) -> None:
+    """Make every ``torch.ops.bitsandbytes.dequantize_4bit`` call (the library's products and dorafit's) compute
+    what it computes on an AVX512 CPU, on any CPU."""
+    def avx512(codes, absmax, blocksize, quant_type, shape, dtype):
+        return dequantize_4bit_reference(codes, absmax, blocksize, quant_type, shape, dtype, avx512=True)
+
+    monkeypatch.setattr(torch.ops.bitsandbytes, "dequantize_4bit", types.SimpleNamespace(default=avx512))

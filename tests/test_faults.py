@@ -127,10 +127,14 @@ def test_files_respect_the_umask_and_leftovers_are_removed(tmp_path, assets):  #
     try:
         run = tmp_path / "run"
         assert run_cli("train", *base_args(assets, run, 2))[0] == 0
+        done = run_cli("merge", run, "--out", tmp_path / "merged", "--check", 0, "--threads", 1, "--device", "cpu")
+        assert done[0] == 0, done
     finally:
         os.umask(old)
     for name in ("config.json", "metrics.jsonl", "eval.json", "checkpoint.safetensors", "adapter/adapter.safetensors"):
         assert (run / name).stat().st_mode & 0o777 == 0o644, name
+    merged = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "merged").iterdir()}
+    assert "model.safetensors" in merged and set(merged.values()) == {0o644}, merged
     # what a process killed while writing leaves behind is removed by the next run on the folder
     leftovers = [run / ".checkpoint.safetensors.x1y2.tmp", run / "adapter" / ".adapter.safetensors.abc.tmp"]
     for path in leftovers:

@@ -123,8 +123,9 @@ def test_chunked_weight_times_factor_gradient(monkeypatch):
     import dorafit.layers.quantized as Q
 
     monkeypatch.setattr(Q, "CHUNK_ELEMENTS", 3000)
-    kind, model = _adapted("bnb-fp4-double-unaligned", "dora")
+    kind, model = _adapted("bnb-nf4", "dora")  # in = 256, a multiple of the block: read a block of rows at a time
     layer = model.layer
+    assert len(list(layer.dorafit.ops.row_chunks(layer))) > 1
     w0 = dequantized(layer, kind)
     q = torch.randn(3, kind.in_features, requires_grad=True)
     g = torch.randn(128, 3)

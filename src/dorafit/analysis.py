@@ -226,13 +226,14 @@ def _full_weights(model: nn.Module, steps: list[tuple[int, Path]], modules, run_
         yield step, result
 
 
-def run_points(run_dir: Path, modules: list[str] | None = None, label: str | None = None) -> list[Point]:
+def run_points(run_dir: Path, modules: list[str] | None = None, label: str | None = None,
+               device: str = "cpu") -> list[Point]:
     """One :class:`Point` per snapshot step and selected layer of a run; ``label`` (default: the method) names it.
 
-    The run's base model is loaded once; adapter snapshots are set into it in turn.
+    The run's base model is loaded once (on ``device``: auto, cpu or cuda); adapter snapshots are set into it in turn.
     """
     from .train.models import resolve_model
-    from .train.setup import stored_config
+    from .train.setup import pick_device, stored_config
     from .train.tasks import by_kind
 
     run_dir = Path(run_dir)
@@ -242,7 +243,7 @@ def run_points(run_dir: Path, modules: list[str] | None = None, label: str | Non
                          "weights and does not analyse a quantized base yet: analyse a run trained without --quantize")
     steps = snapshots(run_dir)
     model = by_kind(resolved["kind"]).load_model(resolve_model(cfg.model), resolved).model
-    model.requires_grad_(False)
+    model.requires_grad_(False).to(pick_device(device))
     weights = _full_weights if cfg.method == "full" else _adapter_weights
     label = label or cfg.method
     points = []
@@ -254,12 +255,12 @@ def run_points(run_dir: Path, modules: list[str] | None = None, label: str | Non
 
 
 def analyze_runs(runs: list[Path], out: Path, modules: list[str] | None = None, labels: list[str] | None = None,
-                 title: str = "") -> dict:
+                 title: str = "", device: str = "cpu") -> dict:
     """The analysis of ``runs`` into ``out``: decomposition.csv (every point), decomposition.png and summary.json
     (fit and plot without step 0). Returns the summary."""
     points = []
     for i, run in enumerate(runs):
-        points.extend(run_points(run, modules, labels[i] if labels else None))
+        points.extend(run_points(run, modules, labels[i] if labels else None, device))
     trained = [p for p in points if p.step > 0]
     if not trained:
         raise ValueError("the runs have snapshots at step 0 only; train them with --save-every N for N below the "

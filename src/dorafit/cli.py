@@ -1,7 +1,9 @@
 """The ``dorafit`` command line: one sub-command per module under :mod:`dorafit.commands`.
 
 Each command module defines ``register(subparsers)``, which adds its parser and sets ``func`` (a callable
-taking the parsed ``argparse.Namespace`` and returning an exit code).
+taking the parsed ``argparse.Namespace`` and returning an exit code). Command modules import heavy libraries
+(torch, transformers) only inside ``func``: ``dorafit --help``, ``--version`` and ``dorafit COMMAND --help`` import
+neither.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,8 +27,36 @@ QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes.autograd._funct
 
 
 def quiet_imports() -> None:
+    """Before the libraries are imported: torchao, for one, logs at import that it cannot load its CUDA kernels
+    (``Failed to load ..._C_cutlass_90a.abi3.so``), which on a CPU-only torch is expected and harmless."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def progress_bars_on_terminal_only() -> None:
+    """Progress bars only where stderr is a terminal (or with DORAFIT_PROGRESS=1, as dorafit's own bars): in a log
+    file every redraw of a bar would be kept. Off through the libraries' own switches (tqdm's ``TQDM_DISABLE``,
+    huggingface_hub's ``HF_HUB_DISABLE_PROGRESS_BARS``, which transformers' bars follow), set before they are
+    imported, and transformers' switch where it already is."""
+    if sys.stderr.isatty() or os.environ.get("DORAFIT_PROGRESS") == "1":
+        return
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser: an unknown argument is reported with the sub-command's usage line (argparse leaves
+    unknown arguments to the top-level parser, whose usage says nothing about the sub-command's options)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dorafit", description="Fine-tune pretrained models with LoRA, DoRA and their relatives."
     )
     parser.add_argument("--version", action="version", version=f"dorafit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
     for name in COMMANDS:
         importlib.import_module(f"dorafit.commands.{name}").register(sub)
     return parser
@@ -53,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_imports()
     parser = build_parser()
     args = parser.parse_args(argv)
+    progress_bars_on_terminal_only()
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
     try:

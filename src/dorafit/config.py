@@ -7,14 +7,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-from torch import nn
-
 from . import fields
 from .fields import option
 
 #: how targets are named: a list of names (a module matches if its full name equals one or ends with
 #: "." + one), a regular expression string (full match on the module name), or a (name, module) -> bool callable.
-Targets = Union[list[str], str, Callable[[str, nn.Module], bool]]
+Targets = Union[list[str], str, Callable[[str, Any], bool]]  # the callable: (name, module) -> bool
 
 METHODS = ("lora", "dora", "vera", "dvora")
 #: methods that decompose the weight into magnitude and direction (DoRA-style)

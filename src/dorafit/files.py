@@ -1,10 +1,14 @@
-"""Atomic file writes: write to a temporary file in the same folder, fsync, then rename over the target.
+"""Atomic file and folder writes, with the permissions the umask gives.
 
-A reader (or a run restarted after kill -9) sees either the old file or the new one, never half of one. The file
-gets the permissions an ordinary ``open(path, "w")`` would give (0666 less the umask), not the temporary file's
-private 0600. A failed write (full disk, read-only folder) removes its temporary file and raises an OSError whose
-message names the file and says what to do. Temporary files a killed process left behind (``.NAME.*.tmp``) are
-found by :func:`stale_temporary_files`.
+A file is written to a temporary file in the same folder, fsynced, then renamed over the target; a folder
+(:func:`atomic_folder`) is written into a temporary folder beside it, then renamed. A reader (or a run restarted
+after kill -9) sees either the old file or the new one, never half of one. Everything written gets the permissions
+an ordinary ``open(path, "w")`` or ``mkdir`` would give (0666 / 0777 less the umask, :func:`umask_permissions`), not
+the private 0600 / 0700 of temporary files (``mkstemp``, ``mkdtemp``, and transformers' ``save_pretrained``, which
+writes ``model.safetensors`` through one). A failed write (full disk, read-only folder) removes its temporary file and
+raises an OSError whose message names the file and says what to do. Temporary files a killed process left behind
+(``.NAME.*.tmp``) are found by :func:`stale_temporary_files`. A cache folder that several processes may want at once
+is built by :func:`cached_folder`: one builds it, under a lock file, the others wait and use it.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
 
 TEMP_SUFFIX = ".tmp"
 
@@ -50,6 +56,77 @@ def io_error(exc: OSError, path, doing: str) -> FileError:
     return FileError(exc.errno, f"cannot {doing} {path}: {why}; {hint}")
 
 
+def umask_permissions(path: str | os.PathLike) -> None:
+    """Give ``path``, and for a folder everything under it, the permissions the umask gives a new file or folder:
+    0777 less the umask for folders and executable files, 0666 less the umask for other files (links untouched)."""
+    mask = current_umask()
+    root = Path(path)
+    for item in [root, *sorted(root.rglob("*"))] if root.is_dir() and not root.is_symlink() else [root]:
+        if item.is_symlink():
+            continue
+        full = 0o777 if item.is_dir() or item.stat().st_mode & 0o111 else 0o666
+        os.chmod(item, full & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
+    """Write the folder ``dest`` all at once: yields a temporary folder beside it to write into; when the block
+    ends without an error the folder gets the umask's permissions (:func:`umask_permissions`) and is renamed to
+    ``dest``, replacing a folder already there. On an error the temporary folder is removed and ``dest`` is left
+    as it was."""
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as exc:
+        raise io_error(exc, dest, "write") from None
+    try:
+        yield work
+        umask_permissions(work)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(work, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(work, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _fsync_dir(dest.parent)
+
+
+def cached_folder(target: str | os.PathLike, build: Callable[[Path], None], complete: str = "config.json") -> Path:
+    """``target``, built by ``build(folder)`` unless it is complete already (holds the file ``complete``).
+
+    Safe when several processes want it at once: the build runs under a lock file beside it (``.NAME.lock``, the
+    ``filelock`` package, as the Hugging Face cache uses); a process that finds the lock taken says so, waits,
+    and then uses the folder the other built. ``build`` writes into a temporary folder (:func:`atomic_folder`),
+    so a build that is killed or fails leaves no half-written ``target``."""
+    from filelock import FileLock, Timeout
+
+    target = Path(target)
+    if (target / complete).is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(target.with_name(f".{target.name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"waiting for another process that is building {target}", file=sys.stderr, flush=True)
+            lock.acquire()
+    except OSError as exc:
+        raise io_error(exc, target, "build") from None
+    try:
+        if not (target / complete).is_file():
+            with atomic_folder(target) as work:
+                build(work)
+    finally:
+        lock.release()
+    return target
+
+
 def atomic_write_figure(path: str | os.PathLike, fig) -> None:
     """A matplotlib figure as a PNG (120 dpi), written atomically like :func:`atomic_write_bytes`."""
     buf = io.BytesIO()
@@ -69,7 +146,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())
+        umask_permissions(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):

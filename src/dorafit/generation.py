@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass
 from typing import Callable, Optional
 
-import torch
-
 from . import fields
 from .fields import option
 
@@ -59,10 +57,12 @@ def stop_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-@torch.no_grad()
 def generate_ids(model, tokenizer, prompts: list[list[int]], options: SamplingOptions, streamer=None,
                  device=None) -> list[list[int]]:
-    """The new tokens generated after each prompt (a batch, left-padded), up to the first stop token (kept out)."""
+    """The new tokens generated after each prompt (a batch, left-padded), up to the first stop token (kept out);
+    ``model.generate`` runs without gradients."""
+    import torch  # here: the command line imports this module for SamplingOptions, and --help must not load torch
+
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -32,6 +32,7 @@ PEFT option dorafit cannot honour is refused on import, by name; nothing is drop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -532,3 +533,12 @@ def import_peft(model: nn.Module, path: str | os.PathLike, extra_trainable: list
         raise
     return names
 
+
+@contextlib.contextmanager
+def peft_deprecation_quiet():
+    """Around PEFT's own model wrapping (``PeftModel.from_pretrained``, ``get_peft_model``): PEFT 0.21 reads the
+    model's ``is_gradient_checkpointing``, an alias transformers 5 deprecates with a FutureWarning at every read.
+    The warning is about PEFT's code, not the caller's; this hides that one warning and no other."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

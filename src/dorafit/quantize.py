@@ -4,12 +4,14 @@
     dorafit.apply(model, dorafit.AdapterConfig(method="dora", targets=[...]))
 
 Kinds: ``nf4`` and ``fp4`` (``bnb.nn.Linear4bit``, blocks of 64, double quantization of the block scales, as
-QLoRA), ``int8`` (``bnb.nn.Linear8bitLt``, LLM.int8 with transformers' default outlier threshold 6.0). The 4-bit
+QLoRA; blocks of 32 for a layer whose input width is a multiple of 32 but not of 64, see :func:`blocksize_for`),
+``int8`` (``bnb.nn.Linear8bitLt``, LLM.int8 with transformers' default outlier threshold 6.0). The 4-bit
 compute dtype is the layer's own dtype unless given. Layers are quantized where their weight is (CPU or GPU),
 one at a time, so a model never needs more than its float size plus one layer. Not quantized: the model's output
 layer (often tied to the input embeddings), layers named in ``skip`` (names or name suffixes, as adapter targets, and
 everything under them: e.g. a classification head that trains in full) and any layer whose weight another
-module shares.
+module shares, and, for the 4-bit kinds, a layer whose input width is no multiple of 32 (left in float, with a
+warning naming it).
 """
 
 from __future__ import annotations
@@ -17,12 +19,28 @@ from __future__ import annotations
 import ctypes
 import gc
 import importlib.util
+import warnings
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used: the command line imports this module for KINDS
+    import torch
+    from torch import nn
 
 KINDS = ("nf4", "fp4", "int8")
 INSTALL = "pip install 'dorafit[quant]' (bitsandbytes)"
+#: the 4-bit block sizes tried, in order: QLoRA's 64, then bitsandbytes' smallest
+BLOCKSIZES = (64, 32)
+
+
+def blocksize_for(in_features: int) -> int | None:
+    """The block size of a 4-bit layer with ``in_features`` inputs: the first of :data:`BLOCKSIZES` dividing it,
+    else None (the layer is not quantized).
+
+    A block must never span two rows: bitsandbytes' AVX512 CPU kernel reads row ``r``'s scale for column ``c`` at
+    ``r * (in // blocksize) + c // blocksize`` rather than at the block ``(r * in + c) // blocksize`` that quantized
+    it, so with ``in % blocksize != 0`` an AVX512 CPU would dequantize (and train on) another W0 than other CPUs
+    and CUDA do (docs/incoming/bnb-avx512-bug.md)."""
+    return next((size for size in BLOCKSIZES if in_features % size == 0), None)
 
 
 def require_bitsandbytes(what: str = "quantization") -> None:
@@ -30,9 +48,17 @@ def require_bitsandbytes(what: str = "quantization") -> None:
         raise ValueError(f"{what} needs the bitsandbytes package; install it with: {INSTALL}")
 
 
-@torch.no_grad()
 def quantized_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """A bitsandbytes layer holding ``linear``'s weight quantized as ``kind`` (and its bias as it is), frozen."""
+    import torch
+
+    with torch.no_grad():
+        return _quantized_linear(linear, kind, compute_dtype)
+
+
+def _quantized_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype | None) -> nn.Module:
+    from torch import nn
+
     if kind not in KINDS:
         raise ValueError(f"unknown quantization {kind!r}; choose one of {', '.join(KINDS)}")
     require_bitsandbytes()
@@ -44,8 +70,13 @@ def quantized_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype | 
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
                                     threshold=6.0)
     else:
+        blocksize = blocksize_for(linear.in_features)
+        if blocksize is None:
+            raise ValueError(f"a {kind} layer needs an input width that is a multiple of {BLOCKSIZES[-1]}; this one "
+                             f"has {linear.in_features} (leave it in float)")
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
                                   compute_dtype=compute_dtype or dtype, compress_statistics=True, quant_type=kind)
+        layer.weight.blocksize = blocksize  # used by the quantizing move below
         # keep the canonical layout: on an AVX512-BF16 CPU the library would repack the weight in place at the
         # first eval forward, after which its rows no longer dequantize block by block
         layer.support_avx512bf16_for_cpu = False
@@ -84,8 +115,9 @@ def quantize_model(model: nn.Module, kind: str, skip: list[str] | tuple[str, ...
     if kind not in KINDS:
         raise ValueError(f"unknown quantization {kind!r}; choose one of {', '.join(KINDS)}")
     require_bitsandbytes()
-    from .dequantize import set_submodule
+    from torch import nn
 
+    from .dequantize import set_submodule
     from .inject import find_modules
 
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -96,6 +128,13 @@ def quantize_model(model: nn.Module, kind: str, skip: list[str] | tuple[str, ...
         if type(module) is nn.Linear and module is not output and id(module.weight) not in shared
         and not any(name == s or name.startswith(s + ".") for s in skipped)
     ]
+    if kind != "int8":
+        unfit = [name for name in names if blocksize_for(model.get_submodule(name).in_features) is None]
+        if unfit:
+            warnings.warn(f"{len(unfit)} linear layer(s) left in float ({', '.join(unfit[:3])}"
+                          f"{', ...' if len(unfit) > 3 else ''}): {kind} needs an input width that is a multiple of "
+                          f"{BLOCKSIZES[-1]}, so that every CPU reads the block scales alike", stacklevel=2)
+            names = [name for name in names if name not in unfit]
     for name in names:
         set_submodule(model, name, quantized_linear(model.get_submodule(name), kind, compute_dtype))
     _return_freed_memory()

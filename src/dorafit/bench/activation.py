@@ -30,11 +30,12 @@ import dataclasses
 from typing import Callable
 
 import dorafit
+from dorafit.train.setup import enable_gradient_checkpointing
 
 from .measure import interleaved_times, median_ms
 from .models import Workload, dorafit_config, shared_copy
-from .report import _fmt, ratio_table, table_ratios
-from .suite import MIB, Trainer
+from .tables import _fmt, ratio_table, table_ratios
+from .trainer import MIB, Trainer
 
 # name: (method, magnitude_grad, activation checkpointing)
 VARIANTS = {
@@ -76,7 +77,7 @@ def build(workload: Workload, name: str):
     config = dataclasses.replace(dorafit_config(workload, method), magnitude_grad=magnitude_grad)
     dorafit.apply(model, config)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     return model
 
 

@@ -34,8 +34,8 @@ from torch import nn
 
 from .measure import interleaved_times, median_ms
 from .models import DTYPES, Workload, build_variant, shared_copy
-from .report import _fmt, ratio_table, table_ratios
-from .suite import MIB, Trainer, selected
+from .tables import _fmt, ratio_table, table_ratios
+from .trainer import MIB, Trainer, selected
 
 VARIANTS = ("base", "lora", "dora", "peft_dora")
 # (key, label, section, numerator, denominator, target)

@@ -186,13 +186,16 @@ def peft_model(model: nn.Module, workload: Workload, method: str) -> nn.Module:
     """PEFT's LoRA, DoRA (``LoraConfig(use_dora=True)``) or VeRA (``VeraConfig``) on the workload's targets."""
     from peft import LoraConfig, VeraConfig, get_peft_model
 
+    from ..peft_format import peft_deprecation_quiet
+
     s = workload.spec
     if method == "vera":
         cfg = VeraConfig(r=s.vera_r, target_modules=workload.targets, vera_dropout=0.0)
     else:
         cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, target_modules=workload.targets, lora_dropout=0.0,
                          use_dora=method == "dora")
-    return get_peft_model(model, cfg)
+    with peft_deprecation_quiet():
+        return get_peft_model(model, cfg)
 
 
 def train_variants() -> tuple[str, ...]:

@@ -20,7 +20,7 @@ import torch
 
 from .measure import peak_rss_bytes, reset_peak_rss, rss_bytes
 from .models import QUANTIZED_VARIANTS, WorkloadSpec, build_workload
-from .suite import MIB, Trainer
+from .trainer import MIB, Trainer
 
 
 def main(argv: list[str]) -> int:

@@ -6,7 +6,6 @@ import datetime
 import os
 import platform
 import socket
-import statistics
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,9 @@ import torch
 import dorafit
 
 from ..files import atomic_write_json
+from .activation import markdown as memory_markdown
+from .compiled import markdown as compile_markdown
+from .tables import _fmt, ratio_table, table_ratios
 
 # (key, label, section, numerator, denominator, target: the ratio must be <= it, or None)
 # section "train" ratios compare step_ms, "saved" saved_mib, "peak" peak_mib, "inference" latency_ms.
@@ -74,30 +76,6 @@ OVERHEAD_RATIOS = [
 ]
 _FIELD = {"train": "step_ms", "saved": "saved_mib", "peak": "peak_mib", "inference": "latency_ms",
           "generation": "gen_ms"}
-
-
-def table_ratios(rows, tables: dict[str, dict], fields: dict[str, str]) -> dict[str, dict]:
-    """Ratios between the variants of result tables: {key: {label, value, target, met, ...}}.
-
-    ``rows``: (key, label, section, numerator, denominator, target or None); ``tables[section]`` is the table
-    ({variant: figures}) a row reads and ``fields[section]`` the figure it compares. A time ratio (a figure with
-    an ``_all`` list beside it) is the median over rounds of the ratio of the two variants' times in the same
-    round (both measured within seconds of each other, so a change of machine load between rounds cancels
-    out); ``ratio_of_medians`` is given beside it. Rows whose variants were not run are left out.
-    """
-    out: dict[str, dict] = {}
-    for key, label, section, num, den, target in rows:
-        table, field = tables.get(section) or {}, fields[section]
-        a, b = table.get(num, {}).get(field), table.get(den, {}).get(field)
-        if a is None or b is None:
-            continue
-        entry = {"label": label, "value": a / b, "target": target}
-        if field + "_all" in table[num]:
-            pairs = zip(table[num][field + "_all"], table[den][field + "_all"])
-            entry.update(value=statistics.median(x / y for x, y in pairs), ratio_of_medians=a / b)
-        entry["met"] = None if target is None else entry["value"] <= target
-        out[key] = entry
-    return out
 
 
 def ratios(result: dict) -> dict[str, dict]:
@@ -166,10 +144,6 @@ def _git_commit() -> str | None:
 
 
 # ---- the table -------------------------------------------------------------------------------------------
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
 def markdown(record: dict) -> str:
     """The whole record as Markdown: one block of tables per workload."""
     meta = record["meta"]
@@ -182,9 +156,6 @@ def markdown(record: dict) -> str:
         f"peft {meta['peft']}; {meta['date_utc']} UTC; load average {meta['load_average_start']} at start, "
         f"{meta['load_average_end']} at the end.",
     ]
-    from .activation import markdown as memory_markdown
-    from .compiled import markdown as compile_markdown
-
     for name, result in record["workloads"].items():
         steps = ""
         if "train" in result:
@@ -221,15 +192,6 @@ def _standard_tables(result: dict) -> list[str]:
             same = {True: "yes", False: "NO", None: ""}[r.get("same_tokens_as_merged")]
             lines.append(f"| {variant} | {_fmt(r['gen_ms'])} | {_fmt(r['tokens_per_s'])} | {same} |")
     return lines + ["", *ratio_table(result["ratios"])]
-
-
-def ratio_table(entries: dict[str, dict]) -> list[str]:
-    """Markdown lines of a ratio table (see :func:`table_ratios`)."""
-    lines = ["| ratio | value | target |", "|---|---:|---|"]
-    for r in entries.values():
-        target = "" if r["target"] is None else f"<= {r['target']:.2f} ({'met' if r['met'] else 'NOT met'})"
-        lines.append(f"| {r['label']} | {r['value']:.3f} | {target} |")
-    return lines
 
 
 def write_json(record: dict, path: str | os.PathLike) -> Path:

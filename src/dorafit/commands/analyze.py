@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_compute_arguments, use_threads
+
 EPILOG = """\
 examples:
   dorafit train --method full --lr 2e-5 --save-every 25 --out runs/ft
@@ -38,6 +40,7 @@ def register(subparsers) -> None:
                         help="one panel label per RUN (default: the run's method; runs with the same label share a "
                         "panel)")
     parser.add_argument("--title", default="", help="title over the panels")
+    add_compute_arguments(parser, device="cpu")
     parser.set_defaults(func=main)
 
 
@@ -51,8 +54,9 @@ def main(args: argparse.Namespace) -> int:
 
         if args.label is not None and len(args.label) != len(args.runs):
             raise ValueError(f"--label needs one label per run: {len(args.runs)} runs, {len(args.label)} labels")
+        use_threads(args)
         summary = analyze_runs([Path(r) for r in args.runs], Path(args.out), modules=args.modules,
-                               labels=args.label, title=args.title)
+                               labels=args.label, title=args.title, device=args.device)
         for label, s in summary["methods"].items():
             paper = f" (paper {s['paper_correlation']:+.2f})" if s.get("paper_correlation") is not None else ""
             fit = "(no fit: too few distinct points)" if s["correlation"] is None else \

@@ -11,7 +11,7 @@ import datetime
 import shlex
 import sys
 
-import torch
+from .common import add_compute_arguments, use_threads
 
 DESCRIPTION = (
     "Measure training-step time, activations saved for backward, peak memory and inference latency of the frozen "
@@ -36,14 +36,13 @@ def register(subparsers) -> None:
                         "activation checkpointing) (default: standard)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the compile section (default: inductor)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    add_compute_arguments(p, device="cpu", devices=None, device_help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--warmup", type=int, default=2, help="rounds run and discarded before timing (default: 2)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per variant (default: 5)")
     p.add_argument("--inference-steps", type=int, default=7, help="timed forward passes per variant (default: 7)")
     p.add_argument("--peak-steps", type=int, default=2,
                    help="training steps for the peak-memory measurement, 0 to skip it (default: 2)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--system-malloc", action="store_true",
                    help="leave glibc malloc's settings alone (by default freed memory is kept for reuse, see README)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<device>-<date>.json)")
@@ -102,6 +101,8 @@ def _sections(args) -> tuple[str, ...]:
 
 
 def _check(args) -> list[str]:
+    import torch
+
     from dorafit.bench.models import MODELS
 
     models = list(_names("models", args.models, MODELS))
@@ -112,7 +113,7 @@ def _check(args) -> list[str]:
     for name in ("steps", "inference_steps", "r", "vera_r", "gen_batch", "gen_prompt", "gen_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"dorafit bench: --{name.replace('_', '-')} must be at least 1")
-    for name in ("warmup", "peak_steps", "threads", "generation_steps"):
+    for name in ("warmup", "peak_steps", "generation_steps"):
         if getattr(args, name) < 0:
             raise SystemExit(f"dorafit bench: --{name.replace('_', '-')} must not be negative")
     return models
@@ -139,8 +140,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from dorafit.bench.suite import run_workload
 
     kept = False if args.system_malloc else measure.keep_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args)
     common = dict(r=args.r, alpha=args.alpha, vera_r=args.vera_r, device=args.device, dtype=args.dtype, seed=args.seed,
                   quantize=args.quantize)
     specs = {
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     workloads = {}
     for name in models:
         result = run_workload(specs[name], args.warmup, args.steps, args.inference_steps, args.peak_steps,
-                              args.threads, log, variants, sections, args.compile_backend, generation)
+                              args.threads or 0, log, variants, sections, args.compile_backend, generation)
         result["ratios"] = report.ratios(result)
         workloads[name] = result
     meta["load_average_end"] = report.load_average()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_compute_arguments
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -16,8 +18,7 @@ def register(subparsers) -> None:
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="at most this many test examples per test set (default: the run's own setting)")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: the run's)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: the run's")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    add_compute_arguments(parser, device=None)
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the result to FILE (JSON)")
     parser.add_argument("--samples", metavar="FILE", default=None,
                         help="generative tasks: also write the (prompt, reference, generated) samples to FILE (JSONL)")
@@ -27,7 +28,7 @@ def register(subparsers) -> None:
 def _check(args) -> None:
     from ..fields import problem
 
-    for name, value in (("eval_limit", args.eval_limit), ("batch_size", args.batch_size), ("threads", args.threads)):
+    for name, value in (("eval_limit", args.eval_limit), ("batch_size", args.batch_size)):
         why = problem(int, False, True, {"minimum": 1}, value)
         if why:
             raise ValueError(f"--{name.replace('_', '-')} {why}, got {value}")
@@ -40,17 +41,13 @@ def main(args: argparse.Namespace) -> int:
         import json
         from pathlib import Path
 
-        import torch
-
         from ..files import atomic_write_json, atomic_write_text
         from ..train.evaluate import evaluate
         from ..train.report import show_progress
         from ..train.setup import load_trained
 
         _check(args)
-        setup = load_trained(Path(args.run), args.device)
-        if args.threads:  # after loading: the run's own --threads was applied there
-            torch.set_num_threads(args.threads)
+        setup = load_trained(Path(args.run), args.device, args.threads)
         cfg = setup.cfg
         limit = args.eval_limit if args.eval_limit is not None else cfg.eval_limit
         result, samples = evaluate(setup.task, setup.model, setup.device, limit,

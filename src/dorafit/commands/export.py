@@ -11,6 +11,8 @@ import argparse
 import copy
 from pathlib import Path
 
+from .common import add_compute_arguments, use_threads
+
 FORMATS = ("peft",)
 
 
@@ -35,6 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--check", type=int, default=8, metavar="N",
                         help="for a run folder: compare PEFT's outputs with dorafit's on N test examples (0: skip; "
                         "default: 8)")
+    add_compute_arguments(parser, device="cpu")
     parser.set_defaults(func=main)
 
 
@@ -77,13 +80,15 @@ def _check_with_peft(setup, out: Path, n: int) -> None:
         print("not checked: the peft package is not installed (pip install peft)")
         return
     from ..inject import unload
+    from ..peft_format import peft_deprecation_quiet
     from ..train.merge import check_examples
 
     examples = check_examples(setup, n)
     if not examples:
         return
     ours = setup.task.check_outputs(setup.model.eval(), examples, setup.device)
-    theirs_model = PeftModel.from_pretrained(unload(copy.deepcopy(setup.model)), out).eval()
+    with peft_deprecation_quiet():
+        theirs_model = PeftModel.from_pretrained(unload(copy.deepcopy(setup.model)), out).eval()
     theirs = setup.task.check_outputs(theirs_model, examples, setup.device)
     diff = float((ours - theirs).abs().max())
     differ = int((ours.argmax(-1) != theirs.argmax(-1)).sum())
@@ -108,12 +113,13 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"{out} exists and is not an empty folder; choose another --out or remove it")
         setup = None
         if (run / rundir.CONFIG).is_file():
-            setup = load_trained(run, device="cpu")
+            setup = load_trained(run, args.device, args.threads)
             if setup.cfg.method == "full":
                 raise ValueError(f"{run} is a full fine-tuning run: it has no adapter to export (dorafit merge "
                                  "writes its model)")
             model, name = setup.model, args.name or hub.repo_of(setup.cfg.model) or str(setup.loaded.folder)
         elif (run / CONFIG_FILE).is_file():
+            use_threads(args)  # exported as saved: no model runs on --device
             model = _adapted_from_adapter_folder(run, args.base_model)
             name = args.name
         else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_compute_arguments
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """What ``generate`` and ``chat`` share: the model, the device and how tokens are chosen."""
@@ -20,8 +22,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a run folder of dorafit train (its adapter is kept unmerged), a merged folder of "
                         "dorafit merge, a model preset or any local causal-LM folder")
     add_arguments(parser, SamplingOptions)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    add_compute_arguments(parser)
 
 
 def register(subparsers) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_compute_arguments
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -17,6 +19,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", metavar="DIR", required=True, help="the folder to write (must not exist or be empty)")
     parser.add_argument("--check", type=int, default=16, metavar="N",
                         help="compare the merged and the adapted model on N test examples (0: skip; default: 16)")
+    add_compute_arguments(parser, device="cpu")
     parser.set_defaults(func=main)
 
 
@@ -31,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} exists and is not an empty folder; choose another --out or remove it")
-        merge_run(Path(args.run), out, check=args.check)
+        merge_run(Path(args.run), out, check=args.check, device=args.device, threads=args.threads)
         print(f"merged model folder: {out.resolve()}")
         return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..quantize import KINDS as QUANTIZE_KINDS
+from .common import add_compute_arguments
 
 API_KEY_ENV = "DORAFIT_API_KEY"  # as vLLM's VLLM_API_KEY
 DEFAULT_MAX_BODY_MB = 4.0
@@ -41,10 +42,9 @@ def register(subparsers) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests generated at once (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="a request's max_tokens when it gives none (default: 256)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    add_compute_arguments(parser, device="cpu", devices=None, device_help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"),
                         help="weights' dtype (default: float32)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--quantize", default=None, choices=QUANTIZE_KINDS,
                         help="hold the base quantized with bitsandbytes (nf4, fp4 or int8), shared by every adapter; "
                         "runs trained with dorafit train --quantize need the same")

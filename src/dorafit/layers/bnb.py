@@ -2,9 +2,16 @@
 
 4-bit: ``weight`` holds the codes of W0 [out, in] flattened row by row, two per byte; ``weight.quant_state`` a
 float scale per block of ``blocksize`` elements (``absmax``; with double quantization itself 8-bit codes with
-a float scale per 256 of them, plus an offset). An element is ``code_table[c] * absmax[block]``, so rows
-``[s, e)`` dequantize from bytes ``[s in / 2, e in / 2)`` and their blocks alone whenever ``s in`` is a multiple
-of the block size. The frozen product is the library's ``matmul_4bit`` in the layer's compute dtype.
+a float scale per 256 of them, plus an offset). Element ``i`` of the flattened weight is
+``code_table[c_i] * absmax[i // blocksize]``. The frozen product is the library's ``matmul_4bit`` in the layer's
+compute dtype; on CPU it dequantizes the whole weight in one ``dequantize_4bit`` call. dorafit's W0 (norm, eval-time
+``W0 Q^T``, merge, dequantize) is always the one that call gives: rows ``[s, e)`` are dequantized alone (bytes
+``[s in / 2, e in / 2)`` with their blocks' scales) only when ``in`` is a multiple of the block size, so that every
+row starts a block; otherwise the whole weight in the library's own single call (:meth:`Bnb4bitOps.row_alignment`).
+The reason: bitsandbytes' AVX512 CPU kernel reads row ``r``'s scale for column ``c`` at ``r * (in // blocksize) +
+c // blocksize``, which is the block above only when ``in % blocksize == 0``; for other widths its result differs
+from other CPUs' and depends on how the weight is cut into calls (docs/incoming/bnb-avx512-bug.md).
+:func:`dorafit.quantize_model` therefore quantizes with a block size dividing ``in``.
 
 8-bit (LLM.int8, ``has_fp16_weights=False``): int8 codes CB [out, in] and a scale per row SCB,
 ``W0 = CB * SCB / 127``. The frozen product is the library's ``bnb.matmul``: in training mode on CPU it
@@ -17,8 +24,6 @@ training product (its kernels dequantize, then call a float matmul); dorafit's o
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor, nn
@@ -66,8 +71,11 @@ class Bnb4bitOps(QuantizedLinearOps):
         return bnb.matmul_4bit(x.to(dtype), module.weight, quant_state=module.weight.quant_state).to(x.dtype)
 
     def row_alignment(self, module: nn.Module) -> int:
-        blocksize = module.weight.quant_state.blocksize
-        return blocksize // math.gcd(self.shape(module)[1], blocksize)
+        """1 when every row starts a quantization block (``in % blocksize == 0``); otherwise all the rows: the
+        weight is then dequantized in one call, as the library's product does, since on an AVX512 CPU the library
+        reads such a layer's scales per row (wrongly, the same way in both calls; see the module docstring)."""
+        out, inp = self.shape(module)
+        return 1 if inp % module.weight.quant_state.blocksize == 0 else out
 
     def _absmax(self, module: nn.Module) -> Tensor:
         """The float scale of every block (double quantization undone): [blocks], 1/blocksize of W0's size."""

@@ -18,8 +18,10 @@ So a DoRA step on a quantized base costs what a LoRA step on it costs, plus Q's 
 A family subclass says how its library computes the frozen product (:meth:`base`) and how to dequantize rows
 ``[start, stop)`` (:meth:`rows`, with :meth:`row_alignment`); in training and unmerged inference dorafit's
 own code never creates a tensor of out * in elements for it (only :meth:`dequantized_weight` does, to write a
-float model). (The library's own kernels may: bitsandbytes on CPU dequantizes the whole weight
-inside its matmul and its backward; torchao's NF4 linear does so on every device.)
+float model; and a bitsandbytes 4-bit layer whose width is no multiple of its block size, which is dequantized
+in one piece as the library's own product does, see :mod:`dorafit.layers.bnb`). (The library's own kernels may:
+bitsandbytes on CPU dequantizes the whole weight inside its matmul and its backward; torchao's NF4 linear does so
+on every device.)
 
 Adapters on a quantized layer are float32 whatever the compute dtype; the adapter input is cast to them and
 the update's output back to the layer's. Merging into the quantized weight is refused (it would re-quantize

@@ -1,4 +1,5 @@
-"""The training loop: AdamW, gradient accumulation, warm-up + linear/cosine decay, gradient clipping.
+"""The training loop: AdamW, gradient accumulation, warm-up + linear/cosine decay (:func:`lr_factor`), gradient
+clipping.
 
 Everything random is a function of (seed, position), never of how the run got there, so a run resumed from a
 checkpoint at step s repeats an uninterrupted run exactly:
@@ -73,12 +74,29 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def make_scheduler(optimizer, schedule: str, warmup: int, total: int):
-    """transformers' schedulers: linear warm-up from 0 to lr, then linear / cosine decay to 0, or constant."""
-    from transformers import get_scheduler
+def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
+    """The multiple of ``--lr`` that (0-based) step ``step`` trains with.
 
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    Warm-up, the first ``warmup`` steps: ``(step + 1) / (warmup + 1)``, a linear rise that starts above 0 (the
+    first step trains at ``lr / (warmup + 1)``; a rise from 0, as transformers' schedulers have it, would spend the
+    first step at learning rate 0) and reaches ``lr`` at step ``warmup``. Then ``constant``: 1; ``linear``:
+    ``1 - p``; ``cosine``: ``(1 + cos(pi p)) / 2``, with ``p = (step - warmup) / (total - warmup)`` the share of
+    the decay done (transformers' linear and cosine decays)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    done = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - done)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * done)))
+    raise ValueError(f"unknown schedule {schedule!r}; choose linear, cosine or constant")
+
+
+def make_scheduler(optimizer, schedule: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler setting each step's learning rate to ``lr * lr_factor(step, ...)`` (:func:`lr_factor`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule, warmup, total))
 
 
 class NonFiniteLoss(RuntimeError):

