@@ -7,9 +7,7 @@ of a 2-layer model at 32 x 32 pixels on one CPU thread: seconds.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import io
 import json
 from pathlib import Path
 
@@ -17,27 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from dorafit.cli import main
+from .cli_support import one_thread, run_cli  # noqa: F401 (fixture)
 
 pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
 SIZE = 32
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 # ---- data and models built here ----------------------------------------------------------------------------

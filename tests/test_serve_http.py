@@ -398,6 +398,13 @@ def peft_generate(server, prompts) -> list[str]:
     return out
 
 
-def test_option_errors_are_one_line(tmp_path):
-    assert "--max-body-mb must be above 0" in fails("serve", "--model", tmp_path, "--max-body-mb", 0)
+def test_option_errors_are_one_line(tmp_path, monkeypatch):
+    for size in (0, -1, "nan", "inf", 1e-9):  # inf was an OverflowError traceback, 1e-9 a limit of 0 bytes
+        assert "--max-body-mb must be a finite number of MB, at least one byte" in fails(
+            "serve", "--model", tmp_path, "--max-body-mb", size)
+    for key in ("", "two words", "clé"):  # "" served with no key at all; the others could never be sent
+        assert "--api-key: an API key must be one or more visible ASCII" in fails("serve", "--model", tmp_path,
+                                                                                   "--api-key", key)
     assert "--adapter-root" in fails("serve", "--model", tmp_path, "--adapter-root", tmp_path / "nope")
+    monkeypatch.setenv("DORAFIT_API_KEY", "bad key")
+    assert "DORAFIT_API_KEY: an API key must be" in fails("serve", "--model", tmp_path)

@@ -80,6 +80,11 @@ def test_parquet_with_wrong_columns_is_one_line_naming_the_file_and_columns(asse
     broken = tmp_path / "broken.parquet"
     broken.write_text("not parquet")
     assert f"{broken}: not a readable Parquet file" in fails("train", "--task", broken, "--out", tmp_path / "r4")
+    folder = tmp_path / "folder.parquet"  # said "does not exist"
+    folder.mkdir()
+    assert f"data file {folder} is a folder; give a file (.jsonl, .parquet)" in fails(
+        "train", "--model", assets["chat_llama"], "--task", assets["alpaca"], "--eval-file", folder,
+        "--out", tmp_path / "r5")
 
 
 # ---- models by Hub id ----------------------------------------------------------------------------------------

@@ -104,8 +104,7 @@ def _read_records(src: records.Source) -> list[tuple[str, str]]:
 
 def read_text_label_file(src: records.Source) -> list[tuple[str, str]]:
     """(text, label string) rows of a .jsonl, .parquet or .csv file or a Hub data set."""
-    if isinstance(src, Path) and not src.is_file():
-        raise DataError(f"data file {src} does not exist")
+    records.require_file(src)
     if records.is_record_source(src):
         return canonical_labels(_read_records(src))
     if src.suffix.lower() == ".csv":
