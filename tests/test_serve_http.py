@@ -340,6 +340,9 @@ def test_adapter_paths_outside_the_root_are_refused(server):
                             403, "lora_path", "outside the adapter root")
     assert_openai_error(call(server, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "missing"}),
                         400, "lora_path", "not a folder")
+    status, answer = call(server, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "y" * 300})
+    assert_openai_error((status, answer), 400, "lora_path", "cannot be read: File name too long")  # was a 500
+    assert str(server["root"]) not in answer["error"]["message"]
     status, answer = call(server, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "empty"})
     assert_openai_error((status, answer), 400, "lora_path", "'empty': neither a run folder")
     assert str(server["root"]) not in answer["error"]["message"]
