@@ -176,6 +176,18 @@ def test_hub_dataset_errors_are_one_line(hub_data, assets):  # noqa: F811
     assert "a Hugging Face dataset is written hf:ORG/NAME[@REVISION][:SPLIT]" in line
 
 
+def test_generate_prompts_from_a_hub_dataset_and_one_line_for_a_folder(hub_data, assets, tmp_path):  # noqa: F811
+    """--prompts takes what --task takes (it said "hf:org/echo:test does not exist"), and a folder is named one."""
+    out = tmp_path / "g.jsonl"
+    code, _, err = run_cli("generate", assets["chat_llama"], "--prompts", "hf:org/echo:test", "--out", out,
+                           "--max-new-tokens", 2)
+    assert code == 0, err
+    assert [r["instruction"] for r in read_jsonl(out)] == [r["instruction"] for r in read_jsonl(assets["alpaca"])[:6]]
+    line = fails("generate", assets["chat_llama"], "--prompts", tmp_path)
+    assert line == f"error: --prompts: data file {tmp_path} is a folder; give a file (.jsonl, .parquet)"
+    assert "--prompts: data file" in fails("generate", assets["chat_llama"], "--prompts", tmp_path / "no.jsonl")
+
+
 def test_command_line_reads_hf_home_and_offline_from_the_environment(hub_models, hub_data, assets, tmp_path):  # noqa: F811
     """A fresh process: HF_HOME and HF_HUB_OFFLINE=1 as a user sets them; model and data both by Hub id."""
     home = hub_data
