@@ -367,6 +367,31 @@ def test_without_an_adapter_root_the_adapter_routes_do_not_exist_and_a_crash_is_
     assert "AttributeError" in answer.json()["error"]["message"]
 
 
+def test_a_refused_adapter_names_the_served_base_by_its_name_not_its_folder(tmp_path):
+    """The loader's message (``trained on X, not on the served base model <folder>``) without the server's paths."""
+    from fastapi.testclient import TestClient
+
+    from dorafit.serving.api import Served, create_app
+
+    base_folder = tmp_path / "hub" / "snapshots" / ("a" * 40)
+
+    class Loader:
+        def __init__(self):
+            self.base_folder = base_folder
+
+        def source(self, name, path):
+            raise ValueError(f"--adapter {name}={path} was trained on other/model, not on the served base model "
+                             f"{base_folder}")
+
+    (tmp_path / "root" / "run").mkdir(parents=True)
+    app = create_app(Served(engine=None, base_name="org/name", formats={}, adapters={}, loader=Loader()),
+                     adapter_root=tmp_path / "root")
+    answer = TestClient(app).post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "run"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["message"] == ("'lora_path' 'run' was trained on other/model, not on the served "
+                                                 "base model org/name")
+
+
 def chat_long(api, model):
     return api.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=150,
                                        temperature=0)

@@ -114,7 +114,8 @@ def install_adapter_routes(app: FastAPI, served, root: Path) -> None:
                 folder, fmt = served.loader.source(name, path)
                 await asyncio.wrap_future(served.engine.call_between_steps(lambda: served.loader.load(name, folder)))
             except (ValueError, OSError) as exc:  # AdapterFileError and PeftFormatError are ValueErrors
-                message = str(exc).replace(f"--adapter {name}={path}", f"'lora_path' {given!r}").replace(str(root), "")
+                message = (str(exc).replace(f"--adapter {name}={path}", f"'lora_path' {given!r}")  # no server paths
+                           .replace(str(served.loader.base_folder), served.base_name).replace(str(root), ""))
                 raise ApiError(400, message, "lora_path", "invalid_adapter") from None
             served.formats[name], served.adapters[name] = fmt, given
         finally:
