@@ -137,7 +137,9 @@ def test_train_on_a_hub_id_pins_the_commit_for_later_commands(hub_models, assets
                                                                   {"instruction", "input", "generated"}]
     code, out, err = run_cli("export", run, "--out", tmp_path / "peft", "--check", 2)
     assert code == 0 and "checked: PEFT's outputs equal dorafit's" in out, err
-    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"
+    exported = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == "org/tiny"
+    assert exported["revision"] == COMMIT_B  # the commit it trained on (was null: PEFT would load main, commit A)
     assert base_name_of("org/tiny@v2") == "org/tiny"  # what serve's clients call the base model
 
 
