@@ -143,6 +143,15 @@ def make_commonsense(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Torch on one thread for the test (autouse where a test module imports it), then as before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(*argv: str) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``dorafit ARGV`` run in this process."""
     out, err = io.StringIO(), io.StringIO()

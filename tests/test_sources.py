@@ -80,6 +80,11 @@ def test_parquet_with_wrong_columns_is_one_line_naming_the_file_and_columns(asse
     broken = tmp_path / "broken.parquet"
     broken.write_text("not parquet")
     assert f"{broken}: not a readable Parquet file" in fails("train", "--task", broken, "--out", tmp_path / "r4")
+    folder = tmp_path / "folder.parquet"  # said "does not exist"
+    folder.mkdir()
+    assert f"data file {folder} is a folder; give a file (.jsonl, .parquet)" in fails(
+        "train", "--model", assets["chat_llama"], "--task", assets["alpaca"], "--eval-file", folder,
+        "--out", tmp_path / "r5")
 
 
 # ---- models by Hub id ----------------------------------------------------------------------------------------
@@ -132,7 +137,9 @@ def test_train_on_a_hub_id_pins_the_commit_for_later_commands(hub_models, assets
                                                                   {"instruction", "input", "generated"}]
     code, out, err = run_cli("export", run, "--out", tmp_path / "peft", "--check", 2)
     assert code == 0 and "checked: PEFT's outputs equal dorafit's" in out, err
-    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"
+    exported = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == "org/tiny"
+    assert exported["revision"] == COMMIT_B  # the commit it trained on (was null: PEFT would load main, commit A)
     assert base_name_of("org/tiny@v2") == "org/tiny"  # what serve's clients call the base model
 
 
@@ -169,6 +176,18 @@ def test_hub_dataset_errors_are_one_line(hub_data, assets):  # noqa: F811
     assert "no task type reads hf:org/qa:train: its columns are question, answer" in line
     line = fails("train", "--task", "hf:not-an-id", "--out", "unused")
     assert "a Hugging Face dataset is written hf:ORG/NAME[@REVISION][:SPLIT]" in line
+
+
+def test_generate_prompts_from_a_hub_dataset_and_one_line_for_a_folder(hub_data, assets, tmp_path):  # noqa: F811
+    """--prompts takes what --task takes (it said "hf:org/echo:test does not exist"), and a folder is named one."""
+    out = tmp_path / "g.jsonl"
+    code, _, err = run_cli("generate", assets["chat_llama"], "--prompts", "hf:org/echo:test", "--out", out,
+                           "--max-new-tokens", 2)
+    assert code == 0, err
+    assert [r["instruction"] for r in read_jsonl(out)] == [r["instruction"] for r in read_jsonl(assets["alpaca"])[:6]]
+    line = fails("generate", assets["chat_llama"], "--prompts", tmp_path)
+    assert line == f"error: --prompts: data file {tmp_path} is a folder; give a file (.jsonl, .parquet)"
+    assert "--prompts: data file" in fails("generate", assets["chat_llama"], "--prompts", tmp_path / "no.jsonl")
 
 
 def test_command_line_reads_hf_home_and_offline_from_the_environment(hub_models, hub_data, assets, tmp_path):  # noqa: F811

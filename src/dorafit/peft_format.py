@@ -212,7 +212,7 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
-def _peft_config(model: nn.Module, config: AdapterConfig, base_model: str | None) -> dict:
+def _peft_config(model: nn.Module, config: AdapterConfig, base_model: str | None, revision: str | None = None) -> dict:
     layers = dict(adapted_modules(model))
     all_names = [n for n, _ in model.named_modules() if n]
     targets = exact_names(all_names, list(layers), list_selects)
@@ -229,9 +229,10 @@ def _peft_config(model: nn.Module, config: AdapterConfig, base_model: str | None
             )
     families = {_family(layer) for layer in layers.values()}
     common = dict(
-        base_model_name_or_path=base_model, revision=None, task_type=_task_type(model), inference_mode=True, r=config.r,
-        target_modules=targets, layers_to_transform=None, layers_pattern=None, modules_to_save=modules_to_save,
-        bias="none", fan_in_fan_out="gpt2_conv1d" in families and "linear" not in families,
+        base_model_name_or_path=base_model, revision=revision, task_type=_task_type(model), inference_mode=True,
+        r=config.r, target_modules=targets, layers_to_transform=None, layers_pattern=None,
+        modules_to_save=modules_to_save, bias="none",
+        fan_in_fan_out="gpt2_conv1d" in families and "linear" not in families,
     )
     if config.method == "vera":
         return dict(common, peft_type="VERA", projection_prng_key=config.vera_seed, save_projection=True,
@@ -242,7 +243,8 @@ def _peft_config(model: nn.Module, config: AdapterConfig, base_model: str | None
                 rank_pattern={}, alpha_pattern={}, lora_bias=False, exclude_modules=None)
 
 
-def export_peft(model: nn.Module, path: str | os.PathLike, base_model: str | None = None) -> Path:
+def export_peft(model: nn.Module, path: str | os.PathLike, base_model: str | None = None,
+                revision: str | None = None) -> Path:
     """Write the model's dorafit adapter as a PEFT adapter folder, loadable with ``PeftModel.from_pretrained``.
 
     Args:
@@ -250,6 +252,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model: str | Non
         path: the folder to write ``adapter_config.json`` and ``adapter_model.safetensors`` into (created if needed).
         base_model: the base model's name or path for ``base_model_name_or_path`` (default: the model's own
             ``name_or_path`` when it is a transformers model).
+        revision: the base's Hub revision for ``revision`` (PEFT loads the base at it), e.g. the commit a run
+            trained on; default None (the repository's main branch).
 
     Raises:
         PeftFormatError: the adapter uses something PEFT cannot express (see the module docstring).
@@ -271,7 +275,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model: str | Non
         if key not in adapter_keys:  # an extra trainable module's tensor
             tensors[PREFIX + key] = value
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = _peft_config(model, config, base_model if base_model is not None else _model_name(model))
+    meta = _peft_config(model, config, base_model if base_model is not None else _model_name(model), revision)
     atomic_write_bytes(folder / PEFT_TENSORS_FILE, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
     atomic_write_json(folder / CONFIG_FILE, meta)
     return folder

@@ -118,14 +118,15 @@ def main(args: argparse.Namespace) -> int:
                 raise ValueError(f"{run} is a full fine-tuning run: it has no adapter to export (dorafit merge "
                                  "writes its model)")
             model, name = setup.model, args.name or hub.repo_of(setup.cfg.model) or str(setup.loaded.folder)
+            revision = None if args.name else hub.revision_of(setup.cfg.model)  # the commit it trained on
         elif (run / CONFIG_FILE).is_file():
             use_threads(args)  # exported as saved: no model runs on --device
             model = _adapted_from_adapter_folder(run, args.base_model)
-            name = args.name
+            name, revision = args.name, None
         else:
             raise ValueError(f"{run} is neither a run folder ({rundir.CONFIG} and {rundir.ADAPTER}/) nor an adapter "
                              f"folder ({CONFIG_FILE}); give a folder written by dorafit train or dorafit.save_adapter")
-        export_peft(model, out, base_model=name)
+        export_peft(model, out, base_model=name, revision=revision)
         if setup is not None and args.check > 0:
             _check_with_peft(setup, out, args.check)
         print(f"PEFT adapter folder: {out.resolve()}")

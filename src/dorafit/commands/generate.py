@@ -1,9 +1,10 @@
 """``dorafit generate RUN|MODEL_DIR --prompt TEXT``: what a trained (or any) causal LM writes.
 
-``--prompts FILE.jsonl`` (or ``.parquet``) reads one request per line (row) (``{"prompt": str}``, ``{"messages": [...]}`` to continue a
-conversation, or Alpaca ``{"instruction", "input"}``) and writes each row back with ``"generated"`` added, as
-JSON Lines (to ``--out FILE`` or standard output). Prompts are rendered with the chat template the run was
-trained with (a model folder: its tokenizer's, if any); ``--raw`` sends the text as it is.
+``--prompts FILE.jsonl`` (or ``.parquet``, or ``hf:ORG/NAME[:SPLIT]``) reads one request per line (row)
+(``{"prompt": str}``, ``{"messages": [...]}`` to continue a conversation, or Alpaca ``{"instruction", "input"}``)
+and writes each row back with ``"generated"`` added, as JSON Lines (to ``--out FILE`` or standard output).
+Prompts are rendered with the chat template the run was trained with (a model folder: its tokenizer's, if any);
+``--raw`` sends the text as it is.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def register(subparsers) -> None:
     add_model_arguments(parser)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", metavar="TEXT", help="one prompt (a user message, rendered by the chat template)")
-    what.add_argument("--prompts", metavar="FILE.jsonl", help="one request per line; writes JSON Lines")
+    what.add_argument("--prompts", metavar="FILE.jsonl", help="one request per line (or a .parquet file, or a Hub data "
+                      "set hf:ORG/NAME[:SPLIT]); writes JSON Lines")
     parser.add_argument("--out", metavar="FILE", default=None, help="with --prompts: write here (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=8, help="with --prompts: prompts per batch (default: 8)")
     parser.add_argument("--raw", action="store_true", help="use the prompt text as it is, without the chat template")
@@ -42,20 +44,21 @@ def register(subparsers) -> None:
 
 def read_requests(path: str) -> list[dict]:
     """The rows of a --prompts file, each checked: "prompt", "messages" or "instruction" (+ "input")."""
-    from pathlib import Path
 
     from ..train.tasks import records
     from ..train.tasks.base import DataError
 
     rows = []
-    if not Path(path).is_file():
-        raise DataError(f"--prompts {path} does not exist")
-    for record in records.records(Path(path)):
+    try:
+        src = records.require_file(records.source(path))  # a file, or a Hub data set hf:ORG/NAME[:SPLIT]
+    except DataError as exc:
+        raise DataError(f"--prompts: {exc}") from None
+    for record in records.records(src):
         data = record.data
         ok = (isinstance(data.get("prompt"), str) or isinstance(data.get("instruction"), str)
               or isinstance(data.get("messages"), list))
         if not ok:
-            raise records.field_error(Path(path), record, "\"prompt\" (a string), \"messages\" (a list of turns) "
+            raise records.field_error(src, record, "\"prompt\" (a string), \"messages\" (a list of turns) "
                                       "or \"instruction\" (+ \"input\")")
         rows.append(data)
     return rows

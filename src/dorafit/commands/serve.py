@@ -88,9 +88,11 @@ def main(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
-        if not args.max_body_mb > 0:
-            raise ValueError(f"--max-body-mb must be above 0, got {args.max_body_mb:g}")
-        key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+        from ..serving.security import Guard
+
+        given = args.api_key is not None  # an empty DORAFIT_API_KEY is unset, an empty --api-key an error
+        key = args.api_key if given else os.environ.get(API_KEY_ENV) or None
+        guard = Guard.from_options(key, "--api-key" if given else API_KEY_ENV, args.max_body_mb)
         root = Path(args.adapter_root).expanduser() if args.adapter_root else None
         if root is not None and not root.is_dir():
             raise ValueError(f"--adapter-root {args.adapter_root}: no such folder; give the folder that holds the "
@@ -104,9 +106,6 @@ def main(args: argparse.Namespace) -> int:
 
         from ..serving.api import create_app
         from ..serving.load import build_served
-        from ..serving.security import Guard
-
-        guard = Guard(key or None, int(args.max_body_mb * 1024 * 1024))
         served = build_served(args.model, args.adapter, args.device, args.dtype, args.max_batch_size,
                               args.max_new_tokens, args.quantize, prefill_chunk=args.prefill_chunk)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)

@@ -48,6 +48,12 @@ def outside_root(path: Path, root: Path) -> Path | None:
     return None
 
 
+def unreadable(given: str, exc: OSError) -> ApiError:
+    """A 400 for a ``lora_path`` the file system refuses (its reason, not the server's paths)."""
+    return ApiError(400, f"'lora_path' {given!r} cannot be read: {exc.strerror or type(exc).__name__}", "lora_path",
+                    "invalid_value")
+
+
 def install_adapter_routes(app: FastAPI, served, root: Path) -> None:
     """Add the two routes of the module docstring to ``app``, for adapters under ``root``."""
     root = root.resolve()
@@ -87,12 +93,19 @@ def install_adapter_routes(app: FastAPI, served, root: Path) -> None:
         if not path.is_relative_to(root):
             raise ApiError(403, f"'lora_path' {given!r} is outside the adapter root of this server; put the adapter "
                            "under the folder given with --adapter-root", "lora_path", "path_outside_root")
-        if not path.is_dir():
+        try:
+            folder = path.is_dir()
+        except OSError as exc:  # a name too long for the file system, a folder it may not read
+            raise unreadable(given, exc) from None
+        if not folder:
             raise ApiError(400, f"'lora_path' {given!r} is not a folder under the adapter root", "lora_path",
                            "invalid_value")
         claim(name)
         try:
-            escaped = await asyncio.to_thread(outside_root, path, root)
+            try:
+                escaped = await asyncio.to_thread(outside_root, path, root)
+            except OSError as exc:
+                raise unreadable(given, exc) from None
             if escaped is not None:
                 shown = escaped.relative_to(path)
                 raise ApiError(403, f"'lora_path' {given!r} holds {str(shown)!r}, a link to outside the adapter root; "
@@ -101,7 +114,8 @@ def install_adapter_routes(app: FastAPI, served, root: Path) -> None:
                 folder, fmt = served.loader.source(name, path)
                 await asyncio.wrap_future(served.engine.call_between_steps(lambda: served.loader.load(name, folder)))
             except (ValueError, OSError) as exc:  # AdapterFileError and PeftFormatError are ValueErrors
-                message = str(exc).replace(f"--adapter {name}={path}", f"'lora_path' {given!r}").replace(str(root), "")
+                message = (str(exc).replace(f"--adapter {name}={path}", f"'lora_path' {given!r}")  # no server paths
+                           .replace(str(served.loader.base_folder), served.base_name).replace(str(root), ""))
                 raise ApiError(400, message, "lora_path", "invalid_adapter") from None
             served.formats[name], served.adapters[name] = fmt, given
         finally:

@@ -17,6 +17,8 @@ Every refusal is OpenAI's error body (:mod:`.errors`).
 from __future__ import annotations
 
 import hmac
+import math
+import re
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
@@ -24,6 +26,7 @@ from starlette.datastructures import Headers
 from .errors import ApiError
 
 OPEN = {("GET", "/health")}  # routes that never need the key (a load balancer's health check)
+KEY_CHARS = re.compile(r"^[!-~]+$")  # visible ASCII: what a client can send after 'Bearer ' in a header
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,18 @@ class Guard:
 
     api_key: str | None = None
     max_body: int = 4 * 1024 * 1024  # dorafit serve --max-body-mb's default
+
+    @classmethod
+    def from_options(cls, api_key: str | None, key_source: str, max_body_mb: float) -> Guard:
+        """The guard of ``--api-key`` (None: no key; named ``key_source`` in errors) and ``--max-body-mb``; a
+        ValueError for a key no client can send (empty, spaces, non-ASCII: every request would be refused, or an
+        empty one would leave the server open) or a limit that is not a finite size of at least one byte."""
+        if api_key is not None and not KEY_CHARS.match(api_key):
+            raise ValueError(f"{key_source}: an API key must be one or more visible ASCII characters (no spaces), "
+                             "e.g. the output of: python -c 'import secrets; print(secrets.token_urlsafe())'")
+        if not (math.isfinite(max_body_mb) and max_body_mb * 1024 * 1024 >= 1):
+            raise ValueError(f"--max-body-mb must be a finite number of MB, at least one byte, got {max_body_mb:g}")
+        return cls(api_key, int(max_body_mb * 1024 * 1024))
 
 
 class GuardMiddleware:

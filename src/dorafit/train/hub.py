@@ -128,6 +128,12 @@ def repo_of(spec: str) -> str | None:
     return parsed[0] if parsed and not Path(spec).expanduser().exists() else None
 
 
+def revision_of(spec: str) -> str | None:
+    """The revision of a Hub id that names no local path (``org/name@<commit>`` -> ``<commit>``), else None."""
+    parsed = parse_model_id(spec)
+    return parsed[1] if parsed and repo_of(spec) else None
+
+
 def pinned(spec: str, folder: Path) -> str:
     """``ORG/NAME@<commit>`` of a resolved ``spec`` (its snapshot folder is named by the commit), so that a run
     folder names exactly the weights it trained on; ``spec`` itself if it is not a Hub id."""

@@ -111,6 +111,18 @@ def seeded_split(rows: list, test_share: float, seed: int) -> tuple[list, list]:
     return [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]]
 
 
+def labelled_split(rows: list, label_of, test_share: float, seed: int, where, what: str) -> tuple[list, list]:
+    """:func:`seeded_split` of labelled ``rows``, refusing a split that leaves a label (``label_of(row)``) only in
+    the test part: it could never be learnt. ``where`` (the data) and ``what`` (``label(s)``, ``class(es)``) name it."""
+    train, test = seeded_split(rows, test_share, seed)
+    untrained = sorted({label_of(r) for r in test} - {label_of(r) for r in train})
+    if untrained:
+        raise DataError(f"{where}: {what} {', '.join(map(str, untrained))} occur only in the held-out --test-size "
+                        f"part (too few examples), so they could never be learnt; add examples of them, lower "
+                        "--test-size or try another --split-seed, or give an --eval-file")
+    return train, test
+
+
 def clip(line: str, n: int = 120) -> str:
     line = line.rstrip("\n")
     return line if len(line) <= n else line[:n] + "..."

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import models
 from . import records
-from .base import DataError, TaskData, clip, format_metrics, limited, package_dir, seeded_split
+from .base import DataError, TaskData, clip, format_metrics, labelled_split, limited, package_dir, seeded_split
 from .records import utf8_lines
 from .registry import register
 
@@ -104,8 +104,7 @@ def _read_records(src: records.Source) -> list[tuple[str, str]]:
 
 def read_text_label_file(src: records.Source) -> list[tuple[str, str]]:
     """(text, label string) rows of a .jsonl, .parquet or .csv file or a Hub data set."""
-    if isinstance(src, Path) and not src.is_file():
-        raise DataError(f"data file {src} does not exist")
+    records.require_file(src)
     if records.is_record_source(src):
         return canonical_labels(_read_records(src))
     if src.suffix.lower() == ".csv":
@@ -142,12 +141,7 @@ def load_file(path: records.Source, eval_file: str | None, test_size: float, spl
         if unseen:
             raise DataError(f"{eval_file}: label(s) {', '.join(unseen)} do not occur in the training file {path}")
     else:
-        train_rows, test_rows = seeded_split(rows, test_size, split_seed)
-        untrained = sorted({lab for _, lab in test_rows} - {lab for _, lab in train_rows})
-        if untrained:
-            raise DataError(f"{path}: label(s) {', '.join(untrained)} occur only in the held-out --test-size part "
-                            "(too few examples), so they could never be learnt; add examples of them, raise "
-                            "--test-size, or give an --eval-file")
+        train_rows, test_rows = labelled_split(rows, lambda row: row[1], test_size, split_seed, path, "label(s)")
     if len(labels) < 2:
         raise DataError(f"{path}: a classification task needs at least 2 labels, found {labels}")
     index = {lab: i for i, lab in enumerate(labels)}

@@ -15,7 +15,6 @@ Each becomes a conversation (a list of ``{"role", "content"}`` messages; an Alpa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import records
 from .base import DataError, clip
@@ -104,8 +103,7 @@ def check_conversation(messages: list[dict], where: str, line: str) -> None:
 def read_file(path: records.Source) -> tuple[str, list[Example]]:
     """(format, examples) of an instruction-tuning .jsonl / .parquet file or Hub data set; DataError naming the
     line (row) of any bad record."""
-    if isinstance(path, Path) and not path.is_file():
-        raise DataError(f"data file {path} does not exist")
+    records.require_file(path)
     found, first_at, examples = None, "", []
     for record in records.records(path):
         where, line = record.where, record.text

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..vision import check_image
-from .base import DataError, TaskData, seeded_split
+from .base import DataError, TaskData, labelled_split
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -73,12 +73,7 @@ def load_image_folder(folder: Path, eval_folder: str | None, test_size: float, s
                             f"{folder}")
         train, test = rows, [(f, index[name]) for name in sorted(test_classes) for f in test_classes[name]]
     else:
-        train, test = seeded_split(rows, test_size, split_seed)
-        untrained = sorted({labels[y] for _, y in test} - {labels[y] for _, y in train})
-        if untrained:
-            raise DataError(f"{folder}: class(es) {', '.join(untrained)} occur only in the held-out --test-size part "
-                            "(too few images), so they could never be learnt; add images of them, raise "
-                            "--test-size, or give an --eval-file folder")
+        train, test = labelled_split(rows, lambda row: labels[row[1]], test_size, split_seed, folder, "class(es)")
     return TaskData(folder.name, train, {"test": test}, max_length=2,  # reads no tokens: the smallest valid value
                     duration=("epochs", 3),
                     extra={"labels": labels})

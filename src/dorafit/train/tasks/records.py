@@ -90,14 +90,21 @@ def is_record_source(src: Source) -> bool:
     return isinstance(src, HubDataset) or src.is_file() and src.suffix.lower() in SUFFIXES
 
 
+def require_file(src: Source) -> Source:
+    """``src`` itself if it is a Hub data set or an existing file; a DataError if it is a folder or missing."""
+    if isinstance(src, Path) and src.is_dir():
+        raise DataError(f"data file {src} is a folder; give a file (.jsonl, .parquet)")
+    if isinstance(src, Path) and not src.is_file():
+        raise DataError(f"data file {src} does not exist")
+    return src
+
+
 def records(src: Source) -> Iterator[Record]:
     """Every record of the source, in order; a DataError naming the file and line (row) of a bad one, or the file
     if it holds none."""
     if isinstance(src, HubDataset):
         rows = _hub_rows(src)
-    elif not src.is_file():
-        raise DataError(f"data file {src} does not exist")
-    elif src.suffix.lower() == ".parquet":
+    elif require_file(src).suffix.lower() == ".parquet":
         rows = _parquet_rows(src)
     elif src.suffix.lower() == ".jsonl":
         rows = _jsonl_records(src)
