@@ -114,7 +114,7 @@ def test_generative_commands_refuse_a_classification_run(tmp_path, assets):  # n
                    "--no-eval-before")[0] == 0
     for command in (("chat", run), ("generate", run, "--prompt", "hi")):
         code, _, err = run_cli(*command)
-        assert code == 2 and err.count("\n") == 1 and "is a classification run, not a generative one" in err
+        assert code == 2 and err.count("\n") == 1 and "is a run of the classification task, not a generative one" in err
 
 
 def test_greedy_generation_unmerged_equals_merged_in_float64(assets):  # noqa: F811

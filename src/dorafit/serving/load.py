@@ -46,7 +46,7 @@ def _adapter_source(name: str, path: Path, base_folder: Path, tokenizer, base_fo
             raise ValueError(f"--adapter {name}={path}: a full fine-tuning run has no adapter; serve its model "
                              f"folder with --model {path / rundir.MODEL}")
         if not task_cls.generative:
-            raise ValueError(f"--adapter {name}={path}: a {task_cls.kind} run, not a generative one")
+            raise ValueError(f"--adapter {name}={path}: a run of the {task_cls.kind} task, not a generative one")
         if resolve_model(cfg.model) != base_folder:
             raise ValueError(f"--adapter {name}={path} was trained on {cfg.model}, not on the served base model "
                              f"{base_folder}")

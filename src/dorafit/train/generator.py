@@ -65,7 +65,7 @@ def _from_run(run_dir: Path, device) -> Generator:
             raise ValueError(f"{run_dir} has no trained adapter yet ({rundir.ADAPTER}/ is missing); finish it with "
                              f"dorafit train --resume {run_dir}")
     if not task_cls.generative:
-        raise ValueError(f"{run_dir} is a {task_cls.kind} run, not a generative one: its model does not write text, "
+        raise ValueError(f"{run_dir} is a run of the {task_cls.kind} task, not a generative one: its model does not write text, "
                          "so it cannot generate or chat (dorafit eval evaluates it)")
     loaded = load_causal_lm(folder)
     loaded.model.to(device)  # quantized where it will run, as in training
