@@ -77,6 +77,21 @@ def _shared_weights(model: nn.Module) -> set[int]:
     return {k for k, count in seen.items() if count > 1}
 
 
+def quantizable_layers(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The names of the layers :func:`quantize_model` quantizes: plain ``nn.Linear`` layers but the output layer,
+    those whose weight another module shares, and those named in ``skip`` (and everything under them)."""
+    from .inject import find_modules
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    shared = _shared_weights(model)
+    skipped = tuple(find_modules(model, list(skip), "skip")) if skip else ()  # names or name suffixes, as targets
+    return [
+        name for name, module in model.named_modules()
+        if type(module) is nn.Linear and module is not output and id(module.weight) not in shared
+        and not any(name == s or name.startswith(s + ".") for s in skipped)
+    ]
+
+
 def quantize_model(model: nn.Module, kind: str, skip: list[str] | tuple[str, ...] = (),
                    compute_dtype: torch.dtype | None = None) -> list[str]:
     """Replace the model's frozen ``nn.Linear`` layers by bitsandbytes layers of ``kind``, in place (see the module
@@ -86,16 +101,7 @@ def quantize_model(model: nn.Module, kind: str, skip: list[str] | tuple[str, ...
     require_bitsandbytes()
     from .dequantize import set_submodule
 
-    from .inject import find_modules
-
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    shared = _shared_weights(model)
-    skipped = tuple(find_modules(model, list(skip), "skip")) if skip else ()  # names or name suffixes, as targets
-    names = [
-        name for name, module in model.named_modules()
-        if type(module) is nn.Linear and module is not output and id(module.weight) not in shared
-        and not any(name == s or name.startswith(s + ".") for s in skipped)
-    ]
+    names = quantizable_layers(model, skip)
     for name in names:
         set_submodule(model, name, quantized_linear(model.get_submodule(name), kind, compute_dtype))
     _return_freed_memory()

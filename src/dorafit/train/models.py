@@ -143,8 +143,15 @@ def load_tokenizer(folder: Path):
 
 
 def _from_pretrained(auto, folder: Path, what: str, **kw):
+    """``auto.from_pretrained`` in the dtype (and, for a causal LM, the quantization) of the current
+    :func:`dorafit.train.quantized_load.loading` block; float32 outside one."""
+    from transformers import AutoModelForCausalLM
+
+    from .quantized_load import from_pretrained_kwargs
+
+    kw.update(from_pretrained_kwargs(causal=auto is AutoModelForCausalLM))
     try:
-        return auto.from_pretrained(folder, local_files_only=True, dtype=torch.float32, output_loading_info=True, **kw)
+        return auto.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kw)
     except ValueError as exc:
         raise ModelError(f"the model in {folder} cannot be loaded for {what}: {exc}") from None
 
