@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .merge import add_dtype_argument
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -18,6 +20,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: the run's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: the run's")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    add_dtype_argument(parser)
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the result to FILE (JSON)")
     parser.add_argument("--samples", metavar="FILE", default=None,
                         help="generative tasks: also write the (prompt, reference, generated) samples to FILE (JSONL)")
@@ -48,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
         from ..train.setup import load_trained
 
         _check(args)
-        setup = load_trained(Path(args.run), args.device)
+        setup = load_trained(Path(args.run), args.device, args.dtype)
         if args.threads:  # after loading: the run's own --threads was applied there
             torch.set_num_threads(args.threads)
         cfg = setup.cfg

@@ -11,6 +11,8 @@ import argparse
 import copy
 from pathlib import Path
 
+from .merge import add_dtype_argument
+
 FORMATS = ("peft",)
 
 
@@ -31,6 +33,7 @@ def register(subparsers) -> None:
                         "folder (default: the base model saved with the adapter)")
     parser.add_argument("--name", metavar="NAME", default=None,
                         help="base_model_name_or_path to write, e.g. a Hub id (default: the base model's folder)")
+    add_dtype_argument(parser)
     parser.add_argument("--check", type=int, default=8, metavar="N",
                         help="for a run folder: compare PEFT's outputs with dorafit's on N test examples (0: skip; "
                         "default: 8)")
@@ -107,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"{out} exists and is not an empty folder; choose another --out or remove it")
         setup = None
         if (run / rundir.CONFIG).is_file():
-            setup = load_trained(run, device="cpu")
+            setup = load_trained(run, device="cpu", dtype=args.dtype)
             if setup.cfg.method == "full":
                 raise ValueError(f"{run} is a full fine-tuning run: it has no adapter to export (dorafit merge "
                                  "writes its model)")
