@@ -17,7 +17,7 @@ from ..compiling import compile_model
 from ..inject import adapted_modules, apply, get_config
 from ..io import TENSORS_FILE, load_adapter, read_adapter
 from ..peft_format import PEFT_TENSORS_FILE, import_peft
-from ..quantize import quantize_model
+from ..quantize import _return_freed_memory, quantize_model
 from . import precision, rundir
 from .models import PRESETS as MODEL_PRESETS
 from .models import LoadedModel, default_targets, resolve_model
@@ -157,9 +157,11 @@ def quantize_base(model, cfg: TrainConfig) -> list[str]:
     if not cfg.quantize:
         return []
     names = quantized_layer_names(model)
-    if not names and quantize_backend(cfg) == "torchao":
+    if names:
+        _return_freed_memory()  # the checkpoint tensors read and quantized: give the heap back (see quantize.py)
+    elif quantize_backend(cfg) == "torchao":
         names = torchao_nf4(model, skip=list(cfg.head or []))
-    elif not names:
+    else:
         names = quantize_model(model, cfg.quantize, skip=list(cfg.head or []))
     if not names:
         raise ValueError(f"--quantize {cfg.quantize}: {type(model).__name__} has no nn.Linear layer to quantize "
