@@ -75,10 +75,10 @@ def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: st
     """``dtype``: the base's (default: the runs', see :func:`runs_dtype`); adapters beside a bfloat16 or float16
     base stay float32. ``quantize``: the base read straight into quantized layers, shared by every adapter."""
     base_folder = resolve_model(model)
-    name = dtype or runs_dtype(adapters)
-    if name == "auto":
-        name = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    with loading(LoadOptions(DTYPES[name], quantize, torch.device(device))):
+    dtype = dtype or runs_dtype(adapters)
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    with loading(LoadOptions(DTYPES[dtype], quantize, torch.device(device))):
         loaded = load_causal_lm(base_folder)
     tokenizer = loaded.tokenizer
     base_format = (ChatFormat(tokenizer, "model", tokenizer.chat_template) if tokenizer.chat_template
@@ -88,7 +88,7 @@ def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: st
     net = loaded.model.to(device).eval()
     if quantize and not quantized_layer_names(net):
         quantize_model(net, quantize)
-    if DTYPES[name] in (torch.bfloat16, torch.float16):
+    if DTYPES[dtype] in (torch.bfloat16, torch.float16):
         net.dorafit_adapter_dtype = torch.float32
     for text in adapters:
         name, path = parse_adapter_option(text)

@@ -280,6 +280,8 @@ class Run:
         from .models import resolve_model
 
         folder = group.local_first(lambda: resolve_model(cfg.model)) if group.several else None
+        if group.several:  # --dtype auto follows the device the process computes on, not the one FSDP2 loads on
+            cfg = dataclasses.replace(cfg, dtype=precision.resolve(cfg.dtype, group.device, cfg.method))
         setup = prepare(cfg, model_folder=folder, device=group.load_device())
         if group.several:
             setup.device = group.device
