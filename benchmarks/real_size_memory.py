@@ -107,6 +107,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--folder", type=Path, default=None)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"a comma-separated subset of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--variant", default=None, choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cache = Path(os.environ.get("DORAFIT_CACHE") or Path.home() / ".cache" / "dorafit").expanduser()
@@ -119,7 +121,7 @@ def main() -> int:
     meta = {**machine(), "load_average_start": load_average(), "model_folder": str(folder),
             "command": " ".join(["benchmarks/real_size_memory.py", *sys.argv[1:]])}
     results = {}
-    for name in VARIANTS:  # each in its own process: ru_maxrss of children only grows
+    for name in args.variants.split(","):  # each in its own process: ru_maxrss of children only grows
         print(f"{name} ...", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, __file__, "--variant", name, "--folder", str(folder), "--steps",
                                str(args.steps), "--threads", str(args.threads)],
@@ -132,7 +134,7 @@ def main() -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = ROOT / "benchmarks" / "results" / f"real-size-memory-{stamp}.json"
     atomic_write_json(path, record)
-    base = results["float32"]["peak_mib"]
+    base = results.get("float32", {}).get("peak_mib", float("nan"))
     lines = [f"DoRA on a TinyLlama-1.1B-shaped model ({args.layers} layers) stored in bfloat16, {args.steps} step(s) "
              f"of 1 example (<= 24 tokens); {meta['cpu']}, {args.threads} threads, {meta['date_utc']} UTC", "",
              "| base | peak resident MiB | / float32 | step s | wall s |", "|---|---:|---:|---:|---:|"]

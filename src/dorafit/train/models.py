@@ -147,10 +147,12 @@ def _from_pretrained(auto, folder: Path, what: str, **kw):
     :func:`dorafit.train.quantized_load.loading` block; float32 outside one."""
     from transformers import AutoModelForCausalLM
 
-    from .quantized_load import from_pretrained_kwargs
+    from . import quantized_load
 
-    kw.update(from_pretrained_kwargs(causal=auto is AutoModelForCausalLM))
     try:
+        if auto is AutoModelForCausalLM:  # read without a memory map (see quantized_load.read_lazily)
+            return quantized_load.load_causal_lm(Path(folder), local_files_only=True, output_loading_info=True, **kw)
+        kw.update(quantized_load.from_pretrained_kwargs(causal=False))
         return auto.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kw)
     except ValueError as exc:
         raise ModelError(f"the model in {folder} cannot be loaded for {what}: {exc}") from None

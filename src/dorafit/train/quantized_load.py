@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -77,6 +78,63 @@ def from_pretrained_kwargs(causal: bool) -> dict:
         kwargs["quantization_config"] = bitsandbytes_config(options.quantize, options.dtype)
         kwargs["device_map"] = {"": str(options.device or torch.device("cpu"))}
     return kwargs
+
+
+class LazyTensors(dict):
+    """name -> safetensors slice, read on access. transformers' Auto classes deep-copy their keyword arguments;
+    the open files cannot be copied and need not be: a copy is this same dict."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def read_lazily(folder: Path) -> dict | None:
+    """The folder's safetensors checkpoint as ``{name: slice}``, each tensor read with ``pread`` only when
+    transformers asks for it (None: no safetensors checkpoint; transformers then reads what the folder has).
+
+    transformers memory-maps safetensors files on Linux, and the mapping lives as long as any tensor it loaded
+    unconverted: every page of the file it touched stays mapped into the process, quantized layers' included,
+    so the process holds the whole file besides its own copies. Read with ``pread`` (the backend transformers
+    itself uses on Windows), a tensor is copied into the process's own memory when it is loaded and nothing of
+    the file stays behind."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return None
+    tensors = LazyTensors()
+    for name in files:
+        handle = safe_open(str(folder / name), framework="pt", device="cpu", backend="pread")
+        tensors.update({key: handle.get_slice(key) for key in handle.keys()})
+    return tensors
+
+
+def load_causal_lm(folder: Path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(folder)`` with the current options, the checkpoint read by
+    :func:`read_lazily` where the folder holds safetensors (its config and generation config from the folder)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    kwargs.update(from_pretrained_kwargs(causal=True))
+    lazily = read_lazily(folder)
+    if lazily is None:
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:  # transformers' own message
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    loaded = model_class.from_pretrained(None, config=config, state_dict=lazily, **kwargs)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    model.name_or_path = str(folder)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    return loaded
 
 
 def bitsandbytes_config(kind: str, dtype: torch.dtype):
