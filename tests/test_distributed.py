@@ -177,12 +177,13 @@ def test_qdora_in_two_processes_equals_one_process(data):
     assert losses(run) == pytest.approx(losses(single), rel=1e-5)
 
 
-def test_qdora_with_fsdp_is_refused_before_anything_starts(data, tmp_path, monkeypatch):
+def test_int8_with_fsdp_is_refused_before_anything_starts(data, tmp_path, monkeypatch):
+    """FSDP2 shards torchao's NF4 (tests/test_fsdp_quantized.py), not bitsandbytes' packed int8 or fp4."""
     pytest.importorskip("bitsandbytes")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; refused before the process group is joined
-    code, _, err = run_cli("train", "--model", data["llama"], "--task", data["messages"], "--quantize", "nf4",
+    code, _, err = run_cli("train", "--model", data["llama"], "--task", data["messages"], "--quantize", "int8",
                            "--distributed", "fsdp", "--out", tmp_path / "run")
-    assert code == 2 and "error: --quantize does not combine with --distributed fsdp" in err
+    assert code == 2 and "error: --quantize int8 does not combine with --distributed fsdp" in err
     assert not (tmp_path / "run").exists()
 
 

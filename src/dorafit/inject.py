@@ -34,6 +34,7 @@ from .layers import SUPPORTED_TYPES, ops_for
 
 _CONFIG_ATTR = "dorafit_config"  # the model's own adapter's config (its first)
 _NAMED_ATTR = "dorafit_named"  # name -> AdapterConfig of the adapters added beside it, in order
+ADAPTER_DTYPE_ATTR = "dorafit_adapter_dtype"  # optional: the dtype new adapter tensors take (see apply)
 _ACTIVE_ATTR = "dorafit_active"  # the adapter forward uses (None: the base model)
 _REQUIRES_GRAD_ATTR = "_dorafit_requires_grad"
 DEFAULT = "default"  # the name of an adapter applied without one
@@ -115,14 +116,16 @@ def _checked_ops(name: str, module: nn.Module, config: AdapterConfig, magnitude_
 
 
 def _adapt(name: str, module: nn.Module, config: AdapterConfig, magnitude_only: bool, shared: dict,
-           adapter: str = DEFAULT, resident: bool = True, active: str | None = DEFAULT) -> None:
+           adapter: str = DEFAULT, resident: bool = True, active: str | None = DEFAULT,
+           adapter_dtype: torch.dtype | None = None) -> None:
     """Give ``module`` the adapter ``adapter``: as its own (``resident``: the first adapter of a model) or in an
-    :class:`AdapterSlot` beside what it carries; ``active``: the model's active adapter."""
+    :class:`AdapterSlot` beside what it carries; ``active``: the model's active adapter; ``adapter_dtype``: of
+    the new tensors (default: the layer family's, see ``LayerOps.adapter_dtype``)."""
     ops = _checked_ops(name, module, config, magnitude_only)
     if not is_adapted(module):
         ops.prepare(module)
     out, inp = ops.shape(module)
-    kw = dict(dtype=ops.adapter_dtype(module), device=module.weight.device)
+    kw = dict(dtype=adapter_dtype or ops.adapter_dtype(module), device=module.weight.device)
     update = None if magnitude_only else config.update
     tensors: dict[str, Tensor] = {}
     buffers: dict[str, Tensor] = {}
@@ -237,7 +240,12 @@ def apply(model: nn.Module, config: AdapterConfig, name: str | None = None) -> l
     ``name``: add a named adapter. The first adapter of a model is its own (its tensors under the layers' own
     keys, as without a name); a named adapter added to a model that has one goes beside it (its tensors under
     ``<layer>.dorafit_adapters.<name>.``), frozen and inactive until :func:`dorafit.set_adapter` picks it.
+
+    The adapter tensors take each layer's dtype (float32 on a quantized layer), unless the model carries an
+    attribute ``dorafit_adapter_dtype`` (a ``torch.dtype``): float32 master weights beside a bfloat16 base, as
+    ``dorafit train --dtype bfloat16`` sets it; every later :func:`dorafit.load_adapter` then follows it too.
     """
+    adapter_dtype = getattr(model, ADAPTER_DTYPE_ATTR, None)
     existing = adapter_names(model)
     if name is None and (existing or any(is_adapted(m) for m in model.modules())):
         raise ValueError("this model already has dorafit adapters; call dorafit.unload(model) or merge_and_unload "
@@ -268,7 +276,8 @@ def apply(model: nn.Module, config: AdapterConfig, name: str | None = None) -> l
         active = getattr(model, _ACTIVE_ATTR, own_name(model))
         shared: dict = {}
         for module_name in chosen:
-            _adapt(module_name, modules[module_name], config, module_name in mag_names, shared, adapter, False, active)
+            _adapt(module_name, modules[module_name], config, module_name in mag_names, shared, adapter, False, active,
+                   adapter_dtype)
         for p in model.parameters():  # the new adapter's tensors start frozen: it is not active
             if id(p) not in frozen:
                 p.requires_grad_(False)
@@ -277,7 +286,8 @@ def apply(model: nn.Module, config: AdapterConfig, name: str | None = None) -> l
     setattr(model, _REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     shared = {}
     for module_name in chosen:
-        _adapt(module_name, modules[module_name], config, module_name in mag_names, shared, adapter, True, adapter)
+        _adapt(module_name, modules[module_name], config, module_name in mag_names, shared, adapter, True, adapter,
+               adapter_dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in adapted_modules(model):

@@ -108,6 +108,23 @@ def _shared_weights(model: nn.Module) -> set[int]:
     return {k for k, count in seen.items() if count > 1}
 
 
+def quantizable_layers(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The names of the layers :func:`quantize_model` quantizes: plain ``nn.Linear`` layers but the output layer,
+    those whose weight another module shares, and those named in ``skip`` (and everything under them)."""
+    from torch import nn
+
+    from .inject import find_modules
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    shared = _shared_weights(model)
+    skipped = tuple(find_modules(model, list(skip), "skip")) if skip else ()  # names or name suffixes, as targets
+    return [
+        name for name, module in model.named_modules()
+        if type(module) is nn.Linear and module is not output and id(module.weight) not in shared
+        and not any(name == s or name.startswith(s + ".") for s in skipped)
+    ]
+
+
 def quantize_model(model: nn.Module, kind: str, skip: list[str] | tuple[str, ...] = (),
                    compute_dtype: torch.dtype | None = None) -> list[str]:
     """Replace the model's frozen ``nn.Linear`` layers by bitsandbytes layers of ``kind``, in place (see the module
@@ -115,19 +132,9 @@ def quantize_model(model: nn.Module, kind: str, skip: list[str] | tuple[str, ...
     if kind not in KINDS:
         raise ValueError(f"unknown quantization {kind!r}; choose one of {', '.join(KINDS)}")
     require_bitsandbytes()
-    from torch import nn
-
     from .dequantize import set_submodule
-    from .inject import find_modules
 
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    shared = _shared_weights(model)
-    skipped = tuple(find_modules(model, list(skip), "skip")) if skip else ()  # names or name suffixes, as targets
-    names = [
-        name for name, module in model.named_modules()
-        if type(module) is nn.Linear and module is not output and id(module.weight) not in shared
-        and not any(name == s or name.startswith(s + ".") for s in skipped)
-    ]
+    names = quantizable_layers(model, skip)
     if kind != "int8":
         unfit = [name for name in names if blocksize_for(model.get_submodule(name).in_features) is None]
         if unfit:

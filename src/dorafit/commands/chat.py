@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("--threads must be at least 1")
         if args.threads:
             torch.set_num_threads(args.threads)
-        gen = load_generator(args.source, args.device)
+        gen = load_generator(args.source, args.device, args.dtype)
         if gen.format is None:
             gen.format = ChatFormat.choose(gen.tokenizer, "plain")
         interactive = sys.stdin.isatty()

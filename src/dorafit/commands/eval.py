@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import add_compute_arguments
+from .merge import add_dtype_argument
 
 
 def register(subparsers) -> None:
@@ -19,6 +20,7 @@ def register(subparsers) -> None:
                         help="at most this many test examples per test set (default: the run's own setting)")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: the run's)")
     add_compute_arguments(parser, device=None)
+    add_dtype_argument(parser)
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the result to FILE (JSON)")
     parser.add_argument("--samples", metavar="FILE", default=None,
                         help="generative tasks: also write the (prompt, reference, generated) samples to FILE (JSONL)")
@@ -47,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
         from ..train.setup import load_trained
 
         _check(args)
-        setup = load_trained(Path(args.run), args.device, args.threads)
+        setup = load_trained(Path(args.run), args.device, args.threads, args.dtype)
         cfg = setup.cfg
         limit = args.eval_limit if args.eval_limit is not None else cfg.eval_limit
         result, samples = evaluate(setup.task, setup.model, setup.device, limit,

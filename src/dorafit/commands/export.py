@@ -12,6 +12,7 @@ import copy
 from pathlib import Path
 
 from .common import add_compute_arguments, use_threads
+from .merge import add_dtype_argument
 
 FORMATS = ("peft",)
 
@@ -34,6 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--name", metavar="NAME", default=None,
                         help="base_model_name_or_path to write, e.g. a Hub id (default: the run's Hub id, else the base "
                         "model's folder)")
+    add_dtype_argument(parser)
     parser.add_argument("--check", type=int, default=8, metavar="N",
                         help="for a run folder: compare PEFT's outputs with dorafit's on N test examples (0: skip; "
                         "default: 8)")
@@ -113,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"{out} exists and is not an empty folder; choose another --out or remove it")
         setup = None
         if (run / rundir.CONFIG).is_file():
-            setup = load_trained(run, args.device, args.threads)
+            setup = load_trained(run, args.device, args.threads, args.dtype)
             if setup.cfg.method == "full":
                 raise ValueError(f"{run} is a full fine-tuning run: it has no adapter to export (dorafit merge "
                                  "writes its model)")

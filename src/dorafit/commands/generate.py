@@ -24,6 +24,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "dorafit merge, a model preset or any local causal-LM folder")
     add_arguments(parser, SamplingOptions)
     add_compute_arguments(parser)
+    from .merge import add_dtype_argument
+
+    add_dtype_argument(parser, "the model's dtype: auto (bfloat16 on a CUDA GPU that supports it, float32 on a CPU), "
+                       "float32, bfloat16 or float16 (default: a run's --dtype; a model folder: auto)")
 
 
 def register(subparsers) -> None:
@@ -110,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         rows = read_requests(args.prompts) if args.prompts else [{"prompt": args.prompt}]
-        gen = load_generator(args.source, args.device)
+        gen = load_generator(args.source, args.device, args.dtype)
         if gen.format is None and not args.raw:
             print(f"note: {gen.source} has no chat template: prompts are used as plain text", file=sys.stderr)
         room = context_room(gen.model, options.max_new_tokens)

@@ -20,7 +20,18 @@ def register(subparsers) -> None:
     parser.add_argument("--check", type=int, default=16, metavar="N",
                         help="compare the merged and the adapted model on N test examples (0: skip; default: 16)")
     add_compute_arguments(parser, device="cpu")
+    add_dtype_argument(parser, "the merged weights' dtype (each merged in float32, then cast once): auto, float32, "
+                       "bfloat16 or float16 (default: the run's --dtype)")
     parser.set_defaults(func=main)
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """``--dtype``: the dtype a run's base model is loaded in, for the commands that read a run folder."""
+    from ..train.options import DTYPES
+
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help=help or "the base model's dtype: auto (bfloat16 on a CUDA GPU that supports it, float32 "
+                        "on a CPU), float32, bfloat16 or float16 (default: the run's --dtype)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -34,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} exists and is not an empty folder; choose another --out or remove it")
-        merge_run(Path(args.run), out, check=args.check, device=args.device, threads=args.threads)
+        merge_run(Path(args.run), out, check=args.check, device=args.device, threads=args.threads, dtype=args.dtype)
         print(f"merged model folder: {out.resolve()}")
         return 0
 

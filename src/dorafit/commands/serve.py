@@ -43,8 +43,10 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="a request's max_tokens when it gives none (default: 256)")
     add_compute_arguments(parser, device="cpu", devices=None, device_help="cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"),
-                        help="weights' dtype (default: float32)")
+    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16", "float64"),
+                        help="the base's dtype; adapters beside a bfloat16 or float16 base stay float32 (default: the "
+                        "--dtype the adapter runs trained in, float32 if they differ; auto: bfloat16 on a CUDA GPU "
+                        "that supports it, float32 on a CPU)")
     parser.add_argument("--quantize", default=None, choices=QUANTIZE_KINDS,
                         help="hold the base quantized with bitsandbytes (nf4, fp4 or int8), shared by every adapter; "
                         "runs trained with dorafit train --quantize need the same")

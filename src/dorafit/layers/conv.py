@@ -36,7 +36,8 @@ class ConvOps(LayerOps):
 
     def down(self, module: nn.Module, x: Tensor, q: Tensor) -> Tensor:
         _, inp, *kernel = module.weight.shape
-        return module._conv_forward(x, q.view(q.shape[0], inp, *kernel), None)  # [batch, r, *spatial]
+        # in the adapter's dtype (float32 beside a bfloat16 base)
+        return module._conv_forward(x.to(q.dtype), q.view(q.shape[0], inp, *kernel), None)  # [batch, r, *spatial]
 
     def up(self, module: nn.Module, u: Tensor, p: Tensor) -> Tensor:
         k = module.weight.dim() - 2

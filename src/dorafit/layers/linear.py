@@ -18,7 +18,7 @@ class LinearOps(LayerOps):
         return F.linear(x, module.weight)
 
     def down(self, module: nn.Module, x: Tensor, q: Tensor) -> Tensor:
-        return F.linear(x, q)  # [..., r]
+        return F.linear(x.to(q.dtype), q)  # [..., r], in the adapter's dtype (float32 beside a bfloat16 base)
 
     def up(self, module: nn.Module, u: Tensor, p: Tensor) -> Tensor:
         return F.linear(u, p)  # [..., out]

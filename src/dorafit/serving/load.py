@@ -13,6 +13,7 @@ from ..multi import load_named_adapter
 from ..train import hub, rundir
 from ..train.models import load_causal_lm, resolve_model
 from ..quantize import quantize_model
+from ..train.quantized_load import LoadOptions, loading, quantized_layer_names
 from ..train.setup import stored_config
 from ..train.tasks import by_kind
 from .api import Served
@@ -80,19 +81,37 @@ class AdapterLoader:
         unload(self.net, name)
 
 
-def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: str = "float32",
+def runs_dtype(adapters: list[str]) -> str:
+    """The ``--dtype`` the run folders among ``adapters`` trained in, if they agree; else float32."""
+    dtypes = set()
+    for text in adapters:
+        _, path = parse_adapter_option(text)
+        if rundir.is_run_folder(path):
+            dtypes.add(stored_config(path)[0].dtype)
+    return dtypes.pop() if len(dtypes) == 1 else "float32"
+
+
+def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: str | None = None,
                  max_batch_size: int = 8, max_new_tokens: int = 256, quantize: str | None = None,
                  prefill_chunk: int = 256) -> Served:
+    """``dtype``: the base's (default: the runs', see :func:`runs_dtype`); adapters beside a bfloat16 or float16
+    base stay float32. ``quantize``: the base read straight into quantized layers, shared by every adapter."""
     base_folder = resolve_model(model)
-    loaded = load_causal_lm(base_folder)
+    dtype = dtype or runs_dtype(adapters)
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    with loading(LoadOptions(DTYPES[dtype], quantize, torch.device(device))):
+        loaded = load_causal_lm(base_folder)
     tokenizer = loaded.tokenizer
     base_format = (ChatFormat(tokenizer, "model", tokenizer.chat_template) if tokenizer.chat_template
                    else ChatFormat.choose(tokenizer, "plain"))
     base_name = base_name_of(model)
     formats, sources = {base_name: base_format}, {}
-    net = loaded.model.to(device=device, dtype=DTYPES[dtype]).eval()
-    if quantize:
-        quantize_model(net, quantize)  # every adapter shares the one quantized base
+    net = loaded.model.to(device).eval()
+    if quantize and not quantized_layer_names(net):
+        quantize_model(net, quantize)
+    if DTYPES[dtype] in (torch.bfloat16, torch.float16):
+        net.dorafit_adapter_dtype = torch.float32
     loader = AdapterLoader(net, base_folder, tokenizer, base_format, quantize)
     for text in adapters:
         name, path = parse_adapter_option(text)

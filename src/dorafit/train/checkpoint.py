@@ -57,8 +57,9 @@ def collect(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict]
 
 
 def write(run_dir: Path, params: dict, optim: dict, scheduler_state: dict, step: int, seconds: float,
-          metrics: list[dict]) -> Path:
-    """The checkpoint file from ``params`` and ``optim`` (keyed by parameter name, as :func:`collect` makes)."""
+          metrics: list[dict], scaler_state: dict | None = None) -> Path:
+    """The checkpoint file from ``params`` and ``optim`` (keyed by parameter name, as :func:`collect` makes);
+    ``scaler_state``: float16's loss scaler (its scale and growth tracker), if the run has one."""
     index = {name: i for i, name in enumerate(params)}
     tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     for name, state in optim["state"].items():
@@ -73,6 +74,8 @@ def write(run_dir: Path, params: dict, optim: dict, scheduler_state: dict, step:
         "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]],
         "scheduler": scheduler_state,
     }
+    if scaler_state is not None:
+        state["scaler"] = scaler_state
     blob = seal(tensors, {"state": json.dumps(state)})
     path = run_dir / FILE
     atomic_write_bytes(path, blob)
@@ -80,11 +83,12 @@ def write(run_dir: Path, params: dict, optim: dict, scheduler_state: dict, step:
 
 
 def save(run_dir: Path, model, optimizer, scheduler, step: int, seconds: float, metrics: list[dict],
-         group: Group = SINGLE) -> Path:
+         group: Group = SINGLE, scaler=None) -> Path:
     """Write the checkpoint (rank 0; every process of a group must call it, FSDP2 gathers shards)."""
     params, optim = group.training_state(model, optimizer) if group.several else collect(model, optimizer)
     if group.is_main:
-        write(run_dir, params, optim, scheduler.state_dict(), step, seconds, metrics)
+        write(run_dir, params, optim, scheduler.state_dict(), step, seconds, metrics,
+              None if scaler is None else scaler.state_dict())
     return run_dir / FILE
 
 
@@ -145,7 +149,7 @@ def restore(model: nn.Module, optimizer, params: dict, optim: dict) -> None:
     })
 
 
-def load(run_dir: Path, model, optimizer, scheduler, group: Group = SINGLE) -> dict:
+def load(run_dir: Path, model, optimizer, scheduler, group: Group = SINGLE, scaler=None) -> dict:
     """Restore parameters, optimizer and scheduler from ``RUN/checkpoint.safetensors``; returns its state dict.
 
     In a group, rank 0 reads the file and every process gets its tensors (and its own shards under FSDP2).
@@ -166,6 +170,8 @@ def load(run_dir: Path, model, optimizer, scheduler, group: Group = SINGLE) -> d
     else:
         restore(model, optimizer, held["params"], held["optim"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     return state
 
 

@@ -12,6 +12,7 @@ Used by ``dorafit generate`` and ``dorafit chat``:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from ..chat_format import ChatFormat
 from ..io import load_adapter
 from . import rundir
 from .models import LoadedModel, load_causal_lm, resolve_model
-from .setup import pick_device, quantize_base, stored_config
+from . import precision
+from .quantized_load import LoadOptions, loading
+from .setup import hold_in_dtype, load_options, pick_device, quantize_base, stored_config
 from .tasks import by_kind
 
 
@@ -38,21 +41,24 @@ class Generator:
         return self.loaded.tokenizer
 
 
-def load_generator(path: str, device: str = "auto") -> Generator:
+def load_generator(path: str, device: str = "auto", dtype: str | None = None) -> Generator:
+    """``dtype``: of the model's weights (default: the run's ``--dtype``; a model folder: ``auto``)."""
     folder = Path(path).expanduser()
     where = pick_device(device)
     if rundir.is_run_folder(folder):
-        gen = _from_run(folder, where)
+        gen = _from_run(folder, where, dtype)
     else:
-        loaded = load_causal_lm(resolve_model(path))
+        with loading(LoadOptions(precision.torch_dtype(precision.resolve(dtype or "auto", where, "lora")))):
+            loaded = load_causal_lm(resolve_model(path))
         own = loaded.tokenizer.chat_template
         gen = Generator(loaded, ChatFormat(loaded.tokenizer, "model", own) if own else None, f"model {loaded.folder}")
     gen.model.to(where).eval()
     return gen
 
 
-def _from_run(run_dir: Path, device) -> Generator:
+def _from_run(run_dir: Path, device, dtype: str | None) -> Generator:
     cfg, resolved = stored_config(run_dir)
+    cfg = dataclasses.replace(cfg, dtype=dtype or cfg.dtype)
     task_cls = by_kind(resolved.get("kind", "classification"))
     if cfg.method == "full":
         folder = run_dir / rundir.MODEL
@@ -67,12 +73,15 @@ def _from_run(run_dir: Path, device) -> Generator:
     if not task_cls.generative:
         raise ValueError(f"{run_dir} is a run of the {task_cls.kind} task, not a generative one: its model does not write text, "
                          "so it cannot generate or chat (dorafit eval evaluates it)")
-    loaded = load_causal_lm(folder)
+    options = load_options(cfg, device, quantize=cfg.method != "full")  # the base as the run trained on it
+    with loading(options):
+        loaded = load_causal_lm(folder)
     loaded.model.to(device)  # quantized where it will run, as in training
     fmt = task_cls.chat_format(loaded.tokenizer, resolved)
     if cfg.method != "full":
         loaded.model.requires_grad_(False)
-        quantize_base(loaded.model, cfg)  # the base as the run trained on it (--quantize)
+        hold_in_dtype(loaded.model, options.dtype, cfg.head)
+        quantize_base(loaded.model, cfg)
         load_adapter(loaded.model, run_dir / rundir.ADAPTER)
         what = f"run {run_dir}: {cfg.method} adapter (unmerged) on {cfg.model}"
     else:

@@ -128,10 +128,13 @@ def run(
     after_step: Callable[[LoopState], None],
     progress: bool = True,
     group: Group = SINGLE,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> LoopState:
     """Train from ``state.step`` to ``total`` steps; ``after_step`` is called after each (checkpoints, snapshots).
 
     Raises :class:`NonFiniteLoss` before applying a step whose loss is NaN or infinite (in every process).
+    ``scaler`` (float16, see :mod:`dorafit.train.precision`): gradients of the scaled loss, unscaled before
+    clipping; a step whose gradients overflowed is skipped and the scale lowered (the row's ``loss_scale``).
     """
     order = DataOrder(len(task.train), batch_size, seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -150,7 +153,7 @@ def run(
                 batch = {key: v.to(device) for key, v in task.batch(examples).items()}
                 with group.no_sync(model, last=k == grad_accum - 1):
                     loss = task.loss(model, batch) / grad_accum
-                    loss.backward()
+                    (loss if scaler is None else scaler.scale(loss)).backward()
                 loss_sum += float(loss.detach())
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(examples)
             if group.several:  # every process logs (and checks) the step's global loss
@@ -159,9 +162,16 @@ def run(
             if not math.isfinite(loss_sum):
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(step, loss_sum)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scale = scaler.get_scale()
+                scaler.step(optimizer)
+                scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
@@ -169,6 +179,8 @@ def run(
             state.seconds += elapsed
             state.metrics.append({"step": state.step, "loss": loss_sum, "lr": lr, "seconds": round(state.seconds, 3),
                                   "tokens_per_s": round(tokens / elapsed, 1)})
+            if scaler is not None:
+                state.metrics[-1]["loss_scale"] = scale
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
             after_step(state)

@@ -5,6 +5,9 @@ For each adapted layer the saved weight is W' = W0 + dW (LoRA, VeRA) or W' = (m 
 already in place. An instruction-tuning run's chat template is saved with the tokenizer. The folder is then
 loaded back with plain ``transformers`` (the task's own loader) and its outputs on a few test examples are
 compared with the adapted model's (the task's ``check_outputs``): the predictions must be identical.
+
+The folder is written in the base's dtype (the run's ``--dtype``, or ``dtype``): each merged weight is computed
+in float32 from the base weight (dequantized, for a quantized base) and the float32 adapter, then cast once.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..inject import merge_and_unload
+from . import precision
+from .quantized_load import LoadOptions, loading
 from .runner import save_model_folder
 from .setup import load_trained
 
@@ -21,10 +26,11 @@ def check_examples(setup, n: int) -> list:
     return next(iter(setup.data.test_sets().values()))[:n]
 
 
-def merge_run(run_dir: Path, out: Path, check: int = 16, device: str = "cpu", threads: int | None = None) -> dict:
+def merge_run(run_dir: Path, out: Path, check: int = 16, device: str = "cpu", threads: int | None = None,
+              dtype: str | None = None) -> dict:
     """Write the merged model of ``run_dir`` to ``out``, merged on ``device`` with ``threads`` CPU threads (default:
-    the run's); returns {"checked": N, "max_abs_diff": d}."""
-    setup = load_trained(run_dir, device, threads)
+    the run's) in the base's dtype (default: the run's ``--dtype``); returns {"checked": N, "max_abs_diff": d}."""
+    setup = load_trained(run_dir, device, threads, dtype)
     model, task = setup.model, setup.task
     examples = check_examples(setup, check)
     before = task.check_outputs(model.eval(), examples, setup.device) if examples else None
@@ -33,7 +39,9 @@ def merge_run(run_dir: Path, out: Path, check: int = 16, device: str = "cpu", th
     save_model_folder(model, setup.loaded.tokenizer, out, chat_template=task.stored().get("chat_template"))
     if before is None:
         return {"checked": 0, "max_abs_diff": None}
-    merged = type(task).load_model(out, setup.data.extra).model.to(setup.device)
+    dtype = precision.torch_dtype(precision.resolve(setup.cfg.dtype, setup.device, setup.cfg.method))
+    with loading(LoadOptions(dtype)):  # as it was written
+        merged = type(task).load_model(out, setup.data.extra).model.to(setup.device)
     after = task.check_outputs(merged, examples, setup.device)
     diff = float((after - before).abs().max())
     differ = int((after.argmax(-1) != before.argmax(-1)).sum())

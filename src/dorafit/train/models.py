@@ -136,8 +136,17 @@ def load_tokenizer(folder: Path):
 
 
 def _from_pretrained(auto, folder: Path, what: str, **kw):
+    """``auto.from_pretrained`` in the dtype (and, for a causal LM, the quantization) of the current
+    :func:`dorafit.train.quantized_load.loading` block; float32 outside one."""
+    from transformers import AutoModelForCausalLM
+
+    from . import quantized_load
+
     try:
-        return auto.from_pretrained(folder, local_files_only=True, dtype=torch.float32, output_loading_info=True, **kw)
+        if auto is AutoModelForCausalLM:  # read without a memory map (see quantized_load.read_lazily)
+            return quantized_load.load_causal_lm(Path(folder), local_files_only=True, output_loading_info=True, **kw)
+        kw.update(quantized_load.from_pretrained_kwargs(causal=False))
+        return auto.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kw)
     except ValueError as exc:
         raise ModelError(f"the model in {folder} cannot be loaded for {what}: {exc}") from None
 

@@ -32,6 +32,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "fsdp")
 LOGGERS = ("none", "tensorboard")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 _ADAPTER_FIELDS = {f.name: f for f in dataclasses.fields(AdapterConfig)}
 
 
@@ -106,9 +107,16 @@ class TrainConfig:
     vera_seed: int = adapter_option("vera_seed")
     quantize: Optional[str] = option(
         None, "load the frozen base quantized with bitsandbytes (QLoRA/QDoRA): nf4 or fp4 (4-bit, blocks of 64, "
-        "double-quantized scales) or int8 (LLM.int8). Only the base's linear layers are quantized; the adapter, "
-        "DoRA's magnitude and the head stay float32. Needs the quant extra: scripts/bootstrap quant",
+        "double-quantized scales) or int8 (LLM.int8). A causal LM's checkpoint is read straight into quantized "
+        "layers, never held in float; with --distributed fsdp, nf4 uses torchao's NF4 (which FSDP2 shards). Only "
+        "the base's linear layers are quantized; the adapter, DoRA's magnitude and the head stay float32. Needs the "
+        "quant extra: scripts/bootstrap quant",
         choices=QUANTIZE_KINDS)
+    dtype: str = option(
+        "auto", "the dtype the frozen base is held and computed in; the adapter, DoRA's magnitude, the head and the "
+        "optimizer state stay float32. auto: bfloat16 on a CUDA GPU that supports it (float32 for --method full), "
+        "float32 on a CPU (most CPUs lack bfloat16 arithmetic, so it saves memory, not time). float16 trains with "
+        "loss scaling", choices=DTYPES)
     init_from: Optional[str] = option(
         None, "start from a trained adapter: a PEFT adapter folder (adapter_model.safetensors) or a dorafit one "
         "(adapter.safetensors); its config sets the method, rank, alpha, rslora, targets and dropout", metavar="DIR",
@@ -182,6 +190,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.quantize and cfg.method == "full":
         raise ValueError("--quantize freezes a quantized base for an adapter to train on; a quantized weight cannot "
                          "be fully fine-tuned: choose --method lora, dora, vera or dvora")
+    if cfg.method == "full" and cfg.dtype in ("bfloat16", "float16"):
+        raise ValueError(f"--dtype {cfg.dtype} holds a frozen base in {cfg.dtype}; --method full trains every weight "
+                         "and keeps them float32: drop --dtype (or --dtype float32), or train an adapter")
     if cfg.quantize and cfg.compile:
         raise ValueError("--quantize does not combine with --compile (the quantized layers run eagerly); drop one")
     return cfg

@@ -11,6 +11,8 @@ from .loop import LoopState
 
 
 def describe(setup, total: int, warmup: int, group: Group = SINGLE) -> str:
+    from .setup import quantize_backend
+
     cfg, data, task, model = setup.cfg, setup.data, setup.task, setup.model
     trainable, everything = trainable_parameter_count(model)
     tests = sum(len(v) for v in data.test_sets().values())
@@ -24,8 +26,9 @@ def describe(setup, total: int, warmup: int, group: Group = SINGLE) -> str:
                  f"accumulation x processes, {group.strategy} over {group.backend})")
     limit = f" (evaluated on up to {cfg.eval_limit} per test set)" if cfg.eval_limit else ""
     return "\n".join(setup.notes + [
-        f"model   {cfg.model} ({setup.loaded.folder}), {type(model).__name__}, on {setup.device}"
-        + (f", {len(setup.quantized)} linear layers quantized {cfg.quantize} (bitsandbytes)" if cfg.quantize else ""),
+        f"model   {cfg.model} ({setup.loaded.folder}), {type(model).__name__}, {cfg.dtype}, on {setup.device}"
+        + (f", {len(setup.quantized)} linear layers quantized {cfg.quantize} ({quantize_backend(cfg)})"
+           if cfg.quantize else ""),
         f"task    {cfg.task} ({task.kind}): {len(task.train)} training / {tests} test examples{limit}, "
         f"{task.describe()}",
         f"method  {what}{head}: {trainable:,} of {everything:,} parameters trainable "

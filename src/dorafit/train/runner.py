@@ -31,7 +31,8 @@ from .. import __version__
 from ..files import atomic_folder, check_writable
 from ..inject import adapter_state_dict, trainable_parameter_count
 from ..io import save_adapter
-from . import checkpoint, distributed, loop, rundir
+from . import checkpoint, distributed, loop, precision, rundir
+from . import quantized_load
 from .distributed import SINGLE, Group
 from .evaluate import evaluate
 from .metrics_log import MetricsLog
@@ -98,6 +99,10 @@ def resume_config(run_dir: Path, explicit: dict) -> TrainConfig:
             raise ValueError(f"{flag(name)} {value!r} differs from the resumed run's {getattr(cfg, name)!r}; a resumed "
                              "run keeps its config (start a new run to change it)")
     changes = {name: explicit[name] for name in RESUME_MAY_CHANGE if name in explicit and name != "resume"}
+    if cfg.quantize == "nf4" and (changes.get("distributed", cfg.distributed) == "fsdp") != (cfg.distributed == "fsdp"):
+        raise ValueError(f"--distributed {changes['distributed']}: {run_dir} trained on a base quantized "
+                         f"{'by torchao (--distributed fsdp)' if cfg.distributed == 'fsdp' else 'by bitsandbytes'}; "
+                         f"resume it with --distributed {cfg.distributed}, whose base is the same")
     extend = {name: explicit[name] for name in RESUME_MAY_EXTEND if name in explicit}
     if extend:
         changes.update(steps=extend.get("steps"), epochs=extend.get("epochs"))
@@ -106,9 +111,18 @@ def resume_config(run_dir: Path, explicit: dict) -> TrainConfig:
 
 def check_strategy(cfg: TrainConfig, world_size: int) -> None:
     """Options that the number of processes rules out."""
-    if cfg.quantize and cfg.distributed == "fsdp" and world_size > 1:
-        raise ValueError("--quantize does not combine with --distributed fsdp: FSDP2 cannot shard bitsandbytes' "
-                         "packed quantized weights; use --distributed ddp (each process holds the quantized base)")
+    if cfg.quantize and cfg.quantize != "nf4" and cfg.distributed == "fsdp" and world_size > 1:
+        raise ValueError(f"--quantize {cfg.quantize} does not combine with --distributed fsdp: FSDP2 cannot shard "
+                         "bitsandbytes' packed quantized weights; use --quantize nf4 (torchao's NF4, which FSDP2 "
+                         "shards) or --distributed ddp (each process holds the quantized base)")
+    if cfg.quantize == "nf4" and cfg.distributed == "fsdp" and world_size > 1 and \
+            quantized_load.NF4_MAX_SHARDS % world_size:
+        raise ValueError(f"--distributed fsdp --quantize nf4 shards each NF4 weight into {world_size} equal parts, "
+                         f"which NF4's blocks allow for 2, 4 or 8 processes; start one of those numbers")
+    if cfg.dtype == "float16" and cfg.distributed == "fsdp" and world_size > 1:
+        raise ValueError("--dtype float16 does not combine with --distributed fsdp: its loss scaler would skip "
+                         "overflowing steps on each process's shard separately; use --dtype bfloat16 (no loss "
+                         "scaling needed) or --distributed ddp")
 
 
 def plan_run(cfg: TrainConfig, explicit: dict, world_size: int, held: contextlib.ExitStack) -> Plan:
@@ -210,7 +224,7 @@ class Run:
                 loop.run(self.model, self.task, self.optimizer, self.scheduler, state, self.total, seed=self.cfg.seed,
                          batch_size=self.cfg.batch_size, grad_accum=self.cfg.grad_accum,
                          max_grad_norm=self.cfg.max_grad_norm, device=self.setup.device, after_step=self.after_step,
-                         progress=self.progress, group=self.group)
+                         progress=self.progress, group=self.group, scaler=self.scaler)
         except loop.NonFiniteLoss as exc:
             return self.stop_non_finite(exc, state)
         except Stopped as stop:
@@ -253,6 +267,7 @@ class Run:
         self.say(describe(self.setup, self.total, self.warmup, group))
         self.optimizer = loop.make_optimizer(self.model, self.cfg.lr, self.cfg.weight_decay)
         self.scheduler = loop.make_scheduler(self.optimizer, self.cfg.schedule, self.warmup, self.total)
+        self.scaler = precision.grad_scaler(self.cfg.dtype, self.setup.device)
         return True
 
     def _prepare(self, cfg: TrainConfig) -> Setup:
@@ -262,6 +277,8 @@ class Run:
         from .models import resolve_model
 
         folder = group.local_first(lambda: resolve_model(cfg.model)) if group.several else None
+        if group.several:  # --dtype auto follows the device the process computes on, not the one FSDP2 loads on
+            cfg = dataclasses.replace(cfg, dtype=precision.resolve(cfg.dtype, group.device, cfg.method))
         setup = prepare(cfg, model_folder=folder, device=group.load_device())
         if group.several:
             setup.device = group.device
@@ -287,7 +304,7 @@ class Run:
     def restore(self) -> loop.LoopState:
         if not self.plan.has_checkpoint:
             return loop.LoopState(0, 0.0, [])
-        saved = checkpoint.load(self.run_dir, self.model, self.optimizer, self.scheduler, self.group)
+        saved = checkpoint.load(self.run_dir, self.model, self.optimizer, self.scheduler, self.group, self.scaler)
         self.say(f"resumed from the checkpoint at step {saved['step']} of {self.total}")
         return loop.LoopState(saved["step"], saved["seconds"], saved["metrics"])
 
@@ -305,7 +322,7 @@ class Run:
         at_checkpoint = state.step % cfg.checkpoint_every == 0 or done or stopping
         if at_checkpoint:
             checkpoint.save(self.run_dir, self.model, self.optimizer, self.scheduler, state.step, state.seconds,
-                            state.metrics, self.group)
+                            state.metrics, self.group, self.scaler)
         self.log.step(state.metrics[-1], force_write=at_checkpoint)
         window = max(1, self.total // 20)
         if not self.progress and (state.step % window == 0 or done):

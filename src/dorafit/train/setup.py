@@ -17,11 +17,12 @@ from ..compiling import compile_model
 from ..inject import adapted_modules, apply, get_config
 from ..io import TENSORS_FILE, load_adapter, read_adapter
 from ..peft_format import PEFT_TENSORS_FILE, import_peft
-from ..quantize import quantize_model
-from . import hub, rundir
+from ..quantize import _return_freed_memory, quantize_model
+from . import hub, precision, rundir
 from .models import PRESETS as MODEL_PRESETS
 from .models import LoadedModel, default_targets, resolve_model
 from .options import TrainConfig, adapter_config, adapter_options, from_dict, validate
+from .quantized_load import LoadOptions, loading, quantized_layer_names, torchao_nf4
 from .targets import expand as expand_targets
 from .tasks import all_presets, by_kind, task_type
 
@@ -65,12 +66,28 @@ def absolute_paths(options: dict) -> dict:
     return out
 
 
+def quantize_backend(cfg: TrainConfig) -> str | None:
+    """Which library holds the quantized base: torchao's NF4 for ``--distributed fsdp --quantize nf4`` (FSDP2
+    shards it; also in one process, so that such a run's base is the same however many processes train it),
+    bitsandbytes otherwise."""
+    if not cfg.quantize:
+        return None
+    return "torchao" if cfg.quantize == "nf4" and cfg.distributed == "fsdp" else "bitsandbytes"
+
+
+def load_options(cfg: TrainConfig, device: torch.device, quantize: bool = True) -> LoadOptions:
+    """How a run's base model is loaded (``cfg.dtype`` resolved; ``quantize=False``: in float)."""
+    dtype = precision.torch_dtype(precision.resolve(cfg.dtype, device, cfg.method))
+    return LoadOptions(dtype, cfg.quantize if quantize else None, device, quantize_backend(cfg) or "bitsandbytes")
+
+
 def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.device | None = None,
-            kind: str | None = None) -> Setup:
+            kind: str | None = None, adapt: bool = True) -> Setup:
     """Data, task and model for ``cfg``, the model seeded by ``cfg.seed`` and adapted (not yet trained).
 
     ``device`` overrides ``--device`` (a process of a torchrun job: its own GPU, or the CPU for FSDP2 to shard);
-    ``kind`` names the task type (a stored run's), else it follows from ``--task``.
+    ``kind`` names the task type (a stored run's), else it follows from ``--task``; ``adapt=False``: the base
+    model as the run trains on it (in its dtype, quantized), without an adapter (a trained one is loaded next).
     """
     validate(cfg)
     if cfg.threads:
@@ -78,8 +95,11 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
     task_cls = by_kind(kind) if kind else task_type(cfg.task)
     data = task_cls.load_data(cfg.task, cfg)
     folder = model_folder or resolve_model(cfg.model)
+    device = device or pick_device(cfg.device)
+    options = load_options(cfg, device)
     torch.manual_seed(cfg.seed)  # a freshly initialised head and the adapter init follow from the seed
-    loaded = task_cls.load_model(folder, data.extra)
+    with loading(options):
+        loaded = task_cls.load_model(folder, data.extra)
     head = cfg.head if cfg.head is not None else loaded.head
     resolved = dict(
         max_length=cfg.max_length or data.max_length,
@@ -88,6 +108,7 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
         head=head,
         eval_limit=cfg.eval_limit if cfg.eval_limit is not None else data.eval_limit,
         image_size=data.extra.get("image_size"),  # an image task's: --image-size or the model's input size
+        dtype=precision.NAMES[options.dtype],
     )
     if cfg.image_size and "image_size" not in data.extra:
         raise ValueError(f"--image-size is for image tasks; a {task_cls.kind} task reads text")
@@ -100,11 +121,13 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
     resolved["model"] = hub.pinned(resolved["model"], folder)  # a Hub id: the commit it trains on
     cfg = validate(dataclasses.replace(cfg, **resolved))
     task = task_cls(data, loaded.tokenizer, cfg)
-    device = device or pick_device(cfg.device)
     loaded.model.to(device)
+    hold_in_dtype(loaded.model, options.dtype, cfg.head)
     quantized = quantize_base(loaded.model, cfg)
     notes = []
-    if cfg.init_from:
+    if not adapt:
+        adapted = []
+    elif cfg.init_from:
         cfg, adapted, notes = _adapt_from(cfg, loaded.model, data.extra.get("labels"))
     elif cfg.method == "full":
         loaded.model.requires_grad_(True)
@@ -118,12 +141,33 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
     return Setup(cfg, task, loaded, device, adapted, notes, quantized)
 
 
+def hold_in_dtype(model, dtype: torch.dtype, head: list[str] | None) -> None:
+    """The base in ``dtype`` (a model transformers did not load, e.g. an image classifier, is cast now); the head
+    and the adapters to come in float32 (see :mod:`dorafit.train.precision`)."""
+    if dtype == torch.float32:
+        return
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):  # transformers loaded the others in dtype (quantized ones too)
+        model.to(dtype)
+    precision.float32_head(model, list(head or []))
+    model.dorafit_adapter_dtype = torch.float32
+
+
 def quantize_base(model, cfg: TrainConfig) -> list[str]:
-    """``--quantize``: the model's linear layers quantized in place with bitsandbytes, except its output layer and
-    the head (``cfg.head``, trained in full); the names of the quantized layers."""
+    """``--quantize``: the model's linear layers quantized, except its output layer and the head (``cfg.head``,
+    trained in full); the names of the quantized layers. A causal LM was read quantized already (see
+    :mod:`dorafit.train.quantized_load`); another model is quantized now, in place, with bitsandbytes, or with
+    torchao's NF4 under ``--distributed fsdp``."""
     if not cfg.quantize:
         return []
-    names = quantize_model(model, cfg.quantize, skip=list(cfg.head or []))
+    names = quantized_layer_names(model)
+    if names:
+        _return_freed_memory()  # the checkpoint tensors read and quantized: give the heap back (see quantize.py)
+    elif quantize_backend(cfg) == "torchao":
+        names = torchao_nf4(model, skip=list(cfg.head or []))
+    else:
+        names = quantize_model(model, cfg.quantize, skip=list(cfg.head or []))
     if not names:
         raise ValueError(f"--quantize {cfg.quantize}: {type(model).__name__} has no nn.Linear layer to quantize "
                          "besides its output layer and head (only linear layers are quantized); drop --quantize")
@@ -185,16 +229,21 @@ def _adapt_from(cfg: TrainConfig, model, labels: list[str] | None) -> tuple[Trai
 def stored_config(run_dir: Path) -> tuple[TrainConfig, dict]:
     """(options, what they resolved to) of a run folder, read and validated."""
     stored, resolved = rundir.read_config(run_dir)
+    stored.setdefault("dtype", "float32")  # a run written before --dtype trained in float32
     return from_dict(stored, str(run_dir / rundir.CONFIG)), resolved
 
 
-def load_trained(run_dir: Path, device: str | None = None, threads: int | None = None) -> Setup:
+def load_trained(run_dir: Path, device: str | None = None, threads: int | None = None,
+                 dtype: str | None = None) -> Setup:
     """The trained model of a finished run: base model + its adapter (unmerged), or its fully fine-tuned weights,
-    with the run's task (its kind as stored), on ``device`` with ``threads`` CPU threads (default: the run's)."""
+    with the run's task (its kind as stored), on ``device`` with ``threads`` CPU threads (default: the run's);
+    ``dtype``: the base's (default: the run's ``--dtype``)."""
     run_dir = Path(run_dir)
     cfg, resolved = stored_config(run_dir)
     kind = resolved.get("kind")
     cfg = dataclasses.replace(cfg, compile=False)  # evaluation of a finished run runs eager
+    if dtype:
+        cfg = dataclasses.replace(cfg, dtype=dtype)
     if device:
         cfg = dataclasses.replace(cfg, device=device)
     if threads:
@@ -207,11 +256,9 @@ def load_trained(run_dir: Path, device: str | None = None, threads: int | None =
     if not (run_dir / rundir.ADAPTER).is_dir():
         raise ValueError(f"{run_dir} has no trained adapter yet ({rundir.ADAPTER}/ is missing); finish it with "
                          f"dorafit train --resume {run_dir}")
-    base = dataclasses.replace(cfg, method="full", magnitude_only=None, init_from=None, gradient_checkpointing=False,
-                               compile=False, quantize=None)
-    setup = prepare(base, kind=kind)
+    base = dataclasses.replace(cfg, init_from=None, gradient_checkpointing=False, compile=False)
+    setup = prepare(base, kind=kind, adapt=False)  # the base as it was trained on (dtype, quantization)
     setup.model.requires_grad_(False)
-    setup.quantized = quantize_base(setup.model, cfg)  # the base as it was trained on
     setup.adapted = load_adapter(setup.model, run_dir / rundir.ADAPTER)
     setup.model.to(setup.device)
     setup.cfg = cfg
