@@ -153,13 +153,14 @@ def skip_misaligned(quantization_config, config) -> list[str]:
     weights); returns their names (found on a meta-device copy of the model, no memory)."""
     if quantization_config is None or not quantization_config.load_in_4bit:
         return []
+    import copy
     import re
 
     from transformers import AutoModelForCausalLM
     from transformers.quantizers.base import get_keys_to_not_convert
 
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=current().dtype)
+        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=current().dtype)  # config kept
     misaligned = [name for name, module in skeleton.named_modules()
                   if isinstance(module, nn.Linear) and module.in_features % 64]
     if misaligned:
