@@ -10,8 +10,9 @@ root, and so must everything in it, symlinks resolved: a path or a link leading 
 
 The model is changed in the engine's thread between two decode steps (:meth:`Engine.call_between_steps`), never
 during a forward. A loaded adapter answers to ``model: NAME`` exactly as one given with ``--adapter`` at start.
-Unloading first stops routing new requests to the name (they get 404), then waits until no request in flight
-uses it, then removes it from the model.
+Unloading first stops routing new requests to the name (they get 404, as does one that named it while its prompt
+was being tokenized: the routes look again before handing it to the engine), then waits until no request in
+flight uses it, then removes it from the model.
 """
 
 from __future__ import annotations
