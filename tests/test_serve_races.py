@@ -1,6 +1,7 @@
 """Races between run-time adapter unloads and requests, in process (a real engine over a tiny LLaMA, FastAPI's
 TestClient): a request that named an adapter which is unloaded while its prompt is being tokenized gets a 404
-(not a 500 from the engine), and the engine keeps serving."""
+(not a 500 from the engine), and the engine keeps serving; an unload after the engine has stopped gets a 503 (it
+waited for ever) and the adapter stays listed."""
 
 from __future__ import annotations
 
@@ -68,3 +69,15 @@ def test_a_request_whose_adapter_is_unloaded_while_it_is_tokenized_gets_404(serv
     answer = http.post(route, json={"model": "base", "max_tokens": 2, "temperature": 0, **body})
     assert answer.status_code == 200, answer.text
     assert served.engine.failed == 0
+
+
+def test_an_unload_after_the_engine_has_stopped_gets_503(served, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from dorafit.serving.api import create_app
+
+    http = TestClient(create_app(served, adapter_root=tmp_path))
+    served.engine.stop()
+    answer = http.post("/v1/unload_lora_adapter", json={"lora_name": "a"})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down", answer.text
+    assert "a" in served.adapters and served.engine.call_between_steps(lambda: 1).cancelled()
