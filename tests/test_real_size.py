@@ -71,6 +71,9 @@ def test_bfloat16_base_float32_adapter_generate_and_merge(data):
         got = plain(input_ids=ids).logits.float()
     torch.testing.assert_close(got, expected, rtol=0.02, atol=0.02)  # bfloat16's 8 bits of mantissa
 
+    code, out, err = run_cli("export", run, "--out", data["root"] / "bf16-peft")  # PEFT over the bfloat16 base
+    assert code == 0 and "checked: PEFT's outputs equal dorafit's" in out, err
+
 
 def test_float16_trains_with_loss_scaling(data):
     run = data["root"] / "fp16"
@@ -96,7 +99,8 @@ def test_auto_is_float32_on_a_cpu_and_full_fine_tuning_keeps_float32(data, tmp_p
 
 # ---- a quantized base read straight from the checkpoint -----------------------------------------------------------
 class Float32Weights(TorchDispatchMode):
-    """Records every float32 tensor an operation creates whose shape is one of ``shapes`` (a layer's weight)."""
+    """Records every float32 tensor an operation creates whose shape is one of ``shapes`` (a layer's weight), but
+    on the meta device (no memory: a layer built there before its quantized weight is put in)."""
 
     def __init__(self, shapes: set):
         super().__init__()
@@ -105,7 +109,8 @@ class Float32Weights(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) in self.shapes:
+            if (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) in self.shapes
+                    and t.device.type != "meta"):
                 self.seen.append((str(func), tuple(t.shape)))
         return out
 
@@ -128,7 +133,24 @@ def test_quantized_load_never_holds_a_float32_weight(data, kind):
     # the watch does see a float32 load (the way --quantize loaded before: float32 first, then quantized)
     with watch, loading(LoadOptions(torch.float32)):
         load_causal_lm(data["llama"])
-    assert {shape for _, shape in watch.seen} == set(quantized.values())
+    assert {shape for _, shape in watch.seen} == set(quantized.values()) - {(16, 32)}  # k/v: converted unseen
+
+
+def test_a_4bit_load_never_lets_a_block_span_two_rows(data):
+    """transformers' 4-bit blocks are 64 wide; the tiny LLaMA's 32-wide layers get quantize_model's blocks of 32
+    (on an AVX512 CPU a block spanning two rows dequantizes another W0), its 64-wide down_proj keeps 64."""
+    pytest.importorskip("bitsandbytes")
+    from dorafit.train.models import load_causal_lm
+
+    with loading(LoadOptions(torch.bfloat16, "nf4")):
+        model = load_causal_lm(data["llama"]).model
+    layers = {n: m for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert len(layers) == 14 and type(model.lm_head) is torch.nn.Linear
+    sizes = {n.rsplit(".", 1)[1]: m.weight.quant_state.blocksize for n, m in layers.items()}
+    assert sizes == {**dict.fromkeys(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"], 32),
+                     "down_proj": 64}
+    assert all(m.in_features % m.weight.quant_state.blocksize == 0 for m in layers.values())
+    assert {m.weight.quant_state.dtype for m in layers.values()} == {torch.bfloat16}
 
 
 def test_qdora_bfloat16_run_reads_its_base_quantized(data):

@@ -74,13 +74,18 @@ def _quantized_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype |
         if blocksize is None:
             raise ValueError(f"a {kind} layer needs an input width that is a multiple of {BLOCKSIZES[-1]}; this one "
                              f"has {linear.in_features} (leave it in float)")
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
-                                  compute_dtype=compute_dtype or dtype, compress_statistics=True, quant_type=kind)
-        layer.weight.blocksize = blocksize  # used by the quantizing move below
+        import torch
+
+        with torch.device("meta"):  # no float32 weight of its own: it gets linear's, quantized by the move below
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+                                      compute_dtype=compute_dtype or dtype, compress_statistics=True, quant_type=kind)
+        layer.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu"), requires_grad=False, compress_statistics=True,
+                                         quant_type=kind, blocksize=blocksize, module=layer)
         # keep the canonical layout: on an AVX512-BF16 CPU the library would repack the weight in place at the
         # first eval forward, after which its rows no longer dequantize block by block
         layer.support_avx512bf16_for_cpu = False
-    layer.weight.data = linear.weight.data.to("cpu")  # quantized by the move below (into new tensors)
+    if kind == "int8":
+        layer.weight.data = linear.weight.data.to("cpu")  # quantized by the move below (into new tensors)
     layer.dorafit_float_dtype = dtype  # what dequantizing gives back (the int8 layer does not record it)
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
@@ -126,15 +131,17 @@ def quantizable_layers(model: nn.Module, skip: list[str] | tuple[str, ...] = ())
 
 
 def quantize_model(model: nn.Module, kind: str, skip: list[str] | tuple[str, ...] = (),
-                   compute_dtype: torch.dtype | None = None) -> list[str]:
+                   compute_dtype: torch.dtype | None = None, only: list[str] | None = None) -> list[str]:
     """Replace the model's frozen ``nn.Linear`` layers by bitsandbytes layers of ``kind``, in place (see the module
-    docstring for which); returns the names of the replaced layers."""
+    docstring for which; ``only``: of those, just these names); returns the names of the replaced layers."""
     if kind not in KINDS:
         raise ValueError(f"unknown quantization {kind!r}; choose one of {', '.join(KINDS)}")
     require_bitsandbytes()
     from .dequantize import set_submodule
 
     names = quantizable_layers(model, skip)
+    if only is not None:
+        names = [name for name in names if name in set(only)]
     if kind != "int8":
         unfit = [name for name in names if blocksize_for(model.get_submodule(name).in_features) is None]
         if unfit:

@@ -10,8 +10,9 @@ root, and so must everything in it, symlinks resolved: a path or a link leading 
 
 The model is changed in the engine's thread between two decode steps (:meth:`Engine.call_between_steps`), never
 during a forward. A loaded adapter answers to ``model: NAME`` exactly as one given with ``--adapter`` at start.
-Unloading first stops routing new requests to the name (they get 404), then waits until no request in flight
-uses it, then removes it from the model.
+Unloading first stops routing new requests to the name (they get 404, as does one that named it while its prompt
+was being tokenized: the routes look again before handing it to the engine), then waits until no request in
+flight uses it, then removes it from the model.
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ def unreadable(given: str, exc: OSError) -> ApiError:
     """A 400 for a ``lora_path`` the file system refuses (its reason, not the server's paths)."""
     return ApiError(400, f"'lora_path' {given!r} cannot be read: {exc.strerror or type(exc).__name__}", "lora_path",
                     "invalid_value")
+
+
+async def between_steps(served, fn):
+    """``fn()`` run in the engine's thread between two steps; a 503 if the server shuts down before it runs."""
+    future = served.engine.call_between_steps(fn)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        if not future.cancelled():  # this request itself was cancelled
+            raise
+        raise ApiError(503, "the server is shutting down; no adapter was loaded or unloaded", None,
+                       "shutting_down") from None
 
 
 def install_adapter_routes(app: FastAPI, served, root: Path) -> None:
@@ -112,7 +125,7 @@ def install_adapter_routes(app: FastAPI, served, root: Path) -> None:
                                "copy the files instead", "lora_path", "path_outside_root")
             try:
                 folder, fmt = served.loader.source(name, path)
-                await asyncio.wrap_future(served.engine.call_between_steps(lambda: served.loader.load(name, folder)))
+                await between_steps(served, lambda: served.loader.load(name, folder))
             except (ValueError, OSError) as exc:  # AdapterFileError and PeftFormatError are ValueErrors
                 message = (str(exc).replace(f"--adapter {name}={path}", f"'lora_path' {given!r}")  # no server paths
                            .replace(str(served.loader.base_folder), served.base_name).replace(str(root), ""))
@@ -132,8 +145,7 @@ def install_adapter_routes(app: FastAPI, served, root: Path) -> None:
             source = served.adapters.pop(name)  # new requests naming it get 404 from now on
             fmt = served.formats.pop(name)
             try:
-                while not await asyncio.wrap_future(served.engine.call_between_steps(lambda: _unload_if_idle(
-                        served, name))):
+                while not await between_steps(served, lambda: _unload_if_idle(served, name)):
                     await asyncio.sleep(POLL_S)
             except BaseException:
                 served.adapters[name], served.formats[name] = source, fmt  # still in the model: keep serving it

@@ -360,6 +360,7 @@ def create_app(served: Served, guard: Guard | None = None, adapter_root=None) ->
         if any(t >= vocab for p in ids for t in p):
             raise ApiError(400, f"'prompt' has token ids outside this model's vocabulary (0 to {vocab - 1})", "prompt",
                            "invalid_value")
+        served.adapter_of(body["model"])  # again: an unload may have begun while the prompts were tokenized
         fitted = []
         for p in ids:  # every prompt checked before any is generated
             Generation.fits(served, p)
@@ -409,6 +410,7 @@ def create_app(served: Served, guard: Guard | None = None, adapter_root=None) ->
             ids = await off_loop(served.formats[body["model"]].prompt_ids, messages)
         except ChatFormatError as exc:
             raise ApiError(400, str(exc), "messages", "invalid_value") from None
+        served.adapter_of(body["model"])  # again: an unload may have begun while the prompt was tokenized
         Generation.fits(served, ids)
         options = params.fit_to_context(options, len(ids), served.engine.context, body)
         gen = Generation(served, ids, adapter, options, stop, logprobs=(top or 0) if logprobs else None)

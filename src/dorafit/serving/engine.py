@@ -145,9 +145,13 @@ class Engine:
 
     def call_between_steps(self, fn: Callable[[], object]) -> concurrent.futures.Future:
         """Run ``fn()`` in the loop's thread before its next step, when no forward is running (so it may change the
-        model: load or unload an adapter); the future gets its result or its exception. Thread-safe."""
+        model: load or unload an adapter); the future gets its result or its exception, or is cancelled when the
+        engine stops first (or has stopped: nothing would run it). Thread-safe."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self.calls.put((fn, future))
+        if self.stopping:
+            future.cancel()
+        else:
+            self.calls.put((fn, future))
         return future
 
     def _run_calls(self) -> None:

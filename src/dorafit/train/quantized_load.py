@@ -13,7 +13,10 @@ knows), and with a bitsandbytes config quantizes each linear weight as it is rea
 (the checkpoint's values in ``--dtype``), never the model's float32 weights; writing that loop again would
 duplicate transformers' key handling for nothing. The layers are the ones :func:`dorafit.quantize_model` makes
 (4-bit: blocks of 64, double-quantized scales, compute in ``--dtype``; int8: LLM.int8, threshold 6.0), and
-transformers leaves the output layer (and tied weights) in ``--dtype`` as dorafit does.
+transformers leaves the output layer (and tied weights) in ``--dtype`` as dorafit does. transformers' 4-bit
+blocks are always 64: a 4-bit layer whose input width 64 does not divide is read in ``--dtype`` (named to
+transformers as a layer to skip) and then given :func:`dorafit.quantize_model`'s block size (32, or left in float
+with a warning), so that every CPU reads its block scales alike (see :func:`dorafit.quantize.blocksize_for`).
 
 Only causal LMs are read quantized: a classifier's head is the part of the model its checkpoint lacks, which
 is known only after loading; classifiers are loaded in ``--dtype`` and quantized after (the head left out).
@@ -123,18 +126,47 @@ def load_causal_lm(folder: Path, **kwargs):
 
     kwargs.update(from_pretrained_kwargs(causal=True))
     lazily = read_lazily(folder)
-    if lazily is None:
-        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:  # transformers' own message
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    loaded = model_class.from_pretrained(None, config=config, state_dict=lazily, **kwargs)
+    misaligned = skip_misaligned(kwargs.get("quantization_config"), config)
+    if lazily is None:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    else:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        loaded = model_class.from_pretrained(None, config=config, state_dict=lazily, **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded
-    model.name_or_path = str(folder)
-    if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    if misaligned:
+        from ..quantize import quantize_model
+
+        quantize_model(model, current().quantize, compute_dtype=current().dtype, only=misaligned)
+    if lazily is not None:
+        model.name_or_path = str(folder)
+        if (folder / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
     return loaded
+
+
+def skip_misaligned(quantization_config, config) -> list[str]:
+    """For a 4-bit ``BitsAndBytesConfig``: the linear layers whose input width its blocks of 64 do not divide,
+    added to the layers transformers leaves unquantized (with its own default ones, the output layer and tied
+    weights); returns their names (found on a meta-device copy of the model, no memory)."""
+    if quantization_config is None or not quantization_config.load_in_4bit:
+        return []
+    import copy
+    import re
+
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=current().dtype)  # config kept
+    misaligned = [name for name, module in skeleton.named_modules()
+                  if isinstance(module, nn.Linear) and module.in_features % 64]
+    if misaligned:
+        quantization_config.llm_int8_skip_modules = (get_keys_to_not_convert(skeleton)
+                                                     + [f"^{re.escape(name)}$" for name in misaligned])
+    return misaligned
 
 
 def bitsandbytes_config(kind: str, dtype: torch.dtype):
