@@ -325,29 +325,37 @@ def worker_of_rank(launcher: int, rank: int) -> int | None:
     return None
 
 
-STEPS = 16
-
-
-def test_killed_process_stops_the_job_and_resume_continues(data):
-    run, whole = data["root"] / "killed", data["root"] / "whole"
-    args = options(data, "dora", STEPS, "--checkpoint-every", "1")
+def kill_rank_1_after(args: list, run: Path, step: int, steps: int) -> tuple[int, str]:
+    """Start ``torchrun ... train ARGS --out RUN``, SIGKILL rank 1's worker once a checkpoint of at least ``step``
+    exists, and wait for the job to stop; (the step of the checkpoint left, the job's stderr). Fails the test if
+    the run finished (``steps``) before it could be killed."""
     job = subprocess.Popen(torchrun(*args, "--out", run), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     try:
         deadline = time.monotonic() + TIMEOUT
-        while checkpoint_step(run) < 3 and job.poll() is None and time.monotonic() < deadline:
+        while checkpoint_step(run) < step and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         victim = worker_of_rank(job.pid, 1)
-        assert victim is not None and checkpoint_step(run) >= 3, "the job did not reach step 3 in time"
+        assert victim is not None and checkpoint_step(run) >= step, f"the job did not reach step {step} in time"
         os.kill(victim, signal.SIGKILL)
         _, err = job.communicate(timeout=120)  # the whole job stops; no hang
     finally:
         if job.poll() is None:
             job.kill()
     killed_at = checkpoint_step(run)
-    if killed_at >= STEPS:
+    if killed_at >= steps:
         pytest.fail("the run finished before it could be killed; raise STEPS")
     assert job.returncode != 0
+    return killed_at, err
+
+
+STEPS = 16
+
+
+def test_killed_process_stops_the_job_and_resume_continues(data):
+    run, whole = data["root"] / "killed", data["root"] / "whole"
+    args = options(data, "dora", STEPS, "--checkpoint-every", "1")
+    killed_at, err = kill_rank_1_after(args, run, 3, STEPS)
     resume_hint = f"torchrun --standalone --nproc-per-node 2 -m dorafit train --resume {run}"
     assert "error: rank 0:" in err and resume_hint in err, err[-3000:]
     assert not (run / "adapter").exists()

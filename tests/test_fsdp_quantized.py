@@ -4,10 +4,7 @@ process, and the adapter it writes loads on a fresh quantized base and on a floa
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
@@ -16,8 +13,8 @@ import dorafit
 from dorafit.train.setup import load_trained
 
 from .cli_support import make_chat_llama, make_instruction_files
-from .test_distributed import (ENV, TIMEOUT, adapter, checkpoint_step, losses, one_process, torchrun,
-                               two_processes, worker_of_rank)
+from .test_distributed import (ENV, TIMEOUT, adapter, kill_rank_1_after, losses, one_process, torchrun,
+                               two_processes)
 
 pytest.importorskip("torchao")
 
@@ -83,23 +80,8 @@ STEPS = 12
 def test_killed_process_and_resume_continue_the_nf4_run(data):
     run, whole = data["root"] / "killed", data["root"] / "whole"
     args = options(data, STEPS, "--checkpoint-every", "1")
-    job = subprocess.Popen(torchrun(*args, "--out", run), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while checkpoint_step(run) < 2 and job.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        victim = worker_of_rank(job.pid, 1)
-        assert victim is not None and checkpoint_step(run) >= 2, "the job did not reach step 2 in time"
-        os.kill(victim, signal.SIGKILL)
-        job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    killed_at = checkpoint_step(run)
-    if killed_at >= STEPS:
-        pytest.fail("the run finished before it could be killed; raise STEPS")
-    assert job.returncode != 0 and not (run / "adapter").exists()
+    killed_at, _ = kill_rank_1_after(args, run, 2, STEPS)
+    assert not (run / "adapter").exists()
 
     done = subprocess.run(torchrun("--resume", run), env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
