@@ -275,6 +275,10 @@ def test_prompt_forms_give_one_choice_per_prompt(servers):
         assert [c.index for c in many.choices] == [0, 1] and [c.text for c in many.choices] == alone
     twice = api.completions.create(model=base, prompt=texts[0], max_tokens=MAX_TOKENS, temperature=0, n=2)
     assert [c.index for c in twice.choices] == [0, 1] and [c.text for c in twice.choices] == [alone[0]] * 2
+    sampled = api.completions.create(model=base, prompt=texts[0], max_tokens=MAX_TOKENS, temperature=1, seed=7, n=3)
+    each = [api.completions.create(model=base, prompt=texts[0], max_tokens=MAX_TOKENS, temperature=1, seed=7 + j)
+            for j in range(3)]
+    assert [c.text for c in sampled.choices] == [e.choices[0].text for e in each]  # choice j: seed + j, not n copies
     echoed = api.completions.create(model=base, prompt=texts[0], max_tokens=2, temperature=0, echo=True, logprobs=0)
     assert echoed.choices[0].text.startswith(texts[0])
     stopped = echoed.choices[0].finish_reason == "stop"  # then the stop token is listed too

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import use_threads
+
 COMMANDS = {"/reset": "start a new conversation", "/exit": "leave"}
 
 
@@ -58,18 +60,13 @@ def main(args: argparse.Namespace) -> int:
     def command() -> int:
         import sys
 
-        import torch
-
         from ..chat_format import ChatFormat
         from ..fields import from_arguments
         from ..generation import SamplingOptions
         from ..train.generator import load_generator
 
         options = from_arguments(SamplingOptions, args)
-        if args.threads is not None and args.threads < 1:
-            raise ValueError("--threads must be at least 1")
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        use_threads(args)
         gen = load_generator(args.source, args.device, args.dtype)
         if gen.format is None:
             gen.format = ChatFormat.choose(gen.tokenizer, "plain")

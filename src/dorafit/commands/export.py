@@ -33,8 +33,8 @@ def register(subparsers) -> None:
                         help="for an adapter folder: the base model it belongs to, a preset, a local transformers "
                         "folder or a Hub id ORG/NAME[@REVISION] (default: the base model saved with the adapter)")
     parser.add_argument("--name", metavar="NAME", default=None,
-                        help="base_model_name_or_path to write, e.g. a Hub id (default: the run's Hub id, else the base "
-                        "model's folder)")
+                        help="base_model_name_or_path to write, e.g. a Hub id (default: the run's Hub id, else the "
+                        "base model's folder)")
     add_dtype_argument(parser)
     parser.add_argument("--check", type=int, default=8, metavar="N",
                         help="for a run folder: compare PEFT's outputs with dorafit's on N test examples (0: skip; "
@@ -74,15 +74,11 @@ def _adapted_from_adapter_folder(folder: Path, base_model: str | None):
     return model
 
 
-def _tolerance(model, logits) -> float:
+def _tolerance(setup_dtype: str, logits) -> float:
     """The largest |logit difference| PEFT's outputs may have from dorafit's: 1e-3 over a float32 base; over a
-    bfloat16 / float16 base (``--dtype``) PEFT rounds its products differently, so 2% of the logits' size (at
-    least 1), as a bfloat16 value's 8 bits of mantissa allow."""
-    import torch
-
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    dtype = embeddings.weight.dtype if embeddings is not None else torch.float32
-    if dtype not in (torch.bfloat16, torch.float16):
+    bfloat16 / float16 base (``--dtype``, resolved) PEFT rounds its products differently, so 2% of the logits' size
+    (at least 1), as a bfloat16 value's 8 bits of mantissa allow."""
+    if setup_dtype not in ("bfloat16", "float16"):
         return 1e-3
     return 0.02 * max(1.0, float(logits.abs().max()))
 
@@ -96,6 +92,7 @@ def _check_with_peft(setup, out: Path, n: int) -> None:
         return
     from ..inject import unload
     from ..peft_format import peft_deprecation_quiet
+    from ..train import precision
     from ..train.merge import check_examples
 
     examples = check_examples(setup, n)
@@ -107,7 +104,8 @@ def _check_with_peft(setup, out: Path, n: int) -> None:
     theirs = setup.task.check_outputs(theirs_model, examples, setup.device)
     diff = float((ours - theirs).abs().max())
     differ = int((ours.argmax(-1) != theirs.argmax(-1)).sum())
-    if differ or diff > _tolerance(setup.model, ours):
+    dtype = precision.resolve(setup.cfg.dtype, setup.device, setup.cfg.method)
+    if differ or diff > _tolerance(dtype, ours):
         raise ValueError(f"PEFT's outputs for the export in {out} differ from dorafit's (max |logit difference| "
                          f"{diff:.3g}, {differ} of {len(examples)} predictions differ)")
     print(f"checked: PEFT's outputs equal dorafit's on {len(examples)} test examples "

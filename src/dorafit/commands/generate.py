@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_compute_arguments
+from .common import add_compute_arguments, use_threads
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,18 +101,15 @@ def main(args: argparse.Namespace) -> int:
         import json
         import sys
 
-        import torch
-
         from ..fields import from_arguments
         from ..files import atomic_write_text
         from ..generation import SamplingOptions, generate_text
         from ..train.generator import load_generator
 
         options = from_arguments(SamplingOptions, args)
-        if args.threads is not None and args.threads < 1 or args.batch_size < 1:
-            raise ValueError("--threads and --batch-size must be at least 1")
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        use_threads(args)
         rows = read_requests(args.prompts) if args.prompts else [{"prompt": args.prompt}]
         gen = load_generator(args.source, args.device, args.dtype)
         if gen.format is None and not args.raw:

@@ -27,6 +27,7 @@ request the engine fails gets a 500 (503 at shutdown) with the same body, or, on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -38,7 +39,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
 
 from ..chat_format import ChatFormat, ChatFormatError
-from ..generation import SamplingOptions
+from ..generation import MAX_SEED, SamplingOptions
 from . import params
 from .engine import Engine, Request
 from .errors import ApiError, install_error_handlers
@@ -173,7 +174,6 @@ class Generation:
 
     def __init__(self, served: Served, prompt: list[int], adapter: str | None, options: SamplingOptions,
                  stop: list[str], logprobs: int | None = None, echo: bool = False, max_new_tokens: int | None = None):
-        self.fits(served, prompt)
         self.served, self.prompt, self.stop = served, prompt, stop
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -184,11 +184,12 @@ class Generation:
         served.engine.submit(self.request)
 
     @staticmethod
-    def fits(served: Served, prompt: list[int]) -> None:
+    def fits(served: Served, prompt: list[int], param: str) -> None:
+        """400 naming ``param`` (the request's "prompt" or "messages") if ``prompt`` fills the model's context."""
         context = served.engine.context
         if context and len(prompt) >= context:
             raise ApiError(400, f"This model's context is {context} tokens; the prompt has {len(prompt)}. Shorten it.",
-                           "messages", "context_length_exceeded")
+                           param, "context_length_exceeded")
 
     def _on_token(self, token, reason) -> None:  # called by the engine thread
         try:
@@ -253,6 +254,14 @@ class Generation:
     def usage(self) -> dict:
         return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
                 "total_tokens": len(self.prompt) + len(self.tokens)}
+
+
+def _nth_choice(options: SamplingOptions, j: int) -> SamplingOptions:
+    """Choice ``j`` of a request's ``n``: a seeded sampler gets seed + j (mod 2**64), so the n choices differ and
+    the request is still reproducible; greedy and unseeded options are unchanged."""
+    if j == 0 or options.seed is None or options.greedy:
+        return options
+    return dataclasses.replace(options, seed=(options.seed + j) % (MAX_SEED + 1))
 
 
 def _reason(reason: str | None) -> str:
@@ -363,11 +372,11 @@ def create_app(served: Served, guard: Guard | None = None, adapter_root=None) ->
         served.adapter_of(body["model"])  # again: an unload may have begun while the prompts were tokenized
         fitted = []
         for p in ids:  # every prompt checked before any is generated
-            Generation.fits(served, p)
+            Generation.fits(served, p, "prompt")
             fitted.append(params.fit_to_context(options, len(p), served.engine.context, body))
-        gens = [Generation(served, p, adapter, fit, stop, logprobs=logprobs,
+        gens = [Generation(served, p, adapter, _nth_choice(fit, j), stop, logprobs=logprobs,
                            echo=echo and logprobs is not None, max_new_tokens=0 if score_only else None)
-                for p, fit in zip(ids, fitted) for _ in range(n)]
+                for p, fit in zip(ids, fitted) for j in range(n)]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(text, reason, start=False, index=0, logprobs=None):
@@ -411,7 +420,7 @@ def create_app(served: Served, guard: Guard | None = None, adapter_root=None) ->
         except ChatFormatError as exc:
             raise ApiError(400, str(exc), "messages", "invalid_value") from None
         served.adapter_of(body["model"])  # again: an unload may have begun while the prompt was tokenized
-        Generation.fits(served, ids)
+        Generation.fits(served, ids, "messages")
         options = params.fit_to_context(options, len(ids), served.engine.context, body)
         gen = Generation(served, ids, adapter, options, stop, logprobs=(top or 0) if logprobs else None)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

@@ -130,6 +130,8 @@ class Engine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():  # a forward still running: draining now would change its rows under it
+                return
         self.drain(reason)
 
     def drain(self, reason: str = "the server is shutting down") -> None:
@@ -148,10 +150,9 @@ class Engine:
         model: load or unload an adapter); the future gets its result or its exception, or is cancelled when the
         engine stops first (or has stopped: nothing would run it). Thread-safe."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        if self.stopping:
+        self.calls.put((fn, future))
+        if self.stopping:  # after the put: a drain that emptied the queue just before cannot miss it
             future.cancel()
-        else:
-            self.calls.put((fn, future))
         return future
 
     def _run_calls(self) -> None:

@@ -136,6 +136,9 @@ def load_causal_lm(folder: Path, **kwargs):
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         loaded = model_class.from_pretrained(None, config=config, state_dict=lazily, **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded
+    for module in model.modules():  # int8 layers do not record what they were quantized from: the load's dtype
+        if type(module).__name__ == "Linear8bitLt":
+            module.dorafit_float_dtype = current().dtype
     if misaligned:
         from ..quantize import quantize_model
 
@@ -188,8 +191,6 @@ def quantized_layer_names(model: nn.Module) -> list[str]:
         ops = ops_for(module) if name else None
         if ops is not None and ops.quantized:
             names.append(name)
-            if type(module).__name__ == "Linear8bitLt":  # int8 layers do not record what they were quantized from
-                module.dorafit_float_dtype = current().dtype
     return names
 
 
