@@ -121,3 +121,16 @@ def test_atomic_folder_replaces_an_existing_folder_whole(tmp_path):
         (work / "b").write_text("2")
     assert [p.name for p in dest.iterdir()] == ["b"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_current_umask_is_read_without_changing_it():
+    import os
+
+    from dorafit.files import current_umask
+
+    previous = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still what was set: reading it did not change it
+    finally:
+        os.umask(previous)

@@ -368,7 +368,8 @@ def test_an_engine_error_fails_only_its_request_with_a_5xx(servers):
     threading.Thread(target=web.run, daemon=True).start()
     engine.start()
     try:
-        while not web.started:
+        deadline = time.monotonic() + 60
+        while not web.started and time.monotonic() < deadline:
             time.sleep(0.05)
         url = f"http://127.0.0.1:{web.servers[0].sockets[0].getsockname()[1]}/v1"
         api, base = client(url), server["dir"].name

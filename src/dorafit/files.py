@@ -30,6 +30,15 @@ TEMP_SUFFIX = ".tmp"
 
 
 def current_umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` (Linux) without changing it: setting it to read it back
+    would, for that moment, let files other threads create get every permission bit. Elsewhere it is set and
+    restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
