@@ -14,7 +14,7 @@ Each becomes a conversation (a list of ``{"role", "content"}`` messages; an Alpa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import records
 from .base import DataError, clip
@@ -33,6 +33,7 @@ class Example:
 
     messages: list[dict]
     source: str  # "file.jsonl: line 12"
+    images: list = field(default_factory=list)  # image-chat records: PIL images or paths, one per <image> placeholder
 
     @property
     def reference(self) -> str:
