@@ -210,6 +210,11 @@ def load_vision_language_model(folder: Path) -> LoadedModel:
     return LoadedModel(model.eval(), tokenizer, folder, [], processor)
 
 
+def load_generative_model(folder: Path) -> LoadedModel:
+    """A model that writes text: a vision-language model (with its processor) or a causal LM."""
+    return load_vision_language_model(folder) if vlm.is_vlm_folder(folder) else load_causal_lm(folder)
+
+
 @torch.no_grad()
 def is_causal(model: nn.Module) -> bool:
     """Whether the model's outputs at positions 0..2 are unchanged when only token 3 changes."""

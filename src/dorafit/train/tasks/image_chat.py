@@ -67,8 +67,7 @@ class ImageChatTask(InstructionTask):
         ids = self.format.prompt_ids(self.inputs.messages(example.prompt), budget - self.inputs.extra_tokens(
             example.images))
         images = self._shown(ids, example.images)
-        ids, _ = self.inputs.expand(ids, [False] * len(ids), images)
-        return ids, images
+        return self.inputs.prompt(ids, images), images
 
     def _shown(self, ids: list[int], images: list) -> list:
         """The images whose tokens ``ids`` still holds: the last ones (a prompt is cut from its start)."""
@@ -76,10 +75,7 @@ class ImageChatTask(InstructionTask):
         return images[len(images) - shown:] if shown else []
 
     def image_inputs(self, images: list) -> dict[str, Tensor]:
-        pixels = self.inputs.pixels(images)
-        if self.dtype is not None:
-            pixels = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in pixels.items()}
-        return pixels
+        return self.inputs.pixels(images, self.dtype)
 
     def describe(self) -> str:
         count = sum(len(e.images) for e in self.data.train)

@@ -92,7 +92,7 @@ def _image(entry, folder: Path | None, where: str, index: int, line: str):
     if not path.is_absolute() and folder is not None:
         path = folder / path
     if not path.is_file():
-        raise DataError(f"{what}: {path} does not exist; image paths are relative to the data file's folder")
+        raise DataError(f"{what}: {path} does not exist (a relative path in a data file is read from the file's folder)")
     try:
         with Image.open(path) as image:
             image.load()  # decodes every pixel: a truncated or damaged image fails here, not mid-training

@@ -68,9 +68,27 @@ class ImageInputs:
                 out_flags.append(flag)
         return out_ids, out_flags
 
-    def pixels(self, images: list) -> dict:
-        """The image processor's tensors (``pixel_values``, ...) of ``images`` in order; {} for none."""
+    def pixels(self, images: list, dtype=None) -> dict:
+        """The image processor's tensors (``pixel_values``, ...) of ``images`` in order, floating ones in ``dtype``
+        (the model's; default: as the processor makes them); {} for none."""
         if not images:
             return {}
         out = self.processor.image_processor(images=[load_rgb(i) for i in images], return_tensors="pt")
-        return {key: value for key, value in out.items()}
+        return {key: value.to(dtype) if dtype is not None and value.is_floating_point() else value
+                for key, value in out.items()}
+
+    def prompt(self, ids: list[int], images: list) -> list[int]:
+        """Prompt tokens with their image tokens expanded (:meth:`expand` without flags)."""
+        return self.expand(ids, [False] * len(ids), images)[0]
+
+
+def with_placeholders(text: str, count: int) -> str:
+    """``text`` with ``count`` ``<image>`` placeholders in front (LLaVA's convention), unless it places them itself;
+    an error if it holds some, but not one per image."""
+    found = text.count(PLACEHOLDER)
+    if found == 0:
+        return PLACEHOLDER * count + ("\n" if count else "") + text
+    if found != count:
+        raise ValueError(f"the prompt holds {found} {PLACEHOLDER} placeholder(s) but {count} image(s) are given; "
+                         f"put one {PLACEHOLDER} where each image goes, or none (the images then come first)")
+    return text
