@@ -1,7 +1,9 @@
-"""The served model: a base causal LM with named adapters, each with the chat format it was trained with."""
+"""The served model: a base causal LM or vision-language model with named adapters, each with the chat format it
+was trained with."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -11,12 +13,14 @@ from ..chat_format import ChatFormat
 from ..inject import unload
 from ..multi import load_named_adapter
 from ..train import hub, rundir
-from ..train.models import load_causal_lm, resolve_model
+from ..train.models import load_generative_model, resolve_model
 from ..quantize import quantize_model
 from ..train.quantized_load import LoadOptions, loading, quantized_layer_names
 from ..train.setup import stored_config
 from ..train.tasks import by_kind
+from ..train.vlm.inputs import ImageInputs
 from .api import Served
+from .images import ImageOptions, ImageReader
 from .engine import Engine
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
@@ -55,11 +59,28 @@ def _adapter_source(name: str, path: Path, base_folder: Path, tokenizer, base_fo
             trained = f"quantized {cfg.quantize}" if cfg.quantize else "in float"
             served = f"--quantize {cfg.quantize}" if cfg.quantize else "without --quantize"
             raise ValueError(f"--adapter {name}={path} was trained on the base {trained}; serve it {served}")
-        return path / rundir.ADAPTER, task_cls.chat_format(tokenizer, resolved)
+        return _shared_modules_checked(name, path, path / rundir.ADAPTER), task_cls.chat_format(tokenizer, resolved)
     if (path / "adapter_config.json").is_file():
-        return path, base_format
+        return _shared_modules_checked(name, path, path), base_format
     raise ValueError(f"--adapter {name}={path}: neither a run folder of dorafit train nor an adapter folder "
                      "(dorafit's or PEFT's)")
+
+
+def _shared_modules_checked(name: str, path: Path, folder: Path) -> Path:
+    """``folder``, unless its adapter trains modules in full beside it (dorafit's ``extra_trainable``, e.g. a VLM's
+    projector trained with ``--head``; PEFT's ``modules_to_save``): loading those would overwrite the modules the
+    base and every other adapter share, so such an adapter is served merged, as a model of its own."""
+    try:
+        meta = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return folder  # unreadable: loading it reports that
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else meta
+    full = config.get("extra_trainable") or config.get("modules_to_save") or []
+    if full:
+        raise ValueError(f"--adapter {name}={path} trains {', '.join(map(str, full))} in full beside its adapter, and "
+                         "served adapters share the base's modules; merge it (dorafit merge) and serve the merged "
+                         "folder with --model")
+    return folder
 
 
 class AdapterLoader:
@@ -93,15 +114,16 @@ def runs_dtype(adapters: list[str]) -> str:
 
 def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: str | None = None,
                  max_batch_size: int = 8, max_new_tokens: int = 256, quantize: str | None = None,
-                 prefill_chunk: int = 256) -> Served:
+                 prefill_chunk: int = 256, images: ImageOptions | None = None) -> Served:
     """``dtype``: the base's (default: the runs', see :func:`runs_dtype`); adapters beside a bfloat16 or float16
-    base stay float32. ``quantize``: the base read straight into quantized layers, shared by every adapter."""
+    base stay float32. ``quantize``: the base read straight into quantized layers, shared by every adapter.
+    ``images``: how a vision-language base reads request images (default: :class:`ImageOptions`' defaults)."""
     base_folder = resolve_model(model)
     dtype = dtype or runs_dtype(adapters)
     if dtype == "auto":
         dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     with loading(LoadOptions(DTYPES[dtype], quantize, torch.device(device))):
-        loaded = load_causal_lm(base_folder)
+        loaded = load_generative_model(base_folder)
     tokenizer = loaded.tokenizer
     base_format = (ChatFormat(tokenizer, "model", tokenizer.chat_template) if tokenizer.chat_template
                    else ChatFormat.choose(tokenizer, "plain"))
@@ -122,4 +144,8 @@ def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: st
         loader.load(name, folder)
         formats[name], sources[name] = fmt, str(path)
     engine = Engine(net, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
-    return Served(engine, base_name, formats, sources, max_new_tokens, loader)
+    reader = None
+    if loaded.processor is not None:
+        reader = ImageReader(ImageInputs(loaded.processor), images or ImageOptions(),
+                             next(p.dtype for p in net.parameters() if p.is_floating_point()))
+    return Served(engine, base_name, formats, sources, max_new_tokens, loader, images=reader)
