@@ -34,20 +34,22 @@ MAX_PIXELS = 2500  # the server's --max-image-pixels: 50 x 50
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A served tiny LLaVA with a DoRA run "a" and a LoRA run "b" of the image-chat task."""
+    """A served tiny LLaVA with a DoRA run "a", a LoRA run "b" and a LoRA run "head" that also trained the
+    projector in full, all of the image-chat task."""
     root = tmp_path_factory.mktemp("serve-images")
     llava = make_tiny_llava(root / "llava")
     data = make_image_chat(root / "data", n=24)
     runs = {}
-    for name, method in (("a", "dora"), ("b", "lora")):
+    for name, options in (("a", ["--method", "dora"]), ("b", ["--method", "lora"]),
+                          ("head", ["--method", "lora", "--head", "multi_modal_projector", "--targets", "q_proj"])):
         runs[name] = root / name
-        code, _, err = run_cli("train", "--model", llava, "--task", data, "--method", method, "--steps", 3, "--lr",
-                               1e-2, "--batch-size", 8, "--seed", 1, "--no-eval-before", "--eval-limit", 1,
+        code, _, err = run_cli("train", "--model", llava, "--task", data, *options, "--steps", 3, "--lr", 2e-2,
+                               "--batch-size", 8, "--seed", 1, "--no-eval-before", "--eval-limit", 1,
                                "--max-new-tokens", 2, "--threads", 1, "--out", runs[name])
         assert code == 0, err
     images = {name: color_image(root / "images" / f"{name}.png", name, seed=7) for name in ("red", "blue", "green")}
     command = [sys.executable, "-m", "dorafit", "serve", "--model", str(llava), "--port", "0", "--threads", "1",
-               "--max-image-pixels", str(MAX_PIXELS), "--adapter", f"a={runs['a']}", "--adapter", f"b={runs['b']}"]
+               "--max-image-pixels", str(MAX_PIXELS), *[a for name, run in runs.items() for a in ("--adapter", f"{name}={run}")]]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     url = None
@@ -95,7 +97,7 @@ def health(server) -> dict:
 
 def test_an_image_chat_request_answers_what_dorafit_generate_writes(server):
     api = client(server)
-    for model, source in (("a", server["runs"]["a"]), ("llava", server["llava"])):
+    for model, source in (("a", server["runs"]["a"]), ("head", server["runs"]["head"]), ("llava", server["llava"])):
         answers = {}
         for colour in ("red", "blue"):
             image = server["images"][colour]
@@ -117,7 +119,8 @@ def test_image_and_text_requests_on_different_adapters_batched_together_answer_a
             ("b", "What colour is the sky?"),
             ("llava", [image_part(blue), {"type": "text", "text": QUESTION}]),
             ("b", [image_part(blue), image_part(red), {"type": "text", "text": "And these?"}]),
-            ("a", [{"type": "text", "text": "What colour "}, {"type": "text", "text": "is grass?"}])]
+            ("a", [{"type": "text", "text": "What colour "}, {"type": "text", "text": "is grass?"}]),
+            ("head", [image_part(red), {"type": "text", "text": QUESTION}])]
     alone = [ask(api, model, content) for model, content in jobs]
     assert len(set(alone)) > 2  # different answers: the adapters and the images differ
     with ThreadPoolExecutor(len(jobs) * 2) as pool:
@@ -198,14 +201,17 @@ def test_an_image_for_a_text_only_model_gets_a_400():
     assert error["param"] == "messages[0].content[1]" and "reads text only" in error["message"]
 
 
-def test_an_adapter_that_trains_the_projector_in_full_is_refused(server):
-    run = server["root"] / "head"
-    code, _, err = run_cli("train", "--model", server["llava"], "--task", server["root"] / "data" / "chat.jsonl",
-                           "--method", "lora", "--head", "multi_modal_projector", "--steps", 1, "--no-eval-before",
-                           "--eval-limit", 1, "--max-new-tokens", 1, "--threads", 1, "--out", run)
-    assert code == 0, err
-    line = fails("serve", "--model", server["llava"], "--adapter", f"head={run}", "--port", 0)
-    assert "multi_modal_projector in full" in line and "dorafit merge" in line
+def test_an_adapter_that_trains_a_language_model_module_in_full_is_refused(server, tmp_path):
+    """A projector trained in full is the adapter's own (the "head" run above); a module of the language model
+    trained in full cannot be: every row of a batch runs through the one shared language model."""
+    import shutil
+
+    folder = shutil.copytree(server["runs"]["head"] / "adapter", tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["config"]["extra_trainable"] = ["lm_head"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    line = fails("serve", "--model", server["llava"], "--adapter", f"x={folder}", "--port", 0)
+    assert "trains lm_head in full" in line and "dorafit merge" in line
 
 
 class _Images(http.server.BaseHTTPRequestHandler):

@@ -30,6 +30,7 @@ reason ``"error"``; the exception is logged with its traceback and the loop goes
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import queue
@@ -121,6 +122,7 @@ class Engine:
         self._draining = False
         self._thread: threading.Thread | None = None
         self.calls: queue.Queue = queue.Queue()  # (function, future) to run between steps: call_between_steps
+        self.own_modules: dict[str, dict] = {}  # adapter -> {name: module} it trained in full (load.AdapterLoader)
 
     # ---- control ---------------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -287,13 +289,15 @@ class Engine:
     def _image_embeds(self, request: Request) -> torch.Tensor:
         """The prompt's input embeddings with the image features in place of its image tokens, as the model's own
         forward merges them (LLaVA: the vision tower's features through the projector, ``masked_scatter`` into the
-        image tokens' places), computed with the request's adapter; ``(1, prompt, hidden)``."""
+        image tokens' places), computed with the request's adapter and the modules it trained in full
+        (``own_modules``: its projector); ``(1, prompt, hidden)``."""
         ids = torch.tensor([request.prompt], device=self.device)
         pixels = {k: v.to(self.device) for k, v in request.images.items()}
         inner = self.model.model  # e.g. LlavaModel: get_image_features and get_placeholder_mask
         with per_row_adapters(self.model, [request.adapter]):
             embeds = self.model.get_input_embeddings()(ids)
-        with per_row_adapters(self.model, [request.adapter] * len(pixels["pixel_values"])):  # a row per image
+        with (per_row_adapters(self.model, [request.adapter] * len(pixels["pixel_values"])),  # a row per image
+              _modules_in_place(self.model, self.own_modules.get(request.adapter, {}))):
             features = inner.get_image_features(**pixels, return_dict=True).pooler_output
         features = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)
         mask = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=features)
@@ -439,6 +443,19 @@ class Engine:
     def _end(request: Request, reason: str) -> None:
         if request.on_token:
             request.on_token(None, reason)
+
+
+@contextlib.contextmanager
+def _modules_in_place(model, modules: dict):
+    """Inside the block, ``model``'s submodules named in ``modules`` are those modules (then the model's own again)."""
+    shared = {name: model.get_submodule(name) for name in modules}
+    for name, module in modules.items():
+        model.set_submodule(name, module)
+    try:
+        yield
+    finally:
+        for name, module in shared.items():
+            model.set_submodule(name, module)
 
 
 def _top(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:

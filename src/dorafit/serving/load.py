@@ -3,6 +3,7 @@ was trained with."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..chat_format import ChatFormat
-from ..inject import unload
+from ..adapted import is_adapted
+from ..inject import find_modules, unload
 from ..multi import load_named_adapter
 from ..train import hub, rundir
 from ..train.models import load_generative_model, resolve_model
@@ -18,6 +20,7 @@ from ..quantize import quantize_model
 from ..train.quantized_load import LoadOptions, loading, quantized_layer_names
 from ..train.setup import stored_config
 from ..train.tasks import by_kind
+from ..train.vlm import language_model_name
 from ..train.vlm.inputs import ImageInputs
 from .api import Served
 from .images import ImageOptions, ImageReader
@@ -59,47 +62,81 @@ def _adapter_source(name: str, path: Path, base_folder: Path, tokenizer, base_fo
             trained = f"quantized {cfg.quantize}" if cfg.quantize else "in float"
             served = f"--quantize {cfg.quantize}" if cfg.quantize else "without --quantize"
             raise ValueError(f"--adapter {name}={path} was trained on the base {trained}; serve it {served}")
-        return _shared_modules_checked(name, path, path / rundir.ADAPTER), task_cls.chat_format(tokenizer, resolved)
+        return path / rundir.ADAPTER, task_cls.chat_format(tokenizer, resolved)
     if (path / "adapter_config.json").is_file():
-        return _shared_modules_checked(name, path, path), base_format
+        return path, base_format
     raise ValueError(f"--adapter {name}={path}: neither a run folder of dorafit train nor an adapter folder "
                      "(dorafit's or PEFT's)")
 
 
-def _shared_modules_checked(name: str, path: Path, folder: Path) -> Path:
-    """``folder``, unless its adapter trains modules in full beside it (dorafit's ``extra_trainable``, e.g. a VLM's
-    projector trained with ``--head``; PEFT's ``modules_to_save``): loading those would overwrite the modules the
-    base and every other adapter share, so such an adapter is served merged, as a model of its own."""
+def _trained_in_full(folder: Path) -> list[str]:
+    """The modules an adapter folder trains in full beside its adapter, as its config names them: dorafit's
+    ``extra_trainable`` (e.g. a VLM's projector trained with ``--head``), PEFT's ``modules_to_save``."""
     try:
         meta = json.loads((folder / "adapter_config.json").read_text())
     except (OSError, ValueError):
-        return folder  # unreadable: loading it reports that
+        return []  # unreadable: loading it reports that
     config = meta.get("config") if isinstance(meta.get("config"), dict) else meta
-    full = config.get("extra_trainable") or config.get("modules_to_save") or []
-    if full:
-        raise ValueError(f"--adapter {name}={path} trains {', '.join(map(str, full))} in full beside its adapter, and "
-                         "served adapters share the base's modules; merge it (dorafit merge) and serve the merged "
-                         "folder with --model")
-    return folder
+    names = config.get("extra_trainable") or config.get("modules_to_save") or []
+    return [names] if isinstance(names, str) else list(names)
 
 
 class AdapterLoader:
     """Adds named adapters to the served model and takes them away: at start (``--adapter``) and at run time
-    (:mod:`.adapter_admin`, which calls :meth:`load` and :meth:`unload` in the engine's thread between steps)."""
+    (:mod:`.adapter_admin`, which calls :meth:`load` and :meth:`unload` in the engine's thread between steps).
+
+    Modules an adapter trained in full (a VLM's projector, ``--head multi_modal_projector``) would overwrite the
+    ones the base and every other adapter share, so they are kept as the adapter's own (``own_modules``: adapter
+    name -> {module name: module}), which the engine puts in place while it computes that adapter's image features
+    (:meth:`.Engine._image_embeds`). That is possible only for modules the images alone pass through (the vision
+    tower and the projector, not the language model); an adapter with others is refused: serve it merged."""
 
     def __init__(self, net, base_folder: Path, tokenizer, base_format: ChatFormat, quantize: str | None):
         self.net, self.base_folder, self.tokenizer = net, base_folder, tokenizer
         self.base_format, self.quantize = base_format, quantize
+        self.own_modules: dict[str, dict[str, torch.nn.Module]] = {}
 
     def source(self, name: str, path: Path) -> tuple[Path, ChatFormat]:
         """(adapter folder, chat format) of ``path``, checked against the served base (ValueError if not)."""
-        return _adapter_source(name, path, self.base_folder, self.tokenizer, self.base_format, self.quantize)
+        folder, fmt = _adapter_source(name, path, self.base_folder, self.tokenizer, self.base_format, self.quantize)
+        self._own_module_names(name, path, folder)
+        return folder, fmt
+
+    def _own_module_names(self, name: str, path: Path, folder: Path) -> list[str]:
+        """The full names of the modules the adapter in ``folder`` trained in full; ValueError if one of them is
+        not on the image side of a vision-language model, or holds adapted layers."""
+        trained = _trained_in_full(folder)
+        if not trained:
+            return []
+        language = language_model_name(self.net)
+        vision = language.rpartition(".")[0] if language else ""  # LLaVA: "model" holds the tower and projector
+        try:
+            names = find_modules(self.net, trained, "trained in full")
+        except ValueError:
+            names = []  # the loading reports the mismatch
+        names = [n for n in names if not any(n.startswith(other + ".") for other in names)]
+        for module_name in names:
+            image_side = vision and module_name.startswith(vision + ".") and not (
+                module_name == language or module_name.startswith(language + "."))
+            if not image_side or any(is_adapted(m) for m in self.net.get_submodule(module_name).modules()):
+                raise ValueError(f"--adapter {name}={path} trains {module_name} in full beside its adapter, and "
+                                 "served adapters share the base's modules except a vision-language model's "
+                                 "vision tower and projector; merge it (dorafit merge) and serve the merged folder "
+                                 "with --model")
+        return names
 
     def load(self, name: str, folder: Path) -> None:
-        load_named_adapter(self.net, folder, name)
+        names = self._own_module_names(name, folder, folder)
+        shared = {n: copy.deepcopy(self.net.get_submodule(n)) for n in names}  # as the base has them
+        load_named_adapter(self.net, folder, name)  # copies the adapter's trained modules over the shared ones
+        if names:
+            self.own_modules[name] = {n: self.net.get_submodule(n) for n in names}
+            for module_name, module in shared.items():
+                self.net.set_submodule(module_name, module)
 
     def unload(self, name: str) -> None:
         unload(self.net, name)
+        self.own_modules.pop(name, None)
 
 
 def runs_dtype(adapters: list[str]) -> str:
@@ -144,6 +181,7 @@ def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: st
         loader.load(name, folder)
         formats[name], sources[name] = fmt, str(path)
     engine = Engine(net, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
+    engine.own_modules = loader.own_modules  # adapters' own projectors (AdapterLoader), loaded at run time too
     reader = None
     if loaded.processor is not None:
         reader = ImageReader(ImageInputs(loaded.processor), images or ImageOptions(),
