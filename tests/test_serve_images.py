@@ -214,6 +214,22 @@ def test_an_adapter_that_trains_a_language_model_module_in_full_is_refused(serve
     assert "trains lm_head in full" in line and "dorafit merge" in line
 
 
+def test_a_model_whose_image_prefill_is_not_its_own_forward_is_refused(server, monkeypatch):
+    """The check at load (a one-image prompt prefilled from embeddings == the model's forward from ids and pixels)
+    passes for LLaVA and refuses a merge that differs (here: the image features left out)."""
+    import torch
+
+    from dorafit.serving import load
+    from dorafit.serving.engine import Engine
+
+    served = load.build_served(str(server["llava"]), [])
+    assert served.images is not None
+    monkeypatch.setattr(Engine, "_image_embeds", lambda self, request: self.model.get_input_embeddings()(
+        torch.tensor([request.prompt])))
+    with pytest.raises(ValueError, match="do not give the model's own outputs"):
+        load.check_image_prefill(served.engine, served.images, "llava")
+
+
 class _Images(http.server.BaseHTTPRequestHandler):
     def __init__(self, *args, files, **kwargs):
         self.files = files

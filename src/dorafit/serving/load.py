@@ -149,6 +149,36 @@ def runs_dtype(adapters: list[str]) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
+@torch.no_grad()
+def check_image_prefill(engine: Engine, reader: ImageReader, name: str) -> None:
+    """ValueError unless the engine's prefill of an image prompt from input embeddings (:meth:`Engine._image_embeds`,
+    causal attention, positions 0, 1, ...) gives the logits the model's own forward gives from its ids and pixels,
+    on a one-image prompt: a vision-language model that attends among image tokens both ways (Gemma 3) or places
+    them by their layout (Qwen2-VL's positions) is refused rather than served wrong."""
+    from PIL import Image
+
+    from ..generation import SamplingOptions
+    from .engine import Request
+
+    inputs, net = reader.inputs, engine.model
+    text = engine.tokenizer("What is it?", add_special_tokens=False)["input_ids"]
+    image = Image.new("RGB", (64, 48), (200, 120, 40))
+    ids = inputs.prompt([inputs.image_token_id, *text], [image])
+    pixels = inputs.pixels([image], reader.dtype)
+    try:
+        tensor = torch.tensor([ids], device=engine.device)
+        expected = net(input_ids=tensor, **{k: v.to(engine.device) for k, v in pixels.items()}).logits.float()
+        embeds = engine._image_embeds(Request(ids, None, SamplingOptions(), images=pixels))
+        got = net(inputs_embeds=embeds, position_ids=torch.arange(len(ids), device=engine.device)[None]).logits
+    except Exception as exc:  # noqa: BLE001 - an architecture whose image inputs the engine cannot prepare
+        raise ValueError(f"dorafit serve cannot read images for {name} ({type(net).__name__}): {exc}") from None
+    scale = float(expected.abs().max())
+    if not torch.allclose(got.float(), expected, rtol=1e-2, atol=1e-2 * scale):
+        raise ValueError(f"dorafit serve cannot read images for {name} ({type(net).__name__}): its prompts with "
+                         "images prefilled from input embeddings, causally, do not give the model's own outputs; "
+                         "use dorafit generate --image for it")
+
+
 def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: str | None = None,
                  max_batch_size: int = 8, max_new_tokens: int = 256, quantize: str | None = None,
                  prefill_chunk: int = 256, images: ImageOptions | None = None) -> Served:
@@ -186,4 +216,5 @@ def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: st
     if loaded.processor is not None:
         reader = ImageReader(ImageInputs(loaded.processor), images or ImageOptions(),
                              next(p.dtype for p in net.parameters() if p.is_floating_point()))
+        check_image_prefill(engine, reader, base_name)
     return Served(engine, base_name, formats, sources, max_new_tokens, loader, images=reader)
