@@ -142,6 +142,14 @@ def test_an_image_request_reports_the_logprobs_of_its_tokens(server):
     assert answer.usage.prompt_tokens > 4  # the image's 4 tokens count
 
 
+def test_an_image_request_streams_the_answer_it_gives_whole(server):
+    api = client(server)
+    content = [image_part(data_url(server["images"]["blue"])), {"type": "text", "text": QUESTION}]
+    chunks = list(api.chat.completions.create(model="b", messages=[{"role": "user", "content": content}],
+                                              max_tokens=MAX_TOKENS, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ask(api, "b", content)
+
+
 def png_bytes(side: int, noisy: bool = False) -> bytes:
     import numpy as np
     from PIL import Image
