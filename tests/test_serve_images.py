@@ -48,8 +48,9 @@ def server(tmp_path_factory):
                                "--max-new-tokens", 2, "--threads", 1, "--out", runs[name])
         assert code == 0, err
     images = {name: color_image(root / "images" / f"{name}.png", name, seed=7) for name in ("red", "blue", "green")}
+    adapters = [a for name, run in runs.items() for a in ("--adapter", f"{name}={run}")]
     command = [sys.executable, "-m", "dorafit", "serve", "--model", str(llava), "--port", "0", "--threads", "1",
-               "--max-image-pixels", str(MAX_PIXELS), *[a for name, run in runs.items() for a in ("--adapter", f"{name}={run}")]]
+               "--max-image-pixels", str(MAX_PIXELS), *adapters]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     url = None
@@ -160,13 +161,15 @@ def png_bytes(side: int, noisy: bool = False) -> bytes:
     return out.getvalue()
 
 
+def b64(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
 BAD_PARTS = {  # part -> a piece of the 400's message
     "not base64": (image_part("data:image/png;base64,@@not base64@@"), "not valid base64"),
-    "not an image": (image_part("data:image/png;base64," + base64.b64encode(b"hello").decode()), "not a readable image"),
-    "truncated": (image_part("data:image/png;base64," + base64.b64encode(png_bytes(40, noisy=True)[:300]).decode()),
-                  "not a readable image"),
-    "too many pixels": (image_part("data:image/png;base64," + base64.b64encode(png_bytes(60)).decode()),
-                        "60 x 60 pixels, more than this server's limit of 2500"),
+    "not an image": (image_part(b64(b"hello")), "not a readable image"),
+    "truncated": (image_part(b64(png_bytes(40, noisy=True)[:300])), "not a readable image"),
+    "too many pixels": (image_part(b64(png_bytes(60))), "60 x 60 pixels, more than this server's limit of 2500"),
     "not base64 data url": (image_part("data:image/png,abc"), "data:image/...;base64"),
     "remote": (image_part("http://127.0.0.1:9/cat.png"), "--allow-remote-images"),
     "file": (image_part("file:///etc/passwd"), "must be a data:image"),
@@ -253,6 +256,29 @@ class _Images(http.server.BaseHTTPRequestHandler):
         pass
 
 
+QUESTION_PART = {"type": "text", "text": QUESTION}
+
+
+def remote_answer(server, url: str) -> str:
+    """Run "a"'s answer about the image at ``url`` from a server (in this process) with remote images allowed."""
+    from fastapi.testclient import TestClient
+
+    from dorafit.serving.api import create_app
+    from dorafit.serving.images import ImageOptions
+    from dorafit.serving.load import build_served
+
+    served = build_served(str(server["llava"]), [f"a={server['runs']['a']}"], images=ImageOptions(allow_remote=True))
+    served.engine.start()
+    try:
+        answer = TestClient(create_app(served)).post("/v1/chat/completions", json={
+            "model": "a", "max_tokens": MAX_TOKENS, "temperature": 0,
+            "messages": [{"role": "user", "content": [image_part(url), QUESTION_PART]}]})
+    finally:
+        served.engine.stop()
+    assert answer.status_code == 200, answer.text
+    return answer.json()["choices"][0]["message"]["content"]
+
+
 def test_remote_images_are_fetched_only_when_allowed(server):
     from dorafit.serving.errors import ApiError
     from dorafit.serving.images import ImageOptions, ImagePart, ImageReader
@@ -277,6 +303,9 @@ def test_remote_images_are_fetched_only_when_allowed(server):
             assert info.value.status == 400 and info.value.param == "messages[0].content[0]"
         with pytest.raises(ApiError, match="--allow-remote-images"):
             ImageReader(inputs, ImageOptions()).read([ImagePart(base + "/red.png", "p")])
+        # a server that allows them answers a remote image as the same image inline
+        expected = ask(client(server), "a", [image_part(data_url(server["images"]["red"])), QUESTION_PART])
+        assert remote_answer(server, base + "/red.png") == expected
     finally:
         web.shutdown()
     # the server started without --allow-remote-images refuses a URL its machine could fetch

@@ -15,6 +15,8 @@ examples:
   dorafit serve --model gemma-3-270m --adapter headlines=runs/headlines --adapter chat=runs/chat
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model": "headlines", "messages": [{"role": "user", "content": "..."}]}'
+  dorafit serve --model my-llava --adapter colours=runs/colours    # a vision-language model: chat messages take
+      # OpenAI's image_url parts, {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}
   DORAFIT_API_KEY=secret dorafit serve --model gemma-3-270m --host 0.0.0.0 --adapter-root runs
   curl http://HOST:8000/v1/load_lora_adapter -H 'Authorization: Bearer secret' -H 'Content-Type: application/json' \\
       -d '{"lora_name": "chat", "lora_path": "chat"}'

@@ -153,8 +153,8 @@ def runs_dtype(adapters: list[str]) -> str:
 def check_image_prefill(engine: Engine, reader: ImageReader, name: str) -> None:
     """ValueError unless the engine's prefill of an image prompt from input embeddings (:meth:`Engine._image_embeds`,
     causal attention, positions 0, 1, ...) gives the logits the model's own forward gives from its ids and pixels,
-    on a one-image prompt: a vision-language model that attends among image tokens both ways (Gemma 3) or places
-    them by their layout (Qwen2-VL's positions) is refused rather than served wrong."""
+    on a one-image prompt: a vision-language model whose image prompts that prefill does not reproduce (e.g. one
+    whose positions follow the image layout, as Qwen2-VL's) is refused rather than served wrong."""
     from PIL import Image
 
     from ..generation import SamplingOptions
