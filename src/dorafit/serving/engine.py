@@ -30,6 +30,7 @@ reason ``"error"``; the exception is logged with its traceback and the loop goes
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import queue
@@ -65,6 +66,8 @@ class Request:
     logprobs: int | None = None  # None: none; k >= 0: each chosen token's log-probability and the k most likely
     echo: bool = False  # score the prompt's tokens too (prompt_logprobs; the first token has none)
     max_new_tokens: int | None = None  # overrides options.max_new_tokens; 0: only score the prompt (with echo)
+    images: dict | None = None  # a vision-language model's image inputs (pixel_values, ...) for the prompt's image
+    #                             tokens, in order: the prompt is prefilled from embeddings (Engine._prompt_inputs)
     # filled by the engine
     scored: list[int] = field(default_factory=list)  # the chosen tokens, a stop token that ended it included
     token_logprobs: list[float] = field(default_factory=list)
@@ -85,6 +88,7 @@ class _Row:
     done: int = 0  # prompt tokens prefilled
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    embeds: torch.Tensor | None = None  # (1, prompt, hidden): a prompt with images, as the model embeds it
 
     @property
     def length(self) -> int:  # tokens in its cache
@@ -96,11 +100,12 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, context: int | None = None,
                  prefill_chunk: int = 256):
-        check_supported(model.config)
+        text_config = model.config.get_text_config()  # a vision-language model's language model's; else its own
+        check_supported(text_config)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
-        self.context = context or getattr(model.config, "max_position_embeddings", None)
-        self.n_layers = model.config.num_hidden_layers
+        self.context = context or getattr(text_config, "max_position_embeddings", None)
+        self.n_layers = text_config.num_hidden_layers
         self.stops = set(stop_ids(model, tokenizer))
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.device = next(model.parameters()).device
@@ -117,6 +122,7 @@ class Engine:
         self._draining = False
         self._thread: threading.Thread | None = None
         self.calls: queue.Queue = queue.Queue()  # (function, future) to run between steps: call_between_steps
+        self.own_modules: dict[str, dict] = {}  # adapter -> {name: module} it trained in full (load.AdapterLoader)
 
     # ---- control ---------------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -247,9 +253,9 @@ class Engine:
         request = row.request
         try:
             start, end = row.done, min(row.done + self.prefill_chunk, len(request.prompt))
-            ids = torch.tensor([request.prompt[start:end]], device=self.device)
             positions = torch.arange(start, end, device=self.device)[None]
-            out = self._forward([request.adapter], input_ids=ids, position_ids=positions, cache=row.cache,
+            out = self._forward([request.adapter], **self._prompt_inputs(row, start, end), position_ids=positions,
+                                cache=row.cache,
                                 attention_mask=row.cache.attention_mask(end - start, self.device),
                                 logits_to_keep=0 if request.echo else 1)
             row.done = end
@@ -266,6 +272,36 @@ class Engine:
             if row in self.prefilling:
                 self.prefilling.remove(row)
             self._fail([row], exc)
+
+    def _prompt_inputs(self, row: _Row, start: int, end: int) -> dict:
+        """The model inputs of prompt tokens ``start:end``: their ids, or, for a prompt with images, their input
+        embeddings (:meth:`_image_embeds`, computed at the first chunk)."""
+        request = row.request
+        if not request.images:
+            return {"input_ids": torch.tensor([request.prompt[start:end]], device=self.device)}
+        if row.embeds is None:
+            row.embeds = self._image_embeds(request)
+        chunk = row.embeds[:, start:end]
+        if end == len(request.prompt):
+            row.embeds = None  # the last chunk: not kept while the row decodes
+        return {"inputs_embeds": chunk}
+
+    def _image_embeds(self, request: Request) -> torch.Tensor:
+        """The prompt's input embeddings with the image features in place of its image tokens, as the model's own
+        forward merges them (LLaVA: the vision tower's features through the projector, ``masked_scatter`` into the
+        image tokens' places), computed with the request's adapter and the modules it trained in full
+        (``own_modules``: its projector); ``(1, prompt, hidden)``."""
+        ids = torch.tensor([request.prompt], device=self.device)
+        pixels = {k: v.to(self.device) for k, v in request.images.items()}
+        inner = self.model.model  # e.g. LlavaModel: get_image_features and get_placeholder_mask
+        with per_row_adapters(self.model, [request.adapter]):
+            embeds = self.model.get_input_embeddings()(ids)
+        with (per_row_adapters(self.model, [request.adapter] * len(pixels["pixel_values"])),  # a row per image
+              _modules_in_place(self.model, self.own_modules.get(request.adapter, {}))):
+            features = inner.get_image_features(**pixels, return_dict=True).pooler_output
+        features = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)
+        mask = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=features)
+        return embeds.masked_scatter(mask, features)
 
     def _join(self, row: _Row) -> None:
         if self.cache is None:
@@ -407,6 +443,19 @@ class Engine:
     def _end(request: Request, reason: str) -> None:
         if request.on_token:
             request.on_token(None, reason)
+
+
+@contextlib.contextmanager
+def _modules_in_place(model, modules: dict):
+    """Inside the block, ``model``'s submodules named in ``modules`` are those modules (then the model's own again)."""
+    shared = {name: model.get_submodule(name) for name in modules}
+    for name, module in modules.items():
+        model.set_submodule(name, module)
+    try:
+        yield
+    finally:
+        for name, module in shared.items():
+            model.set_submodule(name, module)
 
 
 def _top(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:
