@@ -293,10 +293,12 @@ class Engine:
             return
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
+        logits = out.logits[:, -1]  # (B, vocab)
+        tokens, logps = self._batch_choices(rows, logits)
         keep = []
         for i, r in enumerate(rows):
             try:
-                if not self._take(r, out.logits[i, -1]):
+                if not self._take(r, logits[i], tokens[i], logps.get(i)):
                     keep.append(i)
             except Exception as exc:  # noqa: BLE001 - fail this row only
                 self._fail([r], exc)
@@ -329,6 +331,23 @@ class Engine:
             self.cache = None
 
     # ---- choosing tokens and stopping ------------------------------------------------------------------------
+    @staticmethod
+    def _batch_choices(rows: list[_Row], logits: torch.Tensor) -> tuple[list[int | None], dict[int, torch.Tensor]]:
+        """What one operation over the batch gives at once (each row's result is what the same operation on that
+        row alone gives): the greedy rows' tokens (one ``argmax``; None for a sampling row, which draws from its
+        own generator in :meth:`_choose`) and, by row, the ``log_softmax`` of the rows that asked for
+        log-probabilities."""
+        tokens: list[int | None] = [None] * len(rows)
+        greedy = [i for i, r in enumerate(rows) if r.request.options.greedy]
+        if greedy:
+            for i, token in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+                tokens[i] = token
+        scored = [i for i, r in enumerate(rows) if r.request.logprobs is not None]
+        logps = {}
+        if scored:
+            logps = dict(zip(scored, torch.log_softmax(logits[scored].float(), dim=-1)))
+        return tokens, logps
+
     def _choose(self, row: _Row, logits: torch.Tensor) -> int:
         options = row.request.options
         if options.greedy:
@@ -342,14 +361,18 @@ class Engine:
             raise FloatingPointError("the token probabilities are not finite (the model's logits overflowed)")
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
-    def _take(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Choose the row's next token and hand it over; True if the row has finished."""
+    def _take(self, row: _Row, logits: torch.Tensor, token: int | None = None,
+              logp: torch.Tensor | None = None) -> bool:
+        """Choose the row's next token (unless ``token`` is given: already chosen) and hand it over; True if the
+        row has finished. ``logp``: the log-softmax of ``logits`` if already computed."""
         request = row.request
         if request.cancelled:
             return self._finish(row, "cancelled")
-        token = self._choose(row, logits)
+        if token is None:
+            token = self._choose(row, logits)
         if request.logprobs is not None:
-            logp = torch.log_softmax(logits.float(), dim=-1)
+            if logp is None:
+                logp = torch.log_softmax(logits.float(), dim=-1)
             request.scored.append(token)
             request.token_logprobs.append(float(logp[token]))
             request.top_logprobs.append(_top(logp, request.logprobs))
