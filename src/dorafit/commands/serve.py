@@ -62,6 +62,10 @@ def register(subparsers) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=256,
                         help="prompt tokens prefilled per step: a long prompt is prefilled in chunks between decode "
                         "steps, so running requests keep producing tokens (default: 256)")
+    parser.add_argument("--pack-weights", action="store_true",
+                        help="CPU: compute the linear layers through oneDNN with each float32 weight packed once for "
+                        "its kernels: faster batched decoding where MKL is slow for a few rows (AMD CPUs), a second "
+                        "copy of the weights in memory; rounding differs from the default kernels")
     parser.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM or Ctrl-C, requests in flight get this long to finish, then fail with a 503 "
                         "(default: 10; a second signal stops at once)")
@@ -109,7 +113,8 @@ def main(args: argparse.Namespace) -> int:
         from ..serving.api import create_app
         from ..serving.load import build_served
         served = build_served(args.model, args.adapter, args.device, args.dtype, args.max_batch_size,
-                              args.max_new_tokens, args.quantize, prefill_chunk=args.prefill_chunk)
+                              args.max_new_tokens, args.quantize, prefill_chunk=args.prefill_chunk,
+                              pack_weights=args.pack_weights)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

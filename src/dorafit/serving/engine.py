@@ -30,6 +30,7 @@ reason ``"error"``; the exception is logged with its traceback and the loop goes
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import queue
@@ -42,6 +43,7 @@ import torch
 
 from ..generation import SamplingOptions, stop_ids
 from ..multi import per_row_adapters
+from . import packed
 from .kv import RowCache, check_supported
 
 log = logging.getLogger("dorafit.serve")
@@ -95,8 +97,13 @@ class Engine:
     """The batching loop over one model (see the module docstring). ``submit`` is thread-safe."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, context: int | None = None,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, pack_weights: bool = False):
+        """``pack_weights``: run the linear layers' products through oneDNN with weights packed once
+        (:mod:`dorafit.serving.packed`: faster batched decoding on some CPUs, one more copy of the weights)."""
         check_supported(model.config)
+        if pack_weights and not packed.available():
+            raise ValueError("--pack-weights needs a torch build with oneDNN (mkldnn), which this one lacks")
+        self.packed = packed.PackedLinears(model, max_batch_size) if pack_weights else None
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.context = context or getattr(model.config, "max_position_embeddings", None)
@@ -213,7 +220,7 @@ class Engine:
 
     def _forward(self, adapters: list[str | None], **inputs):
         """The model's forward with row i using adapter ``adapters[i]`` (one place to observe or fault it)."""
-        with per_row_adapters(self.model, adapters):
+        with per_row_adapters(self.model, adapters), self.packed or contextlib.nullcontext():
             return self.model(**inputs, use_cache=True)
 
     def _admit(self) -> None:

@@ -93,7 +93,7 @@ def runs_dtype(adapters: list[str]) -> str:
 
 def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: str | None = None,
                  max_batch_size: int = 8, max_new_tokens: int = 256, quantize: str | None = None,
-                 prefill_chunk: int = 256) -> Served:
+                 prefill_chunk: int = 256, pack_weights: bool = False) -> Served:
     """``dtype``: the base's (default: the runs', see :func:`runs_dtype`); adapters beside a bfloat16 or float16
     base stay float32. ``quantize``: the base read straight into quantized layers, shared by every adapter."""
     base_folder = resolve_model(model)
@@ -121,5 +121,6 @@ def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: st
         folder, fmt = loader.source(name, path)
         loader.load(name, folder)
         formats[name], sources[name] = fmt, str(path)
-    engine = Engine(net, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
+    engine = Engine(net, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
+                    pack_weights=pack_weights)
     return Served(engine, base_name, formats, sources, max_new_tokens, loader)
