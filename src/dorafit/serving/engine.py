@@ -10,12 +10,17 @@ Requests wait in a queue; a loop (:meth:`Engine.run`, in one thread) repeats:
    behind a long one goes first. When its prompt is in, its first token is chosen and its row joins the batch.
 3. **Decode**: one forward over all decoding rows (each row's last token at its own position, rows right-aligned
    in one preallocated batch cache, padding masked out), with :func:`dorafit.per_row_adapters` giving every row
-   its adapter. Each row's next token is chosen from its logits (greedy, or sampled with the request's own seeded
-   generator). A row that produced a stop token, reached its token limit or matched a stop string leaves.
+   its adapter. Each row's next token is chosen from its logits (greedy: one ``argmax`` over the batch's greedy
+   rows; sampled: with the request's own seeded generator). A row that produced a stop token, reached its token
+   limit or matched a stop string leaves.
 
 A row's computation does not depend on the other rows beyond float rounding of batched products, so a greedy
 request gets the tokens it would get alone, on every model kind :mod:`dorafit.serving.kv` serves (GQA,
 sliding-window and hybrid layers).
+
+With ``pack_weights`` every linear product runs through oneDNN with weights packed once
+(:mod:`dorafit.serving.packed`): faster batched decoding where MKL is slow for a few rows, at the cost of one more
+copy of the weights; rounding differs from the default kernels.
 
 Log-probabilities (``Request.logprobs``, ``Request.echo``) are ``log_softmax`` of the model's logits with the
 request's adapter (not of the temperature-scaled ones), for each chosen token and, with ``echo``, for each prompt
@@ -101,6 +106,8 @@ class Engine:
         """``pack_weights``: run the linear layers' products through oneDNN with weights packed once
         (:mod:`dorafit.serving.packed`: faster batched decoding on some CPUs, one more copy of the weights)."""
         check_supported(model.config)
+        if pack_weights and next(model.parameters()).device.type != "cpu":
+            raise ValueError("--pack-weights is for a model on the CPU; leave it out with --device cuda")
         if pack_weights and not packed.available():
             raise ValueError("--pack-weights needs a torch build with oneDNN (mkldnn), which this one lacks")
         self.packed = packed.PackedLinears(model, max_batch_size) if pack_weights else None
