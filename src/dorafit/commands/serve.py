@@ -63,9 +63,9 @@ def register(subparsers) -> None:
                         help="prompt tokens prefilled per step: a long prompt is prefilled in chunks between decode "
                         "steps, so running requests keep producing tokens (default: 256)")
     parser.add_argument("--pack-weights", action="store_true",
-                        help="CPU: compute the linear layers through oneDNN with each float32 weight packed once for "
-                        "its kernels: faster batched decoding where MKL is slow for a few rows (AMD CPUs), a second "
-                        "copy of the weights in memory; rounding differs from the default kernels")
+                        help="CPU: batched decode steps compute the linear layers through oneDNN with each float32 "
+                        "weight packed once for its kernels: faster where MKL is slow for a few rows (AMD CPUs); a "
+                        "second copy of the weights in memory; rounding differs from the default kernels")
     parser.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM or Ctrl-C, requests in flight get this long to finish, then fail with a 503 "
                         "(default: 10; a second signal stops at once)")

@@ -18,9 +18,10 @@ A row's computation does not depend on the other rows beyond float rounding of b
 request gets the tokens it would get alone, on every model kind :mod:`dorafit.serving.kv` serves (GQA,
 sliding-window and hybrid layers).
 
-With ``pack_weights`` every linear product runs through oneDNN with weights packed once
-(:mod:`dorafit.serving.packed`): faster batched decoding where MKL is slow for a few rows, at the cost of one more
-copy of the weights; rounding differs from the default kernels.
+With ``pack_weights`` the linear products of decode forwards of two rows or more run through oneDNN with weights
+packed once (:mod:`dorafit.serving.packed`): faster batched decoding where MKL is slow for a few rows, at the cost
+of one more copy of the weights; one-row decoding and prefill keep the default kernels, which were faster there
+(benchmarks/serving.py, 2026-12-06: one row 24.8 ms packed 37.0 ms, a 48-token prefill 99.8 ms packed 129.3 ms).
 
 Log-probabilities (``Request.logprobs``, ``Request.echo``) are ``log_softmax`` of the model's logits with the
 request's adapter (not of the temperature-scaled ones), for each chosen token and, with ``echo``, for each prompt
@@ -103,8 +104,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, context: int | None = None,
                  prefill_chunk: int = 256, pack_weights: bool = False):
-        """``pack_weights``: run the linear layers' products through oneDNN with weights packed once
-        (:mod:`dorafit.serving.packed`: faster batched decoding on some CPUs, one more copy of the weights)."""
+        """``pack_weights``: run the linear products of batched decode steps through oneDNN with weights packed
+        once (:mod:`dorafit.serving.packed`: faster batched decoding on some CPUs, one more copy of the weights)."""
         check_supported(model.config)
         if pack_weights and next(model.parameters()).device.type != "cpu":
             raise ValueError("--pack-weights is for a model on the CPU; leave it out with --device cuda")
@@ -225,9 +226,11 @@ class Engine:
         if self.active:
             self._decode()
 
-    def _forward(self, adapters: list[str | None], **inputs):
-        """The model's forward with row i using adapter ``adapters[i]`` (one place to observe or fault it)."""
-        with per_row_adapters(self.model, adapters), self.packed or contextlib.nullcontext():
+    def _forward(self, adapters: list[str | None], packed: bool = False, **inputs):
+        """The model's forward with row i using adapter ``adapters[i]`` (one place to observe or fault it);
+        ``packed``: through the packed weights, if the engine has them."""
+        packing = self.packed if packed and self.packed is not None else contextlib.nullcontext()
+        with per_row_adapters(self.model, adapters), packing:
             return self.model(**inputs, use_cache=True)
 
     def _admit(self) -> None:
@@ -292,8 +295,8 @@ class Engine:
     def _decode_forward(self, rows: list[_Row], cache: RowCache):
         ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)  # (B, 1)
         positions = torch.tensor([[r.length] for r in rows], device=self.device)
-        return self._forward([r.request.adapter for r in rows], input_ids=ids, position_ids=positions, cache=cache,
-                             attention_mask=cache.attention_mask(1, self.device))
+        return self._forward([r.request.adapter for r in rows], packed=len(rows) > 1, input_ids=ids,
+                             position_ids=positions, cache=cache, attention_mask=cache.attention_mask(1, self.device))
 
     @torch.no_grad()
     def _decode(self) -> None:

@@ -5,7 +5,8 @@ handles a few rows poorly (2-core AMD EPYC, AVX2, 2026-12-06: ``[8, 1024] x [102
 against 9.3 ms for one row, so eight rows cost 4.9 times one), oneDNN's product with a weight reordered ahead of
 time for its kernels costs 17.9 ms (1.9 times one row); see docs/incoming/serve-perf.md for the command.
 
-How: :class:`PackedLinears` is a ``TorchFunctionMode``, entered around the engine's forwards, that sends every
+How: :class:`PackedLinears` is a ``TorchFunctionMode``, entered around the engine's decode forwards of two rows or
+more (one row and prefill chunks ran faster with the default kernels, see :mod:`.engine`), that sends every
 ``F.linear(x, W, b)`` whose float32 CPU weight ``W`` it has packed to ``torch.ops.mkldnn._linear_pointwise``
 with W's packed copy (what Inductor's weight prepacking uses). ``nn.Linear`` modules, adapted or not, and the
 fused low-rank product of adapted layers all call ``F.linear``, so no layer changes. A weight written in place
