@@ -125,6 +125,23 @@ def memory_child(what: str, k: int) -> None:
                       "tensor_mib": sum(tensors.values()) / MIB}))
 
 
+def measure_packed_memory(k: int) -> dict:
+    """What ``--pack-weights`` adds: resident memory of the base + K unmerged adapters before and after packing
+    (after ``malloc_trim``), and the bytes of the float32 linear weights it packs."""
+    from dorafit.serving.packed import PackedLinears
+
+    model = adapted(base_model(), k)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = rss_bytes()
+    packed = PackedLinears(model, 8)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    out = {"rss_before_mib": before / MIB, "rss_after_mib": rss_bytes() / MIB,
+           "linear_weights_mib": sum(w.numel() * w.element_size() for w, _, _ in packed.packed.values()) / MIB}
+    print(f"  --pack-weights: +{out['rss_after_mib'] - out['rss_before_mib']:.0f} MiB resident (float32 linear "
+          f"weights: {out['linear_weights_mib']:.0f} MiB)", file=sys.stderr, flush=True)
+    return out
+
+
 def measure_memory(k: int) -> dict:
     out = {}
     for what in ("unmerged", "merged1", "mergedK"):
@@ -340,7 +357,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parts", default="memory,throughput,bound,ttft,dora_decode",
-                        help="what to measure (default: all of memory,throughput,bound,ttft,dora_decode)")
+                        help="what to measure (default: all of memory,throughput,bound,ttft,dora_decode; also "
+                        "packed_memory)")
     parser.add_argument("--variants", default="default,packed",
                         help="throughput and bound: engines to measure: default, packed (--pack-weights)")
     parser.add_argument("--long-prompt", type=int, default=3000, help="ttft: the long prompt's tokens")
@@ -359,6 +377,10 @@ def main() -> int:
     if "memory" in parts:
         print("memory (fresh processes)", file=sys.stderr, flush=True)
         memory = measure_memory(args.adapters)
+    packed_memory = {}
+    if "packed_memory" in parts:
+        print("memory of --pack-weights", file=sys.stderr, flush=True)
+        packed_memory = measure_packed_memory(args.adapters)
     if "throughput" in parts:
         print("throughput", file=sys.stderr, flush=True)
         model = adapted(base_model(), args.adapters)
@@ -385,7 +407,7 @@ def main() -> int:
     if dora_decode:
         ratios["dora_decode_unmerged_vs_merged"] = dora_decode["unmerged_vs_merged"]
     record = {"meta": meta, "adapters": args.adapters, "tokens": args.tokens, "memory": memory,
-              "throughput": throughput, "bound": bound, "ttft": ttft, "dora_decode": dora_decode, "ratios": ratios}
+              "packed_memory": packed_memory, "throughput": throughput, "bound": bound, "ttft": ttft, "dora_decode": dora_decode, "ratios": ratios}
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = ROOT / "benchmarks" / "results" / f"serving-{stamp}.json"
     atomic_write_json(path, record)
@@ -401,6 +423,10 @@ def main() -> int:
                   f"| unmerged / this: {ratios['unmerged_vs_merged1_memory']:.3f} (target <= 1.15) |",
                   f"| {k} merged copies | {memory['mergedK']['rss_mib']:.0f} | {memory['mergedK']['tensor_mib']:.0f} "
                   f"| unmerged / this: {ratios['unmerged_vs_mergedK_memory']:.3f} |"]
+    if packed_memory:
+        m = packed_memory
+        lines += ["", f"--pack-weights: resident memory {m['rss_before_mib']:.0f} -> {m['rss_after_mib']:.0f} MiB "
+                  f"(float32 linear weights: {m['linear_weights_mib']:.0f} MiB)"]
     if throughput:
         lines += ["", f"| concurrent requests ({args.tokens} tokens each, adapters mixed) | engine | batched tokens/s "
                   "| one at a time tokens/s | batched / one at a time | the same in CPU time | batched / default engine "

@@ -1,9 +1,9 @@
 """Linear layers through oneDNN with each weight reordered once (``dorafit serve --pack-weights``).
 
 Why: a decode step multiplies a few rows (one per request) by every weight matrix. On CPUs where MKL's sgemm
-handles a few rows poorly (2-core AMD EPYC, AVX2, 2026-12-06: ``[8, 1024] x [1024, 32000]`` 45 ms of CPU time
-against 9.3 ms for one row, so eight rows cost 4.9 times one), oneDNN's product with a weight reordered ahead of
-time for its kernels costs 17.9 ms (1.9 times one row); see docs/incoming/serve-perf.md for the command.
+handles a few rows poorly, eight rows cost several times one: on a 2-core AMD EPYC (AVX2), 2026-12-06, an
+eight-row decode forward of the benchmark's model took 3.38 times a one-row one, and 2.33 times with packed
+oneDNN weights (benchmarks/serving.py, its ``bound`` part).
 
 How: :class:`PackedLinears` is a ``TorchFunctionMode``, entered around the engine's decode forwards of two rows or
 more (one row and prefill chunks ran faster with the default kernels, see :mod:`.engine`), that sends every
