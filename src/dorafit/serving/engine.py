@@ -226,10 +226,10 @@ class Engine:
         if self.active:
             self._decode()
 
-    def _forward(self, adapters: list[str | None], packed: bool = False, **inputs):
+    def _forward(self, adapters: list[str | None], pack: bool = False, **inputs):
         """The model's forward with row i using adapter ``adapters[i]`` (one place to observe or fault it);
-        ``packed``: through the packed weights, if the engine has them."""
-        packing = self.packed if packed and self.packed is not None else contextlib.nullcontext()
+        ``pack``: through the packed weights, if the engine has them."""
+        packing = self.packed if pack and self.packed is not None else contextlib.nullcontext()
         with per_row_adapters(self.model, adapters), packing:
             return self.model(**inputs, use_cache=True)
 
@@ -295,7 +295,7 @@ class Engine:
     def _decode_forward(self, rows: list[_Row], cache: RowCache):
         ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)  # (B, 1)
         positions = torch.tensor([[r.length] for r in rows], device=self.device)
-        return self._forward([r.request.adapter for r in rows], packed=len(rows) > 1, input_ids=ids,
+        return self._forward([r.request.adapter for r in rows], pack=len(rows) > 1, input_ids=ids,
                              position_ids=positions, cache=cache, attention_mask=cache.attention_mask(1, self.device))
 
     @torch.no_grad()
