@@ -71,6 +71,10 @@ def register(subparsers) -> None:
                         help="a vision-language model: fetch image_url parts with http(s):// URLs (at most "
                         "--max-body-mb each, 10 s timeout); without it only data: URLs are read and remote ones "
                         "get a 400. Lets clients make the server fetch any URL it can reach")
+    parser.add_argument("--pack-weights", action="store_true",
+                        help="CPU: batched decode steps compute the linear layers through oneDNN with each float32 "
+                        "weight packed once for its kernels: faster where MKL is slow for a few rows (AMD CPUs); a "
+                        "second copy of the weights in memory; rounding differs from the default kernels")
     parser.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM or Ctrl-C, requests in flight get this long to finish, then fail with a 503 "
                         "(default: 10; a second signal stops at once)")
@@ -120,7 +124,8 @@ def main(args: argparse.Namespace) -> int:
         from ..serving.load import build_served
         images = ImageOptions(args.max_image_pixels, args.allow_remote_images, guard.max_body)
         served = build_served(args.model, args.adapter, args.device, args.dtype, args.max_batch_size,
-                              args.max_new_tokens, args.quantize, prefill_chunk=args.prefill_chunk, images=images)
+                              args.max_new_tokens, args.quantize, prefill_chunk=args.prefill_chunk, images=images,
+                              pack_weights=args.pack_weights)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -181,7 +181,8 @@ def check_image_prefill(engine: Engine, reader: ImageReader, name: str) -> None:
 
 def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: str | None = None,
                  max_batch_size: int = 8, max_new_tokens: int = 256, quantize: str | None = None,
-                 prefill_chunk: int = 256, images: ImageOptions | None = None) -> Served:
+                 prefill_chunk: int = 256, images: ImageOptions | None = None,
+                 pack_weights: bool = False) -> Served:
     """``dtype``: the base's (default: the runs', see :func:`runs_dtype`); adapters beside a bfloat16 or float16
     base stay float32. ``quantize``: the base read straight into quantized layers, shared by every adapter.
     ``images``: how a vision-language base reads request images (default: :class:`ImageOptions`' defaults)."""
@@ -210,7 +211,8 @@ def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: st
         folder, fmt = loader.source(name, path)
         loader.load(name, folder)
         formats[name], sources[name] = fmt, str(path)
-    engine = Engine(net, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
+    engine = Engine(net, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
+                    pack_weights=pack_weights)
     engine.own_modules = loader.own_modules  # adapters' own projectors (AdapterLoader), loaded at run time too
     reader = None
     if loaded.processor is not None:
