@@ -100,9 +100,7 @@ class LayerOps:
         if (not self.blockwise_input_grad or module.weight.requires_grad
                 or not needs_input_grad(x, self.compute_dtype(module, x))):
             return product(x)
-        with torch.no_grad():
-            y = product(x)
-        return with_input_grad(x, y, functools.partial(self.input_grad, module))
+        return with_input_grad(x, product, functools.partial(self.input_grad, module))
 
     def weight_matrix(self, module: nn.Module) -> Tensor:
         """The frozen weight as a matrix [out, in] (a view of ``module.weight``)."""

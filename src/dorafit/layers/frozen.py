@@ -77,12 +77,12 @@ def blockwise_rows(g: Tensor, row_blocks, n: int) -> Tensor:
 
 
 class _WithInputGrad(torch.autograd.Function):
-    """``y`` (computed without autograd from x) as a function of ``x`` whose backward is ``input_grad(g)``."""
+    """``product(x)`` (a frozen linear map, computed without autograd) whose backward is ``input_grad(g)``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, input_grad: Callable[[Tensor], Tensor]) -> Tensor:
+    def forward(ctx, x: Tensor, product: Callable[[Tensor], Tensor], input_grad: Callable[[Tensor], Tensor]) -> Tensor:
         ctx.input_grad, ctx.dtype = input_grad, x.dtype
-        return y.view_as(y)
+        return product(x)
 
     @staticmethod
     @once_differentiable
@@ -90,9 +90,10 @@ class _WithInputGrad(torch.autograd.Function):
         return ctx.input_grad(grad).to(ctx.dtype), None, None
 
 
-def with_input_grad(x: Tensor, y: Tensor, input_grad: Callable[[Tensor], Tensor]) -> Tensor:
-    """``y``, a frozen linear map of ``x`` computed without autograd, with the gradient ``input_grad(g)`` to x."""
-    return _WithInputGrad.apply(x, y.detach(), input_grad)
+def with_input_grad(x: Tensor, product: Callable[[Tensor], Tensor], input_grad: Callable[[Tensor], Tensor]) -> Tensor:
+    """``product(x)``, a frozen linear map of ``x``, with the gradient ``input_grad(g)`` to x (a fresh tensor: the
+    caller may modify it in place)."""
+    return _WithInputGrad.apply(x, product, input_grad)
 
 
 def _frozen_hook(module: nn.Module, args, output):
@@ -107,7 +108,8 @@ def _frozen_hook(module: nn.Module, args, output):
     ops = ops_for(module)
     if ops is None or not needs_input_grad(x, ops.compute_dtype(module, x)):
         return output
-    return with_input_grad(x, output, functools.partial(ops.input_grad, module))
+    detached = output.detach()
+    return with_input_grad(x, lambda _: detached, functools.partial(ops.input_grad, module))
 
 
 def _frozen_layers(model: nn.Module) -> list[nn.Module]:
