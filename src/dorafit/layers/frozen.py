@@ -16,12 +16,14 @@ layer's: bitsandbytes rounds its dequantized weight to the compute dtype first, 
 copy of a whole weight exists and nothing is cached. CUDA, float32 and CPUs with the instructions keep torch's
 own products.
 
-Adapted layers use it in their frozen product (:meth:`~dorafit.layers.base.LayerOps.base`); the frozen linear
-layers without an adapter get it from :class:`FrozenInputGrads` around a training step.
+It is on inside :class:`FrozenInputGrads` (``dorafit train`` runs its steps in one): adapted layers use it in
+their frozen product (:meth:`~dorafit.layers.base.LayerOps.frozen_product`), the frozen linear layers without an
+adapter get it from a forward hook.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from typing import Callable
 
@@ -31,6 +33,8 @@ from torch.autograd.function import once_differentiable
 
 #: most elements of a low-precision weight upcast to float32 at once by :func:`blockwise_matmul` (16 MiB)
 ROW_BLOCK_ELEMENTS = 1 << 22
+#: whether this thread is inside :class:`FrozenInputGrads`
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("dorafit_frozen_input_grads", default=False)
 #: the CPU flags (``/proc/cpuinfo``) under which torch multiplies each low-precision dtype natively
 NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
 
@@ -53,9 +57,9 @@ def slow_on_cpu(dtype: torch.dtype) -> bool:
 
 
 def needs_input_grad(x: Tensor, dtype: torch.dtype) -> bool:
-    """Whether a frozen product of ``x`` in ``dtype`` takes this module's path: x needs a gradient (grad mode, not
-    inside a ``torch.compile`` trace), on a CPU that multiplies ``dtype`` slowly."""
-    return (x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu" and slow_on_cpu(dtype)
+    """Whether a frozen product of ``x`` in ``dtype`` takes this module's path: inside :class:`FrozenInputGrads`, x
+    needs a gradient (grad mode, not inside a ``torch.compile`` trace), on a CPU that multiplies ``dtype`` slowly."""
+    return (_ACTIVE.get() and x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu" and slow_on_cpu(dtype)
             and not torch.compiler.is_compiling())
 
 
@@ -129,18 +133,30 @@ def _frozen_layers(model: nn.Module) -> list[nn.Module]:
 
 class FrozenInputGrads:
     """``with FrozenInputGrads(model):`` (a training step's forward and backward, as often as wanted): the frozen
-    linear layers of ``model`` without an adapter compute their input gradient as the module docstring says,
-    where this CPU multiplies their dtype slowly (found once, when this is made); nothing changes elsewhere."""
+    linear layers of ``model``, adapted or not, compute their input gradient as the module docstring says where
+    this CPU multiplies their dtype slowly (the layers without an adapter are found once, when this is made).
+
+    Off for a model that holds torchao NF4 or sharded (DTensor) weights: FSDP2 runs (``--distributed fsdp``, whose
+    ``--quantize nf4`` is torchao's also in one process) keep torch's products, so that one process and several
+    compute alike."""
 
     def __init__(self, model: nn.Module):
-        self.layers = _frozen_layers(model)
+        self.enabled = not any(type(p.data).__module__.startswith(("torchao.", "torch.distributed."))
+                               for p in model.parameters())
+        self.layers = _frozen_layers(model) if self.enabled else []
         self.handles: list = []
+        self.token = None
 
     def __enter__(self) -> "FrozenInputGrads":
-        self.handles = [layer.register_forward_hook(_frozen_hook) for layer in self.layers]
+        if self.enabled:
+            self.token = _ACTIVE.set(True)
+            self.handles = [layer.register_forward_hook(_frozen_hook) for layer in self.layers]
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        if self.token is not None:
+            _ACTIVE.reset(self.token)
+            self.token = None
