@@ -4,7 +4,7 @@ slowly.
 On a CPU without bfloat16 (float16) instructions (no AVX512-BF16 or AMX-BF16; no AVX512-FP16 or AMX-FP16), torch
 computes a frozen layer's forward ``x W^T`` at float32's speed but its input gradient ``g W`` (W stored
 [out, in]), which backward computes through every frozen layer so that earlier adapters get their gradients,
-about 40 times slower (2 threads, AMD EPYC with AVX2 only: ``benchmarks/bf16_matmul_cpu.py``); bitsandbytes'
+40 to 150 times slower (2 threads, AMD EPYC with AVX2 only: ``benchmarks/bf16_matmul_cpu.py``); bitsandbytes'
 4-bit backward on CPU multiplies by its dequantized weight in the compute dtype the same way. On such a CPU,
 in training, the layer's forward runs as it does, without autograd, and the input gradient is
 :func:`blockwise_matmul`: W's rows upcast to float32 a block of at most :data:`ROW_BLOCK_ELEMENTS` (16 MiB) at a
