@@ -15,6 +15,9 @@ dtype adapters are kept in, and whether the weight can take a merge in place (:a
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -34,6 +37,9 @@ class LayerOps:
     quantized: bool = False
     #: merge may write W0 + dW into the layer's own weight (not into a quantized one: that would re-quantize it)
     can_merge_in_place: bool = True
+    #: on a CPU that multiplies the compute dtype slowly, training computes the frozen product's input gradient
+    #: with :meth:`input_grad` (:mod:`dorafit.layers.frozen`)
+    blockwise_input_grad: bool = False
 
     def check(self, module: nn.Module) -> None:
         """Raise ValueError if this module's configuration cannot be adapted exactly."""
@@ -77,6 +83,24 @@ class LayerOps:
         quantized one) computes both in one call; others return None and the norm computes ``W0 Q^T`` itself.
         ``factor_grad``: ``W0 Q^T`` must carry a gradient to q (DoRA with ``detach_norm=False``)."""
         return self.low_rank(module, x, x_adapter, p, q, with_bias=False), None
+
+    def compute_dtype(self, module: nn.Module, x: Tensor | None) -> torch.dtype:
+        """The dtype of the frozen product of input ``x`` (None: the layer's usual one)."""
+        return module.weight.dtype
+
+    def input_grad(self, module: nn.Module, grad: Tensor) -> Tensor:
+        """``g W0`` ([..., out] to [..., in], float32) a block of W0's rows at a time (:mod:`dorafit.layers.frozen`)."""
+        raise NotImplementedError
+
+    def frozen_product(self, module: nn.Module, x: Tensor, product: Callable[[Tensor], Tensor]) -> Tensor:
+        """``product(x)`` (the frozen ``W0 x``), its input gradient from :meth:`input_grad` where
+        :func:`dorafit.layers.frozen.needs_input_grad` says so (a frozen weight only)."""
+        from .frozen import needs_input_grad, with_input_grad
+
+        if (not self.blockwise_input_grad or module.weight.requires_grad
+                or not needs_input_grad(x, self.compute_dtype(module, x))):
+            return product(x)
+        return with_input_grad(x, product, functools.partial(self.input_grad, module))
 
     def weight_matrix(self, module: nn.Module) -> Tensor:
         """The frozen weight as a matrix [out, in] (a view of ``module.weight``)."""

@@ -61,14 +61,20 @@ class Bnb4bitOps(QuantizedLinearOps):
     def float_dtype(self, module: nn.Module) -> torch.dtype:
         return module.weight.quant_state.dtype
 
+    blockwise_input_grad = True
+
+    def compute_dtype(self, module: nn.Module, x: Tensor | None) -> torch.dtype:
+        return module.compute_dtype or (x.dtype if x is not None else module.weight.quant_state.dtype)
+
     def base(self, module: nn.Module, x: Tensor) -> Tensor:
         """``Linear4bit.forward`` without the bias (and without the CPU repacking, see :meth:`prepare`)."""
         import bitsandbytes as bnb
         from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
         fix_4bit_weight_quant_state_from_module(module)
-        dtype = module.compute_dtype or x.dtype
-        return bnb.matmul_4bit(x.to(dtype), module.weight, quant_state=module.weight.quant_state).to(x.dtype)
+        dtype = self.compute_dtype(module, x)
+        return self.frozen_product(module, x, lambda x: bnb.matmul_4bit(
+            x.to(dtype), module.weight, quant_state=module.weight.quant_state).to(x.dtype))
 
     def row_alignment(self, module: nn.Module) -> int:
         """1 when every row starts a quantization block (``in % blocksize == 0``); otherwise all the rows: the
@@ -120,18 +126,23 @@ class Bnb8bitOps(QuantizedLinearOps):
         out, inp = self._codes(module)[0].shape
         return int(out), int(inp)
 
+    blockwise_input_grad = True
+
     def base(self, module: nn.Module, x: Tensor) -> Tensor:
         """``Linear8bitLt.forward`` without the bias."""
         import bitsandbytes as bnb
 
-        state = module.state
-        state.is_training = module.training
-        if module.weight.CB is not None:
-            module.init_8bit_state()
-        out = bnb.matmul(x, module.weight, bias=None, state=state)
-        if not state.has_fp16_weights and state.CB is not None:
-            module.weight.data = state.CB
-        return out.to(x.dtype)
+        def product(x: Tensor) -> Tensor:
+            state = module.state
+            state.is_training = module.training
+            if module.weight.CB is not None:
+                module.init_8bit_state()
+            out = bnb.matmul(x, module.weight, bias=None, state=state)
+            if not state.has_fp16_weights and state.CB is not None:
+                module.weight.data = state.CB
+            return out.to(x.dtype)
+
+        return self.frozen_product(module, x, product)
 
     def rows(self, module: nn.Module, start: int, stop: int) -> Tensor:
         cb, scb = self._codes(module)

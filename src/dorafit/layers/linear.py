@@ -7,15 +7,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LayerOps
+from .frozen import blockwise_matmul
 from .low_rank_linear import low_rank_linear
 
 
 class LinearOps(LayerOps):
+    blockwise_input_grad = True
+
     def weight_matrix(self, module: nn.Module) -> Tensor:
         return module.weight  # [out, in]
 
     def base(self, module: nn.Module, x: Tensor) -> Tensor:
-        return F.linear(x, module.weight)
+        return self.frozen_product(module, x, lambda x: F.linear(x, module.weight))
+
+    def input_grad(self, module: nn.Module, grad: Tensor) -> Tensor:
+        return blockwise_matmul(grad, self.weight_matrix(module))
 
     def down(self, module: nn.Module, x: Tensor, q: Tensor) -> Tensor:
         return F.linear(x.to(q.dtype), q)  # [..., r], in the adapter's dtype (float32 beside a bfloat16 base)
@@ -42,4 +48,4 @@ class GPT2Conv1DOps(LinearOps):
         return module.weight.T  # [out, in]
 
     def base(self, module: nn.Module, x: Tensor) -> Tensor:
-        return x @ module.weight
+        return self.frozen_product(module, x, lambda x: x @ module.weight)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .. import functional as Fn
+from .frozen import blockwise_rows
 from .linear import LinearOps
 
 #: most elements dequantized at once (a block of rows), as for upcasting float weights
@@ -53,6 +54,7 @@ class QuantizedLinearOps(LinearOps):
 
     quantized = True
     can_merge_in_place = False
+    blockwise_input_grad = False  # a family whose own backward multiplies in the compute dtype turns it on
 
     # ---- what a family provides ---------------------------------------------------------------------------
     def shape(self, module: nn.Module) -> tuple[int, int]:
@@ -109,6 +111,12 @@ class QuantizedLinearOps(LinearOps):
 
     def weight_times_factor(self, module: nn.Module, q: Tensor) -> Tensor:
         return chunked_weight_times_factor(self, module, q.to(torch.float32))
+
+    def compute_dtype(self, module: nn.Module, x: Tensor | None) -> torch.dtype:
+        return x.dtype if x is not None else self.float_dtype(module)
+
+    def input_grad(self, module: nn.Module, grad: Tensor) -> Tensor:
+        return blockwise_rows(grad, self.row_chunks(module), self.shape(module)[1])
 
     def down(self, module: nn.Module, x: Tensor, q: Tensor) -> Tensor:
         return F.linear(x.to(q.dtype), q)  # [..., r], in the adapter's dtype

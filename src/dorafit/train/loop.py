@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..layers.frozen import FrozenInputGrads
 from .distributed import SINGLE, Group
 
 _DATA, _STEP = 1, 2  # stream ids that keep the data-order and per-step seeds apart
@@ -138,6 +139,7 @@ def run(
     """
     order = DataOrder(len(task.train), batch_size, seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    products = FrozenInputGrads(model)  # bfloat16 input gradients on a CPU without bfloat16 instructions
     model.train()
     bar = tqdm(total=total, initial=state.step, unit="step", disable=not progress, dynamic_ncols=True)
     try:
@@ -151,7 +153,7 @@ def run(
                 micro_batch = (step * grad_accum + k) * group.world_size + group.rank
                 examples = [task.train[i] for i in order.indices(micro_batch)]
                 batch = {key: v.to(device) for key, v in task.batch(examples).items()}
-                with group.no_sync(model, last=k == grad_accum - 1):
+                with group.no_sync(model, last=k == grad_accum - 1), products:
                     loss = task.loss(model, batch) / grad_accum
                     (loss if scaler is None else scaler.scale(loss)).backward()
                 loss_sum += float(loss.detach())
