@@ -143,7 +143,9 @@ def atomic_write_figure(path: str | os.PathLike, fig) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | list) -> None:
+    """``data`` (bytes, or a list of bytes-like pieces written in order) into a temporary file beside ``path``,
+    synced, then renamed over it."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +154,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise io_error(exc, path, "write") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for piece in data if isinstance(data, list) else [data]:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         umask_permissions(tmp)

@@ -35,15 +35,21 @@ def _header(blob: bytes) -> tuple[int, bytes]:
 
 
 def seal(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
-    blob = bytearray(save_bytes(tensors, metadata={**metadata, KEY: _ZEROS.decode()}))
-    _, header = _header(bytes(blob))
+    return b"".join(sealed_pieces(tensors, metadata))
+
+
+def sealed_pieces(tensors: dict[str, Tensor], metadata: dict[str, str]) -> list:
+    """The sealed file as three pieces to write in order (views of one serialised copy: a checkpoint's bytes are
+    held once, not copied to patch in the digest)."""
+    blob = save_bytes(tensors, metadata={**metadata, KEY: _ZEROS.decode()})
+    _, header = _header(blob)
     at = header.find(_FIELD + _ZEROS)
     if at < 0 or header.find(_FIELD, at + 1) >= 0:
         raise RuntimeError("the seal's place in the safetensors header was not found exactly once")
     digest = hashlib.sha256(blob).hexdigest().encode()
     start = 8 + at + len(_FIELD)
-    blob[start : start + 64] = digest
-    return bytes(blob)
+    view = memoryview(blob)
+    return [view[:start], digest, view[start + 64 :]]
 
 
 def is_sealed(blob: bytes) -> bool:
