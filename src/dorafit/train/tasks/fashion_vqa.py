@@ -63,7 +63,7 @@ FEET = {5, 7, 9}  # sandal, sneaker, ankle boot
 
 CAPTION_PROMPTS = ["Describe the image.", "What does this picture show?", "Write a short caption for this image.",
                    "Describe this photo briefly."]
-CAPTION_TEMPLATES = ["A photo of {}.", "A picture of {}.", "An image of {}."]
+CAPTION = "A photo of {}."  # one caption per class: its exact match is the class-name accuracy
 QUESTIONS = {
     "item": ["What is this item?", "What piece of clothing or accessory is shown?", "Name the item in the picture.",
              "What is in the image? Answer with the item's name."],
@@ -73,7 +73,7 @@ QUESTIONS = {
                  f"Pick the item's category ({', '.join(CATEGORIES)})."],
 }
 HELD_OUT_KINDS = ["item", "feet", "item", "category"]  # the held-out sets' repeating pattern
-MAX_NEW_TOKENS = 12  # the longest answer ("A picture of a pair of trousers.") is 9 Gemma tokens
+MAX_NEW_TOKENS = 12  # the longest answer ("A photo of a pair of trousers.") is 8 Gemma tokens
 
 
 def answer(kind: str, label: int) -> str:
@@ -108,9 +108,9 @@ def question_kind(prompt: str) -> str:
 
 
 def captions(images: np.ndarray, labels: np.ndarray, ids, rng: random.Random, where: str) -> list[Example]:
-    """One caption conversation per image ``ids``: a random prompt of :data:`CAPTION_PROMPTS`, a random template."""
-    return [_example(images[i], rng.choice(CAPTION_PROMPTS), rng.choice(CAPTION_TEMPLATES).format(PHRASES[labels[i]]),
-                     f"{where} image {i}") for i in ids]
+    """One caption conversation per image ``ids``: a random prompt of :data:`CAPTION_PROMPTS`, the :data:`CAPTION`."""
+    return [_example(images[i], rng.choice(CAPTION_PROMPTS), CAPTION.format(PHRASES[labels[i]]), f"{where} image {i}")
+            for i in ids]
 
 
 def questions(images: np.ndarray, labels: np.ndarray, ids, rng: random.Random, where: str,
