@@ -99,6 +99,7 @@ class Encoded:
     ids: list[int]
     trained: list[bool]
     response_start: int  # index of the final assistant turn's first token
+    images: list = field(default_factory=list)  # the images the ids show, in order (image-chat tasks)
 
 
 @dataclass

@@ -58,9 +58,10 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 
 def generate_ids(model, tokenizer, prompts: list[list[int]], options: SamplingOptions, streamer=None,
-                 device=None) -> list[list[int]]:
+                 device=None, inputs: dict | None = None) -> list[list[int]]:
     """The new tokens generated after each prompt (a batch, left-padded), up to the first stop token (kept out);
-    ``model.generate`` runs without gradients."""
+    ``model.generate`` runs without gradients. ``inputs``: more model inputs for the prompts (a vision-language
+    model's ``pixel_values``, in the order of the prompts' image tokens)."""
     import torch  # here: the command line imports this module for SamplingOptions, and --help must not load torch
 
     device = device or next(model.parameters()).device
@@ -82,6 +83,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], options: SamplingOp
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
             max_new_tokens=options.max_new_tokens, do_sample=not options.greedy, pad_token_id=pad,
             eos_token_id=stops or None, streamer=streamer, **sampling,
+            **{key: value.to(device) for key, value in (inputs or {}).items()},
         )
     finally:
         model.train(was_training)
@@ -93,7 +95,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], options: SamplingOp
 
 
 def generate_text(model, tokenizer, prompts: list[list[int]], options: SamplingOptions, streamer=None,
-                  device=None) -> list[str]:
+                  device=None, inputs: dict | None = None) -> list[str]:
     """:func:`generate_ids`, decoded without special tokens and stripped of surrounding white space."""
-    ids = generate_ids(model, tokenizer, prompts, options, streamer=streamer, device=device)
+    ids = generate_ids(model, tokenizer, prompts, options, streamer=streamer, device=device, inputs=inputs)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]

@@ -3,6 +3,9 @@
 ``--prompts FILE.jsonl`` (or ``.parquet``, or ``hf:ORG/NAME[:SPLIT]``) reads one request per line (row)
 (``{"prompt": str}``, ``{"messages": [...]}`` to continue a conversation, or Alpaca ``{"instruction", "input"}``)
 and writes each row back with ``"generated"`` added, as JSON Lines (to ``--out FILE`` or standard output).
+A vision-language model reads images: ``--image FILE`` (repeatable) with ``--prompt``, or an ``"images"`` list in a
+request (paths relative to the file), one ``<image>`` placeholder per image in the text (none: the images come
+first).
 Prompts are rendered with the chat template the run was trained with (a model folder: its tokenizer's, if any);
 ``--raw`` sends the text as it is.
 """
@@ -12,6 +15,8 @@ from __future__ import annotations
 import argparse
 
 from .common import add_compute_arguments, use_threads
+
+PLACEHOLDER = "<image>"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +45,9 @@ def register(subparsers) -> None:
     what.add_argument("--prompt", metavar="TEXT", help="one prompt (a user message, rendered by the chat template)")
     what.add_argument("--prompts", metavar="FILE.jsonl", help="one request per line (or a .parquet file, or a Hub data "
                       "set hf:ORG/NAME[:SPLIT]); writes JSON Lines")
+    parser.add_argument("--image", metavar="FILE", action="append", default=[],
+                        help="with --prompt: an image the prompt shows (a vision-language model; repeat for more; "
+                        "<image> in the prompt marks where each goes, else they come first)")
     parser.add_argument("--out", metavar="FILE", default=None, help="with --prompts: write here (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=8, help="with --prompts: prompts per batch (default: 8)")
     parser.add_argument("--raw", action="store_true", help="use the prompt text as it is, without the chat template")
@@ -47,9 +55,11 @@ def register(subparsers) -> None:
 
 
 def read_requests(path: str) -> list[dict]:
-    """The rows of a --prompts file, each checked: "prompt", "messages" or "instruction" (+ "input")."""
+    """The rows of a --prompts file, each checked: "prompt", "messages" or "instruction" (+ "input"); their
+    "images" read and checked (``"_images"``)."""
+    from pathlib import Path
 
-    from ..train.tasks import records
+    from ..train.tasks import record_images, records
     from ..train.tasks.base import DataError
 
     rows = []
@@ -64,8 +74,22 @@ def read_requests(path: str) -> list[dict]:
         if not ok:
             raise records.field_error(src, record, "\"prompt\" (a string), \"messages\" (a list of turns) "
                                       "or \"instruction\" (+ \"input\")")
-        rows.append(data)
+        folder = src.parent if isinstance(src, Path) else None
+        images = record_images.read_images(data, folder, record.where, record.text)
+        rows.append({**data, IMAGES: images} if images else data)
     return rows
+
+
+IMAGES = "_images"  # a request's images, as read (not written back)
+
+
+def image_files(paths: list[str]) -> list:
+    """``--image`` files, each checked with Pillow (one error line naming a missing or unreadable one)."""
+    from pathlib import Path
+
+    from ..train.tasks import record_images
+
+    return record_images.read_images({"images": paths}, Path.cwd(), "--image", " ".join(paths)) if paths else []
 
 
 def messages_of(record: dict) -> list[dict]:
@@ -78,19 +102,26 @@ def messages_of(record: dict) -> list[dict]:
 
 
 def prompt_tokens(gen, record: dict, raw: bool, room: int | None) -> list[int]:
-    """A request's prompt tokens: rendered by the chat format, or its text as it is (``--raw``, or no template)."""
+    """A request's prompt tokens: rendered by the chat format, or its text as it is (``--raw``, or no template);
+    its images' tokens in place (:meth:`Generator.prompt`)."""
+    from ..train.vlm.inputs import with_placeholders
+
+    images = record.get(IMAGES, [])
     if raw or gen.format is None:
         text = record.get("prompt") or record.get("instruction") or ""
         if not text:
             raise ValueError("--raw (or a model without a chat template) needs a \"prompt\" text, not messages")
-        ids = gen.tokenizer(text)["input_ids"]
-        return ids[-room:] if room and len(ids) > room else ids
-    return gen.format.prompt_ids(messages_of(record), room)
+        return gen.prompt(None, images, room, text=with_placeholders(text, len(images)))
+    messages = messages_of(record)
+    if images and not any(PLACEHOLDER in m.get("content", "") for m in messages):
+        messages = [*messages[:-1], {**messages[-1], "content": with_placeholders(messages[-1]["content"],
+                                                                                  len(images))}]
+    return gen.prompt(messages, images, room)
 
 
 def context_room(model, max_new_tokens: int) -> int | None:
     """How many prompt tokens fit beside ``max_new_tokens`` in the model's context (None: unknown)."""
-    window = getattr(model.config, "max_position_embeddings", None)
+    window = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     return max(1, window - max_new_tokens) if window else None
 
 
@@ -110,7 +141,10 @@ def main(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
         use_threads(args)
-        rows = read_requests(args.prompts) if args.prompts else [{"prompt": args.prompt}]
+        if args.image and not args.prompt:
+            raise ValueError("--image goes with --prompt; in a --prompts file give each request an \"images\" list")
+        images = image_files(args.image)
+        rows = read_requests(args.prompts) if args.prompts else [{"prompt": args.prompt, IMAGES: images}]
         gen = load_generator(args.source, args.device, args.dtype)
         if gen.format is None and not args.raw:
             print(f"note: {gen.source} has no chat template: prompts are used as plain text", file=sys.stderr)
@@ -118,10 +152,14 @@ def main(args: argparse.Namespace) -> int:
         prompts = [prompt_tokens(gen, r, args.raw, room) for r in rows]
         texts = []
         for start in range(0, len(prompts), args.batch_size):
-            texts += generate_text(gen.model, gen.tokenizer, prompts[start : start + args.batch_size], options)
+            batch = rows[start : start + args.batch_size]
+            inputs = gen.image_inputs([image for r in batch for image in r.get(IMAGES, [])])
+            texts += generate_text(gen.model, gen.tokenizer, prompts[start : start + args.batch_size], options,
+                                   inputs=inputs)
         if not args.prompts:
             print(texts[0])
             return 0
+        rows = [{k: v for k, v in r.items() if k != IMAGES} for r in rows]
         out = "".join(json.dumps({**r, "generated": t}, ensure_ascii=False) + "\n" for r, t in zip(rows, texts))
         if args.out:
             atomic_write_text(args.out, out)

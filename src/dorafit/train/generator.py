@@ -19,11 +19,12 @@ from pathlib import Path
 from ..chat_format import ChatFormat
 from ..io import load_adapter
 from . import rundir
-from .models import LoadedModel, load_causal_lm, resolve_model
+from .models import LoadedModel, load_generative_model, resolve_model
 from . import precision
 from .quantized_load import LoadOptions, loading
 from .setup import hold_in_dtype, load_options, pick_device, quantize_base, stored_config
 from .tasks import by_kind
+from .vlm.inputs import ImageInputs
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Generator:
     loaded: LoadedModel
     format: ChatFormat | None  # None: prompts are plain text
     source: str  # what was loaded, for the user
+    _images: ImageInputs | None = None
 
     @property
     def model(self):
@@ -39,6 +41,46 @@ class Generator:
     @property
     def tokenizer(self):
         return self.loaded.tokenizer
+
+    @property
+    def images(self) -> ImageInputs | None:
+        """How images become this model's inputs; None for a text-only model."""
+        if self.loaded.processor is None:
+            return None
+        if self._images is None:
+            self._images = ImageInputs(self.loaded.processor)
+        return self._images
+
+    def prompt(self, messages: list[dict] | None, images: list = (), room: int | None = None,
+               text: str | None = None) -> list[int]:
+        """The prompt tokens of ``messages`` rendered by the chat format (or of ``text`` as it is), at most
+        ``room`` of them (the oldest cut), each ``<image>`` placeholder expanded into ``images``' tokens (one
+        per placeholder, in order; an error if they differ in number or the model reads no images)."""
+        images = list(images)
+        if images and self.images is None:
+            raise ValueError(f"{self.source} reads text only; images need a vision-language model (a run of an "
+                             "image-chat task, or a folder of one)")
+        extra = self.images.extra_tokens(images) if images else 0
+        budget = max(1, room - extra) if room else None
+        if text is not None:
+            text = self.images.text(text) if self.images else text
+            ids = self.tokenizer(text)["input_ids"]
+            ids = ids[-budget:] if budget and len(ids) > budget else ids
+        else:
+            ids = self.format.prompt_ids(self.images.messages(messages) if self.images else messages, budget)
+        if self.images is None:
+            return ids
+        if self.images.count(ids) != len(images):
+            raise ValueError(f"the prompt does not fit the model's context with its {len(images)} image(s); "
+                             "shorten it or lower --max-new-tokens")
+        return self.images.prompt(ids, images)
+
+    def image_inputs(self, images: list) -> dict:
+        """The model inputs of ``images`` (pixels in the model's dtype); {} for none."""
+        if not images:
+            return {}
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        return self.images.pixels(images, dtype)
 
 
 def load_generator(path: str, device: str = "auto", dtype: str | None = None) -> Generator:
@@ -49,7 +91,7 @@ def load_generator(path: str, device: str = "auto", dtype: str | None = None) ->
         gen = _from_run(folder, where, dtype)
     else:
         with loading(LoadOptions(precision.torch_dtype(precision.resolve(dtype or "auto", where, "lora")))):
-            loaded = load_causal_lm(resolve_model(path))
+            loaded = load_generative_model(resolve_model(path))
         own = loaded.tokenizer.chat_template
         gen = Generator(loaded, ChatFormat(loaded.tokenizer, "model", own) if own else None, f"model {loaded.folder}")
     gen.model.to(where).eval()
@@ -75,7 +117,7 @@ def _from_run(run_dir: Path, device, dtype: str | None) -> Generator:
                          "so it cannot generate or chat (dorafit eval evaluates it)")
     options = load_options(cfg, device, quantize=cfg.method != "full")  # the base as the run trained on it
     with loading(options):
-        loaded = load_causal_lm(folder)
+        loaded = task_cls.load_model(folder, resolved)
     loaded.model.to(device)  # quantized where it will run, as in training
     fmt = task_cls.chat_format(loaded.tokenizer, resolved)
     if cfg.method != "full":

@@ -36,7 +36,8 @@ def merge_run(run_dir: Path, out: Path, check: int = 16, device: str = "cpu", th
     before = task.check_outputs(model.eval(), examples, setup.device) if examples else None
     if setup.cfg.method != "full":
         model = merge_and_unload(model)
-    save_model_folder(model, setup.loaded.tokenizer, out, chat_template=task.stored().get("chat_template"))
+    save_model_folder(model, setup.loaded.tokenizer, out, chat_template=task.stored().get("chat_template"),
+                      processor=setup.loaded.processor)
     if before is None:
         return {"checked": 0, "max_abs_diff": None}
     dtype = precision.torch_dtype(precision.resolve(setup.cfg.dtype, setup.device, setup.cfg.method))

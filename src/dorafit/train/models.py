@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..files import cached_folder
-from . import hub, vision
+from . import hub, vision, vlm
 from .model_errors import ModelError
 from .model_errors import require_package as _require
 
@@ -114,6 +114,7 @@ class LoadedModel:
     tokenizer: object
     folder: Path
     head: list[str]  # modules the checkpoint did not initialise (e.g. a classification head)
+    processor: object = None  # a vision-language model's processor (tokenizer + image processor)
 
 
 def _quiet_transformers():
@@ -183,6 +184,10 @@ def load_causal_lm(folder: Path) -> LoadedModel:
     which transformers would otherwise load as a language-model head that sees the future)."""
     from transformers import AutoModelForCausalLM
 
+    if vlm.is_vlm_folder(folder):
+        raise ModelError(f"the model in {folder} ({vlm.describe(folder)}) is a vision-language model: train it on "
+                         "image-chat records (OpenAI messages with an \"images\" list and <image> placeholders in "
+                         "the user turns)")
     tokenizer = load_tokenizer(folder)
     model, info = _from_pretrained(AutoModelForCausalLM, folder, "causal language modelling")
     if getattr(model.config, "pad_token_id", None) is None:
@@ -194,6 +199,31 @@ def load_causal_lm(folder: Path) -> LoadedModel:
             "later tokens, so it cannot be trained to write text. This task needs a decoder model (e.g. --model "
             "gemma-3-270m or a folder of a *ForCausalLM model); use an encoder for classification tasks")
     return LoadedModel(model.eval(), tokenizer, folder, [])
+
+
+def load_vision_language_model(folder: Path) -> LoadedModel:
+    """A vision-language model (``AutoModelForImageTextToText``) with its processor; an error naming the model
+    if the folder holds a text-only one."""
+    from transformers import AutoModelForImageTextToText
+
+    if not vlm.is_vlm_folder(folder):
+        config = folder / "config.json"
+        what = vlm.describe(folder) if config.is_file() else "no config.json"
+        raise ModelError(f"the model in {folder} ({what}) reads text only, but the records have images; give a "
+                         "vision-language model (--model llava-gemma-270m, or a folder that transformers' "
+                         "AutoModelForImageTextToText loads), or drop the records' images")
+    processor = vlm.load_processor(folder)
+    model, info = _from_pretrained(AutoModelForImageTextToText, folder, "image-text-to-text generation")
+    tokenizer = processor.tokenizer
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model.eval(), tokenizer, folder, [], processor)
+
+
+def load_generative_model(folder: Path) -> LoadedModel:
+    """A model that writes text: a vision-language model (with its processor) or a causal LM."""
+    return load_vision_language_model(folder) if vlm.is_vlm_folder(folder) else load_causal_lm(folder)
 
 
 @torch.no_grad()
@@ -218,6 +248,8 @@ def head_modules(model: nn.Module, missing_keys) -> list[str]:
 def default_targets(model: nn.Module) -> list[str]:
     """The paper's q, k, v, up, down projections, found from the architecture (:mod:`dorafit.train.targets`);
     an image model's family decides its own (e.g. EfficientNet's 1x1 expand/project convolutions)."""
+    if vlm.is_vlm(model):
+        return vlm.default_targets(model)
     family = vision.family_of_model(model)
     image_targets = family.default_targets(model) if family else None
     if image_targets:

@@ -94,11 +94,13 @@ class TrainConfig:
     targets: Optional[list[str]] = adapter_option(
         "targets", default=None, help="module names (or name suffixes) that get the adapter; with --method full, the "
         "modules --save-every snapshots (default: the model's q,k,v,up,down projections, found from the architecture; "
-        "all-linear: every linear layer but the output layer and the head)", metavar="NAME")
+        "all-linear: every linear layer but the output layer and the head; none: no adapter, only --head trains)",
+        metavar="NAME")
     magnitude_only: Optional[list[str]] = adapter_option("magnitude_only", metavar="NAME")
     head: Optional[list[str]] = option(
-        None, "classification: modules trained in full next to the adapter (default: the modules the checkpoint "
-        "did not initialise, e.g. classifier, plus the pooler)", metavar="NAME",
+        None, "modules trained in full next to the adapter (classification default: the modules the checkpoint "
+        "did not initialise, e.g. classifier, plus the pooler; a vision-language model's projector: "
+        "multi_modal_projector)", metavar="NAME",
     )
     dropout: float = adapter_option("dropout")
     detach_norm: bool = adapter_option("detach_norm")

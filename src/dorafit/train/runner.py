@@ -348,6 +348,7 @@ class Run:
             full = group.full_tensors(setup.model, setup.model.state_dict())
             if group.is_main:
                 save_model_folder(setup.model, setup.loaded.tokenizer, self.run_dir / rundir.MODEL, state_dict=full,
+                                  processor=setup.loaded.processor,
                                   chat_template=self.task.stored().get("chat_template"))
         else:
             tensors = group.full_tensors(setup.model, adapter_state_dict(setup.model))
@@ -373,8 +374,9 @@ class Run:
 
 
 def save_model_folder(model, tokenizer, dest: Path, state_dict: dict | None = None,
-                      chat_template: str | None = None) -> Path:
-    """``save_pretrained`` (model and tokenizer) into a temporary folder beside ``dest``, then rename it over
+                      chat_template: str | None = None, processor=None) -> Path:
+    """``save_pretrained`` (model and tokenizer, or a vision-language model's ``processor``: its tokenizer and
+    image processor) into a temporary folder beside ``dest``, then rename it over
     (:func:`dorafit.files.atomic_folder`: the files get the umask's permissions).
 
     ``state_dict`` replaces the model's own tensors (full tensors gathered from FSDP2's shards);
@@ -383,7 +385,9 @@ def save_model_folder(model, tokenizer, dest: Path, state_dict: dict | None = No
         model.save_pretrained(work, state_dict=state_dict)
         if chat_template:
             tokenizer.chat_template = chat_template
-        tokenizer.save_pretrained(work)
+            if processor is not None:
+                processor.chat_template = chat_template
+        (processor or tokenizer).save_pretrained(work)
     return Path(dest)
 
 

@@ -104,7 +104,8 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
     resolved = dict(
         max_length=cfg.max_length or data.max_length,
         lr=cfg.lr if cfg.lr is not None or cfg.init_from else DEFAULT_LR[cfg.method],  # --init-from: by its method
-        targets=expand_targets(cfg.targets, loaded.model, head) if cfg.targets else default_targets(loaded.model),
+        targets=(expand_targets(cfg.targets, loaded.model, head) if cfg.targets is not None
+                 else default_targets(loaded.model)),
         head=head,
         eval_limit=cfg.eval_limit if cfg.eval_limit is not None else data.eval_limit,
         image_size=data.extra.get("image_size"),  # an image task's: --image-size or the model's input size
@@ -114,13 +115,16 @@ def prepare(cfg: TrainConfig, model_folder: Path | None = None, device: torch.de
         raise ValueError(f"--image-size is for image tasks; a {task_cls.kind} task reads text")
     if cfg.head and not task_cls.has_head:
         raise ValueError(f"--head is for classification tasks; a {task_cls.kind} task trains no head")
+    if not resolved["targets"] and not head and cfg.method != "full" and not cfg.init_from:
+        raise ValueError("--targets none adapts no module and no --head trains: nothing would learn; name the "
+                         "modules to train in full with --head (e.g. --head multi_modal_projector), or give targets")
     if cfg.steps is None and cfg.epochs is None:
         resolved[data.duration[0]] = data.duration[1]
     resolved.update(absolute_paths({"model": cfg.model, "task": cfg.task, "eval_file": cfg.eval_file,
                                      "fashion_mnist_dir": cfg.fashion_mnist_dir}))
     resolved["model"] = hub.pinned(resolved["model"], folder)  # a Hub id: the commit it trains on
     cfg = validate(dataclasses.replace(cfg, **resolved))
-    task = task_cls(data, loaded.tokenizer, cfg)
+    task = task_cls(data, loaded.tokenizer, cfg, **({"processor": loaded.processor} if loaded.processor else {}))
     loaded.model.to(device)
     hold_in_dtype(loaded.model, options.dtype, cfg.head)
     quantized = quantize_base(loaded.model, cfg)

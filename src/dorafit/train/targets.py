@@ -33,6 +33,7 @@ import re
 from torch import nn
 
 ALL_LINEAR = "all-linear"
+NONE = "none"  # --targets none: no adapter; only --head trains (e.g. a VLM's projector, LLaVA's stage 1)
 #: the DoRA paper's choice: q, k, v, up and down projections
 DEFAULT_ROLES = ("qkv", "up", "down")
 
@@ -114,12 +115,17 @@ def _no_targets(model: nn.Module, what: str, skip: list[str]) -> TargetError:
                        f"Its linear layers: {', '.join(leaves) or '(none)'}")
 
 
-def default_targets(model: nn.Module, roles: tuple[str, ...] = DEFAULT_ROLES) -> list[str]:
-    """The linear layers of ``roles`` (default: q, k, v, up, down), as :func:`as_targets` writes them."""
+def default_targets_names(model: nn.Module, roles: tuple[str, ...] = DEFAULT_ROLES) -> list[str]:
+    """The full names of the linear layers of ``roles`` (default: q, k, v, up, down)."""
     chosen = [name for name in _linear_layers(model, []) if role(name) in roles]
     if not any(role(name) == "qkv" for name in chosen):
         raise _no_targets(model, "no attention projections (q, k, v) found by name, so no default --targets", [])
-    return as_targets(model, chosen)
+    return chosen
+
+
+def default_targets(model: nn.Module, roles: tuple[str, ...] = DEFAULT_ROLES) -> list[str]:
+    """The linear layers of ``roles`` (default: q, k, v, up, down), as :func:`as_targets` writes them."""
+    return as_targets(model, default_targets_names(model, roles))
 
 
 def all_linear(model: nn.Module, head: list[str] | None = None) -> list[str]:
@@ -132,6 +138,10 @@ def all_linear(model: nn.Module, head: list[str] | None = None) -> list[str]:
 
 def expand(targets: list[str], model: nn.Module, head: list[str] | None = None) -> list[str]:
     """``--targets`` as stored in a run: the names given, or ``all-linear`` expanded (:func:`all_linear`)."""
+    if NONE in targets:
+        if len(targets) > 1:
+            raise TargetError(f"--targets {NONE} adapts no module; give it alone")
+        return []
     if ALL_LINEAR not in targets:
         return list(targets)
     if len(targets) > 1:

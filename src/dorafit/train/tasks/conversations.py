@@ -15,8 +15,9 @@ Each becomes a conversation (a list of ``{"role", "content"}`` messages; an Alpa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from . import records
+from . import record_images, records
 from .base import DataError, clip
 from .classification import bbc_articles
 
@@ -101,10 +102,11 @@ def check_conversation(messages: list[dict], where: str, line: str) -> None:
                         f"must end with the assistant turn to learn: {clip(line)}")
 
 
-def read_file(path: records.Source) -> tuple[str, list[Example]]:
+def read_file(path: records.Source, images: bool = False) -> tuple[str, list[Example]]:
     """(format, examples) of an instruction-tuning .jsonl / .parquet file or Hub data set; DataError naming the
-    line (row) of any bad record."""
+    line (row) of any bad record. ``images``: image-chat records (:mod:`.record_images`), else text only."""
     records.require_file(path)
+    folder = path.parent if isinstance(path, Path) else None
     found, first_at, examples = None, "", []
     for record in records.records(path):
         where, line = record.where, record.text
@@ -124,14 +126,28 @@ def read_file(path: records.Source) -> tuple[str, list[Example]]:
                 ("conversations", "from", "value")
             messages = _turns(record.data, key, role_key, text_key, where, line)
         check_conversation(messages, where, line)
-        examples.append(Example(messages, where))
+        pictures = []
+        if record_images.has_images(record.data):
+            if not images:
+                raise DataError(f"{where}: the record has images, but {first_at} has none, so the file was read as "
+                                "text-only records; give every record an \"images\" list (empty for a text-only "
+                                f"conversation): {clip(line)}")
+            if fmt == "alpaca":
+                raise DataError(f"{where}: images go with \"messages\" or \"conversations\" records (with "
+                                f"{record_images.PLACEHOLDER} placeholders in the user turns), not Alpaca ones: "
+                                f"{clip(line)}")
+            pictures = record_images.read_images(record.data, folder, where, line)
+        if images:
+            record_images.check_count(messages, pictures, where, line)
+        examples.append(Example(messages, where, pictures))
     return found, examples
 
 
-def claims(path: records.Source) -> bool:
-    """A .jsonl / .parquet file or Hub data set whose first record is in one of the instruction formats."""
+def claims(path: records.Source, images: bool = False) -> bool:
+    """A .jsonl / .parquet file or Hub data set whose first record is in one of the instruction formats, with
+    images (``images``) or without."""
     first = records.first_record(path)
-    return first is not None and record_format(first) is not None
+    return first is not None and record_format(first) is not None and record_images.has_images(first) == images
 
 
 # ---- the bbc-headlines preset -------------------------------------------------------------------------------

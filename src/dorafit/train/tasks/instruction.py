@@ -42,6 +42,7 @@ def _normalise(text: str) -> str:
 @register
 class InstructionTask:
     kind = "instruction"
+    images = False  # records without images (image-chat records: dorafit.train.tasks.image_chat)
     generative = True  # dorafit generate / chat prompt it with chat_format()
     has_head = False  # a freshly initialised head trains beside the adapter
     presets = {"bbc-headlines": "write the headline of a BBC News article (generation)"}
@@ -56,7 +57,7 @@ class InstructionTask:
         for examples in data.test_sets().values():  # a test record the template cannot render fails now, not later
             for e in examples:
                 self.encode(e)
-        self.train = [(e.ids, e.trained) for e in encoded if e is not None]
+        self.train = [(e.ids, e.trained, e.images) for e in encoded if e is not None]
         if not self.train:
             raise DataError(f"no training example of {data.name} fits --max-length {self.max_length}: "
                             f"{self.stats.describe()}")
@@ -64,7 +65,7 @@ class InstructionTask:
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
     def claims(cls, path: Path) -> bool:
-        return conversations.claims(path)
+        return conversations.claims(path, images=cls.images)
 
     @classmethod
     def load_data(cls, spec: str, cfg) -> TaskData:
@@ -73,9 +74,9 @@ class InstructionTask:
             return TaskData("bbc-headlines", train, {"bbc-headlines": test}, max_length=256, duration=("epochs", 1),
                             eval_limit=100, extra={"format": "alpaca", "max_new_tokens": 32})
         path = records.source(spec)
-        fmt, examples = conversations.read_file(path)
+        fmt, examples = conversations.read_file(path, images=cls.images)
         if cfg.eval_file:
-            eval_fmt, test = conversations.read_file(records.source(cfg.eval_file))
+            eval_fmt, test = conversations.read_file(records.source(cfg.eval_file), images=cls.images)
             if eval_fmt != fmt:
                 raise DataError(f"{cfg.eval_file} holds {eval_fmt} records, {path} {fmt} records; use one format")
             train = examples
@@ -102,26 +103,35 @@ class InstructionTask:
 
     # ---- training ------------------------------------------------------------------------------------------
     def encode(self, example, train_on_prompt: bool = False, stats: EncodeStats | None = None):
-        """:meth:`ChatFormat.encode` of one example; a template error names the example's file and line."""
+        """:meth:`ChatFormat.encode` of one example (with ``images``: those it shows, in order); a template error
+        names the example's file and line."""
         try:
             return self.format.encode(example.messages, self.max_length, train_on_prompt, stats)
         except ChatFormatError as exc:
             raise DataError(f"{example.source}: {exc}") from None
 
-    def batch(self, examples: list[tuple[list[int], list[bool]]]) -> dict[str, Tensor]:
-        return label_rows(examples, self.tokenizer.pad_token_id)
+    def batch(self, rows: list[tuple[list[int], list[bool], list]]) -> dict[str, Tensor]:
+        """Rows of (token ids, trained flags, images) as a left-padded batch with labels, plus the images'
+        inputs (:meth:`image_inputs`)."""
+        batch = label_rows([(ids, flags) for ids, flags, _ in rows], self.tokenizer.pad_token_id)
+        batch.update(self.image_inputs([image for _, _, images in rows for image in images]))
+        return batch
+
+    def image_inputs(self, images: list) -> dict[str, Tensor]:
+        """The model inputs of a batch's images, in order (none for a text task)."""
+        return {}
 
     def loss(self, model, batch: dict[str, Tensor]) -> Tensor:
         return causal_lm_loss(model, batch)
 
     # ---- evaluation ----------------------------------------------------------------------------------------
-    def _response_rows(self, examples) -> list[tuple[list[int], list[bool]]]:
-        """(ids, flags) with only the final response's tokens flagged, for the held-out loss."""
+    def _response_rows(self, examples) -> list[tuple[list[int], list[bool], list]]:
+        """(ids, flags, images) with only the final response's tokens flagged, for the held-out loss."""
         rows = []
         for e in examples:
             enc = self.encode(e)
             if enc is not None:
-                rows.append((enc.ids, [i >= enc.response_start for i in range(len(enc.ids))]))
+                rows.append((enc.ids, [i >= enc.response_start for i in range(len(enc.ids))], enc.images))
         return rows
 
     @torch.no_grad()
@@ -130,28 +140,29 @@ class InstructionTask:
         rows = sorted(self._response_rows(examples), key=lambda r: len(r[0]))
         total, count = 0.0, 0
         for start in range(0, len(rows), batch_size):
-            batch = {k: v.to(device) for k, v in label_rows(rows[start : start + batch_size],
-                                                            self.tokenizer.pad_token_id).items()}
+            batch = {k: v.to(device) for k, v in self.batch(rows[start : start + batch_size]).items()}
             nll, mask = token_losses(model, batch)
             total += float(nll[mask].double().sum())
             count += int(mask.sum())
         return total / max(count, 1), count
 
-    def prompt_ids(self, example) -> list[int]:
-        """The prompt tokens, cut from the left (BOS kept) so that the generation fits --max-length."""
-        return self.format.prompt_ids(example.prompt, max(1, self.max_length - self.max_new_tokens))
+    def prompt(self, example) -> tuple[list[int], list]:
+        """(prompt tokens, the images they show): cut from the left (BOS kept) so that the generation fits
+        --max-length."""
+        return self.format.prompt_ids(example.prompt, max(1, self.max_length - self.max_new_tokens)), []
 
     def generate(self, model, examples, device, batch_size: int, progress: bool, name: str = "") -> list[str]:
         """Greedy completions of the examples' prompts, in the examples' order."""
         options = SamplingOptions(max_new_tokens=self.max_new_tokens)
-        prompts = [self.prompt_ids(e) for e in examples]
+        prompts, images = zip(*[self.prompt(e) for e in examples]) if examples else ((), ())
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
         texts: list[str] = [""] * len(prompts)
         for start in tqdm(range(0, len(order), batch_size), desc=f"generate {name}", leave=False,
                           disable=not (progress and len(order) > batch_size)):
             chunk = order[start : start + batch_size]
+            inputs = self.image_inputs([image for i in chunk for image in images[i]])
             for i, text in zip(chunk, generate_text(model, self.tokenizer, [prompts[i] for i in chunk], options,
-                                                    device=device)):
+                                                    device=device, inputs=inputs)):
                 texts[i] = text
         return texts
 
@@ -177,8 +188,10 @@ class InstructionTask:
     @torch.no_grad()
     def check_outputs(self, model, examples: list, device) -> Tensor:
         """Next-token logits at the end of each prompt (N, V): the first token the model would write."""
-        batch = {k: v.to(device) for k, v in left_pad([self.prompt_ids(e) for e in examples],
-                                                      self.tokenizer.pad_token_id).items()}
+        prompts = [self.prompt(e) for e in examples]
+        batch = left_pad([ids for ids, _ in prompts], self.tokenizer.pad_token_id)
+        batch.update(self.image_inputs([image for _, images in prompts for image in images]))
+        batch = {k: v.to(device) for k, v in batch.items()}
         return model(**batch, logits_to_keep=1).logits[:, -1].float().cpu()
 
     def format_result(self, result: dict, before: dict | None = None) -> str:

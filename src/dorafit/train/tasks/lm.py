@@ -29,6 +29,9 @@ def alpaca_prompt(instruction: str, input: str | None = None) -> str:
     return ALPACA_PROMPT.format(instruction=instruction)
 
 
+TEXT_KEYS = ("input_ids", "attention_mask", "position_ids", "labels")
+
+
 def token_losses(model, batch: dict[str, Tensor], all_positions: bool = False) -> tuple[Tensor, Tensor]:
     """(per-token negative log-likelihoods [B, K-1], mask of the labelled ones) for a left-padded batch.
 
@@ -40,8 +43,9 @@ def token_losses(model, batch: dict[str, Tensor], all_positions: bool = False) -
     labelled = (labels != -100).any(0).nonzero()
     first = max(1, int(labelled[0])) if len(labelled) and not all_positions else 1
     keep = width - first + 1
+    extra = {key: value for key, value in batch.items() if key not in TEXT_KEYS}  # e.g. a VLM's pixel_values
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=keep)
+                position_ids=batch["position_ids"], logits_to_keep=keep, **extra)
     logits = out.logits[:, :-1].float()  # (B, keep-1, V)
     targets = labels[:, first:]  # (B, keep-1)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
