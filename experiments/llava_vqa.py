@@ -45,7 +45,6 @@ from dorafit.train.tasks.fashion_vqa import question_kind
 
 NAME = "llava_vqa"
 METHODS = {"lora": "LoRA r8", "dora": "DoRA r8"}
-KINDS = ("item", "feet", "category")
 PRESET = "llava-gemma-270m"
 HEAD = ["multi_modal_projector"]
 
@@ -64,7 +63,7 @@ def scores(run: dict, test_set: str) -> dict:
     out = {"n": len(rows), "rouge_l": sum(s["rouge_l"] for s in rows) / len(rows)}
     exact = lambda s: " ".join(s["generated"].split()) == " ".join(s["reference"].split())  # noqa: E731
     out["exact_match"] = sum(map(exact, rows)) / len(rows)
-    for kind in KINDS:
+    for kind in sorted({question_kind(s["prompt"]) for s in rows}):
         of_kind = [s for s in rows if question_kind(s["prompt"]) == kind]
         out[f"{kind}_exact_match"] = sum(map(exact, of_kind)) / len(of_kind)
         out[f"{kind}_n"] = len(of_kind)
@@ -82,7 +81,7 @@ def in_parallel(jobs: list[tuple[str, dict]], workers: int) -> list[dict]:
 
 def stage1(args) -> tuple[dict, str]:
     """The projector-only run on captions, and the folder its merge wrote."""
-    run = train_run(NAME, "stage1-projector", model=PRESET, task="fashion-mnist-captions", targets=["none"],
+    run = train_run(NAME, "stage1-projector", model=PRESET, task="fashion-mnist-captions", targets=[],
                     head=HEAD, lr=args.stage1_lr, steps=args.stage1_steps, batch_size=args.batch_size,
                     eval_limit=args.stage1_eval_limit, seed=0)
     merged = RUNS / NAME / "stage1-merged"
@@ -104,12 +103,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="paired seeds; 0 is the grid's")
     parser.add_argument("--grid", type=float, nargs="+", default=[3e-4, 1e-3], help="stage 2 learning rates")
-    parser.add_argument("--steps", type=int, default=30, help="stage 2 steps")
-    parser.add_argument("--stage1-steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=24, help="stage 2 steps")
+    parser.add_argument("--stage1-steps", type=int, default=50)
     parser.add_argument("--stage1-lr", type=float, default=1e-3)
     parser.add_argument("--stage1-eval-limit", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval-limit", type=int, default=80, help="questions per held-out set (validation, test)")
+    parser.add_argument("--eval-limit", type=int, default=64, help="questions per held-out set (validation, test)")
     parser.add_argument("--workers", type=int, default=2, help="runs side by side (one torch thread each)")
     args = parser.parse_args()
     if 0 not in args.seeds:

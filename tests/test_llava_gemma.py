@@ -96,14 +96,18 @@ def test_captions_name_the_item(raw):
 
 
 @needs_data
-def test_load_gives_the_task_every_image_in_its_sets_and_defaults():
+def test_every_image_is_in_one_set_and_load_takes_a_sample_of_each():
     class Cfg:
         split_seed, fashion_mnist_dir = 3, None
 
-    train, held_out, extra = fashion_vqa.load("fashion-mnist-captions", Cfg())
+    train, held_out = fashion_vqa.build("fashion-mnist-captions", 3)
     assert (len(train), len(held_out["validation"]), len(held_out["test"])) == (55_000, 5_000, 10_000)
     assert not {_index(e) for e in train} & {_index(e) for e in held_out["validation"]}
     assert [_index(e) for e in held_out["test"]] == list(range(10_000))
+    sample, sample_held_out, extra = fashion_vqa.load("fashion-mnist-captions", Cfg())
+    assert [e.source for e in sample] == [e.source for e in train[:10_000]]
+    assert {k: [e.source for e in v] for k, v in sample_held_out.items()} == \
+        {k: [e.source for e in v[:2_000]] for k, v in held_out.items()}
     assert extra["max_new_tokens"] >= 4 and extra["duration"][0] == "steps"
 
 

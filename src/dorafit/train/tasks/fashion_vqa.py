@@ -15,7 +15,7 @@ Two presets of the image-chat task type, built from Fashion-MNIST's files (:mod:
 
   Each kind has a few phrasings (:data:`QUESTIONS`), drawn at random.
 
-Every image gives one conversation (one turn each way). The three held-out sets follow
+Every image gives one conversation (one turn each way). The three sets follow
 :func:`.images.load_fashion_mnist`: ``train`` = the 55,000 training images not held out, ``validation`` = the 5,000
 training images held out by ``--split-seed`` (to choose learning rates on), ``test`` = the official 10,000 test
 images (to report once). Phrasings and question kinds are drawn by a ``random.Random`` seeded from the split seed
@@ -151,14 +151,21 @@ def build(name: str, split_seed: int = 0, folder: str | Path | None = None, trai
     return train, built
 
 
+#: What a training run's preset holds (:func:`load`): a seeded sample of each set, since a CPU run sees a few
+#: thousand examples and the task encodes every example it is given; :func:`build` gives all of them.
+LOAD_SIZES = {"train": 10_000, "eval": 2_000}
+
+
 def load(name: str, cfg) -> tuple[list[Example], dict[str, list[Example]], dict]:
     """The preset ``name`` for a training run: ``(train, test_sets, extra)``.
 
-    Reads ``cfg.split_seed`` and ``cfg.fashion_mnist_dir`` (as the ``fashion-mnist`` task does). ``test_sets`` is
-    ``{"validation": [...], "test": [...]}``; ``extra`` holds the task's defaults: ``max_new_tokens``,
-    ``max_length`` (tokens of a conversation without its image tokens), ``eval_limit`` (examples per held-out set)
-    and ``duration`` (``("steps", n)``)."""
-    train, test_sets = build(name, cfg.split_seed, getattr(cfg, "fashion_mnist_dir", None))
+    Reads ``cfg.split_seed`` and ``cfg.fashion_mnist_dir`` (as the ``fashion-mnist`` task does). ``train``: the
+    first 10,000 of the permuted training images; ``test_sets``: ``{"validation": [...], "test": [...]}``, the
+    first 2,000 of each (:data:`LOAD_SIZES`). ``extra`` holds the task's defaults: ``max_new_tokens``,
+    ``max_length`` (tokens of a conversation, its image tokens included), ``eval_limit`` (examples per held-out
+    set), ``duration`` (``("steps", n)``) and the record ``format``."""
+    train, test_sets = build(name, cfg.split_seed, getattr(cfg, "fashion_mnist_dir", None), LOAD_SIZES["train"],
+                             LOAD_SIZES["eval"])
     extra = {"max_new_tokens": MAX_NEW_TOKENS, "max_length": 64, "eval_limit": 200, "duration": ("steps", 300),
              "format": "messages"}
     return train, test_sets, extra
