@@ -63,6 +63,7 @@ def scores(run: dict, test_set: str) -> dict:
     out = {"n": len(rows), "rouge_l": sum(s["rouge_l"] for s in rows) / len(rows)}
     exact = lambda s: " ".join(s["generated"].split()) == " ".join(s["reference"].split())  # noqa: E731
     out["exact_match"] = sum(map(exact, rows)) / len(rows)
+    out["starts_with_reference"] = sum(s["generated"].strip().startswith(s["reference"]) for s in rows) / len(rows)
     for kind in sorted({question_kind(s["prompt"]) for s in rows}):
         of_kind = [s for s in rows if question_kind(s["prompt"]) == kind]
         out[f"{kind}_exact_match"] = sum(map(exact, of_kind)) / len(of_kind)
@@ -159,7 +160,9 @@ def main() -> None:
           f"`python experiments/{NAME}.py --seeds {' '.join(map(str, args.seeds))} --steps {args.steps} "
           f"--stage1-steps {args.stage1_steps} --batch-size {args.batch_size} --eval-limit {args.eval_limit}`\n\n",
           f"Stage 1 (projector only, {args.stage1_steps} steps of {args.batch_size} captions, lr {args.stage1_lr:g}): "
-          f"caption exact match {100 * stage1_scores['exact_match']:.1f}% on {stage1_scores['n']} test captions. "
+          f"caption exact match {100 * stage1_scores['exact_match']:.1f}% on {stage1_scores['n']} test captions "
+          f"({100 * stage1_scores['starts_with_reference']:.1f}% begin with the right caption: without training the "
+          "language model, the model often goes on writing after it). "
           f"Stage 2: {args.steps} steps of {args.batch_size} questions from the merged stage-1 model; learning rate "
           f"per method the better of {', '.join(f'{lr:g}' for lr in sorted(args.grid))} on the validation set "
           f"(seed 0, class-name exact match): LoRA {chosen['lora']:g} ({grid['lora']}), DoRA {chosen['dora']:g} "
