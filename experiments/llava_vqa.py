@@ -184,8 +184,9 @@ def main() -> None:
         ["class-name exact match", interval(paired["item_exact_match"]), paired["item_exact_match"]["verdict"]],
         ["exact match, all questions", interval(paired["exact_match"]), paired["exact_match"]["verdict"]],
         ["ROUGE-L (x 100)", interval(paired["rouge_l"]), paired["rouge_l"]["verdict"]]]))
-    md.append(f"\nRuntime: {total_minutes:.1f} min wall for this call ({runtime_seconds(every) / 60:.1f} min of "
-              f"training runs, {len(every)} runs, {args.workers} side by side, 1 torch thread each).\n")
+    md.append(f"\nRuntime: {runtime_seconds(every) / 60:.1f} min of training runs ({len(every)} runs, their wall "
+              f"times added up; {args.workers} side by side, 1 torch thread each; this call {total_minutes:.1f} min, "
+              "runs already finished are read back).\n")
     write_results(NAME, {"settings": vars(args), "stage1": {**stage1_scores, "folder": first["folder"]},
                          "results": results, "dora_minus_lora": paired, "wall_minutes": round(total_minutes, 1),
                          "runtime_seconds": runtime_seconds(every)}, "".join(md))
