@@ -71,6 +71,10 @@ def scores(run: dict, test_set: str) -> dict:
     return out
 
 
+def percents(by_lr: dict) -> str:
+    return ", ".join(f"{lr}: {100 * v:.1f}%" for lr, v in by_lr.items())
+
+
 def in_parallel(jobs: list[tuple[str, dict]], workers: int) -> list[dict]:
     """train_run(NAME, name, **options) for each job, ``workers`` processes at a time; results in job order."""
     if workers == 1 or len(jobs) == 1:
@@ -165,8 +169,8 @@ def main() -> None:
           "language model, the model often goes on writing after it). "
           f"Stage 2: {args.steps} steps of {args.batch_size} questions from the merged stage-1 model; learning rate "
           f"per method the better of {', '.join(f'{lr:g}' for lr in sorted(args.grid))} on the validation set "
-          f"(seed 0, class-name exact match): LoRA {chosen['lora']:g} ({grid['lora']}), DoRA {chosen['dora']:g} "
-          f"({grid['dora']}). Test: the first {args.eval_limit} questions of the official test images "
+          f"(seed 0, class-name exact match): LoRA {chosen['lora']:g} ({percents(grid['lora'])}), DoRA "
+          f"{chosen['dora']:g} ({percents(grid['dora'])}). Test: the first {args.eval_limit} questions of the official test images "
           f"({results['lora']['item_n'][0]} of them `item` questions).\n\n"]
     header = ["variant", "class name EM %", "per seed", "feet EM %", "category EM %", "all EM %", "ROUGE-L",
               "trainable params"]
