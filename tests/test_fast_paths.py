@@ -249,3 +249,25 @@ def test_weight_sized_temporary_detector_catches_a_dense_dora():
     model = get_peft_model(Wrapper(nn.Linear(48, 40)), LoraConfig(r=2, target_modules=["layer"], use_dora=True))
     new = _training_step_new_tensors(model, torch.randn(3, 5, 48, generator=_gen(1)))
     assert any(torch.Size(shape).numel() == 48 * 40 for _, shape in new)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_inference_paths_equal_the_autograd_functions_bit_for_bit(with_bias, inplace):
+    """Without grad mode, low_rank_linear and magnitude_scale skip their autograd functions: same operations,
+    same bits (float32, where a different order of operations would show)."""
+    g = _gen(3)
+    x = torch.randn(4, 1, 64, generator=g)
+    w0, p, q = torch.randn(48, 64, generator=g), torch.randn(48, 4, generator=g), torch.randn(4, 64, generator=g)
+    b = torch.randn(48, generator=g) if with_bias else None
+    m, n = torch.rand(48, generator=g) + 0.5, torch.rand(48, generator=g) + 0.5
+    results = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            qq = q.clone().requires_grad_(grad)  # with grad: through the autograd functions
+            pre = low_rank_linear(x, w0, p, qq, None)
+            y = magnitude_scale(pre, m, n, b, -1, inplace=inplace)
+            assert (y.data_ptr() == pre.data_ptr()) == inplace
+            results.append((pre.detach(), y.detach()))
+    for with_grad, without in zip(*results):
+        assert torch.equal(with_grad, without)

@@ -36,7 +36,8 @@ def test_each_format_trains_exactly_the_assistant_turns(assets, fmt, model):  # 
     assert task.format.name == expected
     example = task.data.train[0]
     replies = [m["content"] for m in example.messages if m["role"] == "assistant"]
-    ids, flags = task.train[0]
+    ids, flags, images = task.train[0]
+    assert images == []
     batch = task.batch([task.train[0], task.train[1]])
     row = batch["labels"][0]
     real = batch["attention_mask"][0].bool()

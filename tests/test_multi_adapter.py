@@ -129,3 +129,16 @@ def test_only_the_active_adapter_trains_and_the_unnamed_api_is_unchanged():
     assert trainable and all("dorafit_adapters.second." in n for n in trainable)
     dorafit.set_adapter(model, "default")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == keys
+
+
+def test_rows_that_share_one_adapter_equal_it_active_bit_for_bit(models):
+    """A batch whose rows all use one adapter (a batch of one, say) runs that adapter's own forward."""
+    base, singles, multi = models
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    for name in [*ADAPTERS, None]:
+        with torch.no_grad():
+            with dorafit.per_row_adapters(multi, [name] * 3):
+                rows = multi(x)
+            dorafit.set_adapter(multi, name)
+            active = multi(x)
+        assert torch.equal(rows, active), name

@@ -431,3 +431,63 @@ def _outcome(server: dict, stream: bool) -> str:
     except openai.APIError as exc:
         return "shutting down" if "shutting down" in str(exc) else repr(exc)
     return "finished"
+
+
+def test_packed_weights_give_the_default_engines_tokens():
+    """``pack_weights`` (oneDNN products, packed weights): mixed-adapter, mixed-length rows batched give the tokens and
+    (to rounding) the log-probabilities of the default engine; every linear product went through oneDNN."""
+    import transformers
+
+    import dorafit
+    from dorafit.generation import SamplingOptions
+    from dorafit.serving import packed
+    from dorafit.serving.engine import Engine, Request
+
+    if not packed.available():
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(config).eval()
+    for i in range(2):
+        dorafit.apply(model, dorafit.AdapterConfig(method="dora", r=4, targets=["q_proj", "v_proj", "down_proj"]),
+                      name=f"a{i}")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                param.add_(torch.randn_like(param) * 0.2)
+    dorafit.set_adapter(model, None)
+    model.requires_grad_(False)
+    prompts = [torch.randint(1, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (23, 3, 11)]
+
+    def generate(engine: Engine) -> list[Request]:
+        engine.stops = set()
+        requests = [Request(p, [None, "a0", "a1"][i], SamplingOptions(max_new_tokens=MAX_TOKENS), logprobs=2)
+                    for i, p in enumerate(prompts)]
+        ended = []
+        for r in requests:
+            r.on_token = lambda token, reason: ended.append(reason) if reason else None
+            engine.submit(r)
+        engine.run(until=lambda: len(ended) == len(requests))
+        return requests
+
+    calls = []
+    pointwise = torch.ops.mkldnn._linear_pointwise
+
+    def counted(*args):
+        calls.append(args[1].shape)
+        return pointwise(*args)
+
+    default = generate(Engine(model, _Ids(), max_batch_size=3, prefill_chunk=5))
+    engine = Engine(model, _Ids(), max_batch_size=3, prefill_chunk=5, pack_weights=True)
+    torch.ops.mkldnn._linear_pointwise = counted
+    try:
+        with_packed = generate(engine)
+    finally:
+        torch.ops.mkldnn._linear_pointwise = pointwise
+    for a, b in zip(default, with_packed):
+        assert a.scored == b.scored and len(a.scored) == MAX_TOKENS
+        torch.testing.assert_close(b.token_logprobs, a.token_logprobs, rtol=1e-4, atol=1e-4)
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]  # 7 per layer, the LM head
+    assert len(engine.packed.packed) == len(linears) == 15 and engine.peak_batch > 1
+    assert {tuple(shape) for shape in calls} == {tuple(w.shape) for w in linears}

@@ -5,6 +5,7 @@ bad image data is one error line."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -187,3 +188,21 @@ def test_images_for_a_text_only_model_are_refused(vlm, tmp_path):
     assert "reads text only" in msg and "vision-language model" in msg
     msg = fails("generate", llama, "--image", vlm["data"].parent / "images" / "1_0.png", "--prompt", "hi")
     assert "reads text only" in msg
+
+
+def test_parquet_records_with_image_bytes_train(vlm, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = read_jsonl(vlm["data"])[:12]
+    folder = vlm["data"].parent
+    table = pa.Table.from_pylist([{"messages": r["messages"],
+                                   "images": [{"bytes": (folder / p).read_bytes(), "path": None} for p in r["images"]]}
+                                  for r in rows])
+    pq.write_table(table, tmp_path / "chat.parquet")
+    code, out, err = run_cli("train", "--model", vlm["model"], "--task", tmp_path / "chat.parquet", "--steps", 1,
+                             "--max-new-tokens", 2, "--out", tmp_path / "run")
+    assert code == 0, err
+    total = sum(len(r["images"]) for r in rows)
+    shown = int(re.search(r"(\d+) training images", out).group(1))
+    assert "image-instruction" in out and total - 2 <= shown <= total - 1  # one record (1 or 2 images) held out

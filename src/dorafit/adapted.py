@@ -70,7 +70,7 @@ class AdapterState:
     name: str = "default"  # the adapter's name
     present: bool = True  # False: the layer carries only named adapters (AdapterSlot), none of its own
     active: str | None = "default"  # layer-level: the adapter forward uses (None: the base layer)
-    rows: list | None = None  # layer-level: inside per_row_adapters, one adapter name (or None) per batch row
+    rows: RowAdapters | None = None  # layer-level: inside per_row_adapters, the adapter of each batch row
     merged_name: str | None = None  # layer-level: the adapter merged into the weight, if any
 
 
@@ -96,6 +96,19 @@ class AdapterSlot(nn.Module):
             magnitude.data = kept.to(device=magnitude.device)
         self.dorafit.caches.clear()
         return result
+
+
+class RowAdapters:
+    """Which adapter each batch row uses (``names[i]``, None: the base), with each adapter's row indices as one
+    tensor (``groups``, in order of first appearance), made once per forward by :func:`dorafit.per_row_adapters`
+    rather than in every layer."""
+
+    def __init__(self, names: list, device: torch.device | str = "cpu"):
+        self.names = list(names)
+        positions: dict = {}
+        for i, name in enumerate(self.names):
+            positions.setdefault(name, []).append(i)
+        self.groups = {name: torch.tensor(index, device=device) for name, index in positions.items()}
 
 
 class AdaptedLayer:
@@ -228,35 +241,41 @@ class AdaptedLayer:
             return self.dorafit.ops.base(self, x)
         return self.dorafit.ops.low_rank(self, x, x_adapter, p, q, with_bias=False)
 
-    def per_row_forward(self, x: Tensor, names: list) -> Tensor:
-        """Row i of the batch with adapter ``names[i]`` (None: the base layer), inference only.
+    def per_row_forward(self, x: Tensor, rows: "RowAdapters | list") -> Tensor:
+        """Row i of the batch with adapter ``rows.names[i]`` (None: the base layer), inference only.
 
         ``W0 x`` is one product for the whole batch; the rows of one adapter share one low-rank product
         ``P (Q x)`` and one per-unit scale ``c = m / n`` (n cached): ``y = c * (W0 x + P Q x) + b`` (DoRA),
-        ``W0 x + P Q x + b`` (LoRA, VeRA), ``c * W0 x + b`` (magnitude-only), ``W0 x + b`` (base)."""
+        ``W0 x + P Q x + b`` (LoRA, VeRA), ``c * W0 x + b`` (magnitude-only), ``W0 x + b`` (base). When every
+        row has the same adapter (a batch of one, say) this is the layer's single-adapter forward, as with that
+        adapter active (:func:`dorafit.set_adapter`): no row gather or scatter."""
         if torch.is_grad_enabled():
             raise RuntimeError("per_row_adapters is for inference only: run the model under torch.no_grad()")
-        if x.shape[0] != len(names):
+        if not isinstance(rows, RowAdapters):
+            rows = RowAdapters(rows, x.device)
+        if x.shape[0] != len(rows.names):
             raise ValueError(f"per_row_adapters: give one adapter name per batch row; the batch has {x.shape[0]} "
-                             f"rows and {len(names)} names")
+                             f"rows and {len(rows.names)} names")
+        if len(rows.groups) == 1 and not self.training:
+            holder = self.holder(next(iter(rows.groups)))
+            return self.dorafit.base_class.forward(self, x) if holder is None else self.adapter_forward(x, holder)
         ops = self.dorafit.ops
         y = ops.base(self, x)  # W0 x for every row
-        for name in dict.fromkeys(names):
+        for name, index in rows.groups.items():
             holder = self.holder(name)
             if holder is None:
                 continue
             st = holder.dorafit
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=y.device)
             p, q = self.factors(holder)
-            part = y.index_select(0, rows)
+            part = y.index_select(0, index)
             if p is not None:
-                part = part + ops.up(self, ops.down(self, x.index_select(0, rows), q), p).to(part.dtype)
+                part = part + ops.up(self, ops.down(self, x.index_select(0, index), q), p).to(part.dtype)
             if st.decomposed:
                 scale = (holder.magnitude / self.weight_norm(p, q, holder)).to(part.dtype)  # [out]
                 shape = [1] * part.dim()
                 shape[ops.channel_dim] = -1
                 part = part * scale.view(shape)
-            y.index_copy_(0, rows, part)
+            y.index_copy_(0, index, part)
         return ops.finish(self, x, ops.add_bias(self, y))
 
     # ---- merge ---------------------------------------------------------------------------------------

@@ -61,13 +61,19 @@ def _saves_output(pre: Tensor, bias: Tensor | None) -> bool:
     return bias is None or pre.dtype in (torch.float32, torch.float64)
 
 
+def _scale_and_bias(pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None,
+                    channel_dim: int) -> tuple[Tensor, Tensor | None]:
+    """``m / n`` and the bias in pre's dtype, shaped to broadcast along ``channel_dim``."""
+    shape = _broadcast_shape(pre.dim(), channel_dim)
+    scale = (magnitude / norm).to(pre.dtype).view(shape)  # [out], broadcast along channel_dim
+    return scale, None if bias is None else bias.to(pre.dtype).view(shape)
+
+
 class _MagnitudeScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None, channel_dim: int,
                 inplace: bool, recompute: Callable[..., Tensor] | None, *recompute_inputs: Tensor) -> Tensor:
-        shape = _broadcast_shape(pre.dim(), channel_dim)
-        scale = (magnitude / norm).to(pre.dtype).view(shape)  # [out], broadcast along channel_dim
-        bias_b = None if bias is None else bias.to(pre.dtype).view(shape)
+        scale, bias_b = _scale_and_bias(pre, magnitude, norm, bias, channel_dim)
         # with recompute, backward needs neither y nor pre, so y may always overwrite pre
         saves_output = recompute is None and _saves_output(pre, bias)
         if bias_b is None:
@@ -155,4 +161,9 @@ def magnitude_scale(
     """
     if torch.compiler.is_compiling():
         return magnitude_scale_reference(pre, magnitude, norm, bias, channel_dim)
+    if not torch.is_grad_enabled():  # inference: the forward's operations without the autograd function's cost
+        scale, bias_b = _scale_and_bias(pre, magnitude, norm, bias, channel_dim)
+        if bias_b is None:
+            return pre.mul_(scale) if inplace else pre * scale
+        return torch.addcmul(bias_b, pre, scale, out=pre) if inplace else torch.addcmul(bias_b, pre, scale)
     return _MagnitudeScale.apply(pre, magnitude, norm, bias, channel_dim, inplace, recompute, *recompute_inputs)

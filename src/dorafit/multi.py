@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapted import is_adapted
+from .adapted import RowAdapters, is_adapted
 from .inject import adapter_names, get_config, set_active
 
 
@@ -46,8 +46,10 @@ def per_row_adapters(model: nn.Module, names: list[str | None]):
     if merged:
         raise ValueError(f"per_row_adapters: adapter {merged.pop()!r} is merged into the weights, and merged "
                          "adapters cannot be mixed; unmerge it first (dorafit.unmerge)")
+    device = next((p.device for p in model.parameters()), "cpu")
+    rows = RowAdapters(names, device)  # each adapter's row indices, made once for every layer
     for layer in layers:
-        layer.dorafit.rows = names
+        layer.dorafit.rows = rows
     try:
         yield model
     finally:

@@ -15,6 +15,8 @@ examples:
   dorafit serve --model gemma-3-270m --adapter headlines=runs/headlines --adapter chat=runs/chat
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model": "headlines", "messages": [{"role": "user", "content": "..."}]}'
+  dorafit serve --model my-llava --adapter colours=runs/colours    # a vision-language model: chat messages take
+      # OpenAI's image_url parts, {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}
   DORAFIT_API_KEY=secret dorafit serve --model gemma-3-270m --host 0.0.0.0 --adapter-root runs
   curl http://HOST:8000/v1/load_lora_adapter -H 'Authorization: Bearer secret' -H 'Content-Type: application/json' \\
       -d '{"lora_name": "chat", "lora_path": "chat"}'
@@ -62,6 +64,17 @@ def register(subparsers) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=256,
                         help="prompt tokens prefilled per step: a long prompt is prefilled in chunks between decode "
                         "steps, so running requests keep producing tokens (default: 256)")
+    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, metavar="N",
+                        help="a vision-language model: the largest request image, width x height in pixels; larger "
+                        "ones get a 400 before their pixels are decoded (default: 16777216, 4096 x 4096)")
+    parser.add_argument("--allow-remote-images", action="store_true",
+                        help="a vision-language model: fetch image_url parts with http(s):// URLs (at most "
+                        "--max-body-mb each, 10 s timeout); without it only data: URLs are read and remote ones "
+                        "get a 400. Lets clients make the server fetch any URL it can reach")
+    parser.add_argument("--pack-weights", action="store_true",
+                        help="CPU: batched decode steps compute the linear layers through oneDNN with each float32 "
+                        "weight packed once for its kernels: faster where MKL is slow for a few rows (AMD CPUs); a "
+                        "second copy of the weights in memory; rounding differs from the default kernels")
     parser.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM or Ctrl-C, requests in flight get this long to finish, then fail with a 503 "
                         "(default: 10; a second signal stops at once)")
@@ -85,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
 
         if not args.shutdown_grace >= 0:
             raise ValueError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
-        for name in ("max_batch_size", "max_new_tokens", "prefill_chunk"):
+        for name in ("max_batch_size", "max_new_tokens", "prefill_chunk", "max_image_pixels"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= args.port <= 65535:
@@ -107,9 +120,12 @@ def main(args: argparse.Namespace) -> int:
         import uvicorn
 
         from ..serving.api import create_app
+        from ..serving.images import ImageOptions
         from ..serving.load import build_served
+        images = ImageOptions(args.max_image_pixels, args.allow_remote_images, guard.max_body)
         served = build_served(args.model, args.adapter, args.device, args.dtype, args.max_batch_size,
-                              args.max_new_tokens, args.quantize, prefill_chunk=args.prefill_chunk)
+                              args.max_new_tokens, args.quantize, prefill_chunk=args.prefill_chunk, images=images,
+                              pack_weights=args.pack_weights)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

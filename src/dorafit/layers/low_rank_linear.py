@@ -22,15 +22,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _forward(x: Tensor, w0: Tensor, p: Tensor, q: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, x2, u)``: the output, x as [tokens, in] and ``u = x Q^T``."""
+    # y is created with its final shape and written through 2-D views, so that it is not a view itself
+    # (the magnitude scale that follows in DoRA updates it in place)
+    x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
+    u = x2 @ q.T  # [tokens, r]
+    y = F.linear(x, w0, bias).contiguous()  # [..., out] (contiguous already; made sure for the view below)
+    y.view(-1, y.shape[-1]).addmm_(u, p.T)
+    return y, x2, u
+
+
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w0: Tensor, p: Tensor, q: Tensor, bias: Tensor | None) -> Tensor:
-        # y is created with its final shape and written through 2-D views, so that it is not a view itself
-        # (the magnitude scale that follows in DoRA updates it in place)
-        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
-        u = x2 @ q.T  # [tokens, r]
-        y = F.linear(x, w0, bias).contiguous()  # [..., out] (contiguous already; made sure for the view below)
-        y.view(-1, y.shape[-1]).addmm_(u, p.T)
+        y, x2, u = _forward(x, w0, p, q, bias)
         ctx.save_for_backward(x2, u, w0, p, q)
         ctx.has_bias = bias is not None
         return y
@@ -58,5 +64,9 @@ class _LowRankLinear(torch.autograd.Function):
 
 
 def low_rank_linear(x: Tensor, w0: Tensor, p: Tensor, q: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x W0^T + (x Q^T) P^T + b`` (see the module docstring). x: [..., in]; returns [..., out]."""
+    """``x W0^T + (x Q^T) P^T + b`` (see the module docstring). x: [..., in]; returns [..., out]. Without grad
+    mode (inference) the same operations run without the autograd function (whose call costs more than the
+    low-rank product at one token)."""
+    if not torch.is_grad_enabled():
+        return _forward(x, w0, p, q, bias)[0]
     return _LowRankLinear.apply(x, w0, p, q, bias)

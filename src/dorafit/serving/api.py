@@ -7,7 +7,8 @@
                                  either (one choice per prompt and per n, with its "index"); "echo" with
                                  "logprobs" scores the prompt's tokens too, and "max_tokens": 0 then generates none
     POST /v1/chat/completions   {"model", "messages", ..., "logprobs", "top_logprobs"}: rendered by the adapter's
-                                 chat template
+                                 chat template; a message's content may be OpenAI's list of text and image_url
+                                 parts (images: a vision-language model only, :mod:`.images`)
     GET  /health                {"status": "ok" | "starting" | "stopping", "active", "prefilling", "waiting",
                                  "decode_steps", "failed_requests", "last_error", "disconnected"}
     POST /v1/load_lora_adapter, /v1/unload_lora_adapter   with an adapter root only (:mod:`.adapter_admin`)
@@ -43,6 +44,7 @@ from ..generation import MAX_SEED, SamplingOptions
 from . import params
 from .engine import Engine, Request
 from .errors import ApiError, install_error_handlers
+from .images import ImagePart, content_text
 from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .security import Guard, GuardMiddleware
 
@@ -64,6 +66,7 @@ class Served:
     max_new_tokens: int = 256  # a request's max_tokens when it gives none
     loader: object = None  # load.AdapterLoader: adds and removes adapters (run-time adapters)
     disconnected: int = 0  # non-streamed requests cancelled because their client went away
+    images: object = None  # images.ImageReader of a vision-language model; None: the model reads text only
 
     def __post_init__(self):
         self.created = int(time.time())
@@ -151,21 +154,25 @@ def prompt_list(prompt) -> list:
                    "prompt", "invalid_value")
 
 
-def chat_messages(body: dict) -> list[dict]:
+def chat_messages(body: dict, image_token: str | None = None) -> tuple[list[dict], list[ImagePart]]:
+    """The messages with string contents, and their image parts in order: a content given as OpenAI's list of parts
+    is joined into a string with each image part as ``image_token`` (:func:`.images.content_text`; a 400 for an
+    image part when ``image_token`` is None: a text-only model)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages",
                        "invalid_value")
-    out = []
+    out, images = [], []
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):  # OpenAI's content parts: the text parts, joined
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if isinstance(content, list):  # OpenAI's content parts
+            content, parts = content_text(content, i, image_token, body.get("model"))
+            images += parts
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
             raise ApiError(400, f"messages[{i}] must be an object with a string 'role' and 'content'",
                            f"messages[{i}]", "invalid_value")
         out.append({"role": m["role"], "content": content})
-    return out
+    return out, images
 
 
 # ---- generation and answers -----------------------------------------------------------------------------------
@@ -173,14 +180,15 @@ class Generation:
     """One request in flight: tokens arrive from the engine thread into an asyncio queue."""
 
     def __init__(self, served: Served, prompt: list[int], adapter: str | None, options: SamplingOptions,
-                 stop: list[str], logprobs: int | None = None, echo: bool = False, max_new_tokens: int | None = None):
+                 stop: list[str], logprobs: int | None = None, echo: bool = False, max_new_tokens: int | None = None,
+                 images: dict | None = None):
         self.served, self.prompt, self.stop = served, prompt, stop
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.request = Request(prompt, adapter, options, stop, self._on_token, logprobs=logprobs, echo=echo,
-                               max_new_tokens=max_new_tokens)
+                               max_new_tokens=max_new_tokens, images=images or None)
         served.engine.submit(self.request)
 
     @staticmethod
@@ -369,6 +377,9 @@ def create_app(served: Served, guard: Guard | None = None, adapter_root=None) ->
         if any(t >= vocab for p in ids for t in p):
             raise ApiError(400, f"'prompt' has token ids outside this model's vocabulary (0 to {vocab - 1})", "prompt",
                            "invalid_value")
+        if served.images:  # a vision-language model: images come in chat image_url parts, not as image tokens
+            for p in ids:
+                served.images.prompt(p, [], "prompt")
         served.adapter_of(body["model"])  # again: an unload may have begun while the prompts were tokenized
         fitted = []
         for p in ids:  # every prompt checked before any is generated
@@ -405,7 +416,8 @@ def create_app(served: Served, guard: Guard | None = None, adapter_root=None) ->
         params.check_parameters(body, "chat")
         adapter = served.adapter_of(body.get("model"))
         usage_chunk = params.include_usage(body)
-        messages = chat_messages(body)
+        reader = served.images
+        messages, image_parts = chat_messages(body, reader.image_token if reader else None)
         options, stop = sampling(body, served.max_new_tokens)
         logprobs = _flag(body, "logprobs")
         top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
@@ -415,14 +427,17 @@ def create_app(served: Served, guard: Guard | None = None, adapter_root=None) ->
             raise ApiError(400, "/v1/chat/completions supports n = 1 (send several requests)", "n", "invalid_value")
         if logprobs and body.get("stream"):
             raise ApiError(400, "'logprobs' is not supported with 'stream'", "logprobs", "invalid_value")
+        images = await asyncio.to_thread(reader.read, image_parts) if image_parts else []  # fetches: off the loop
         try:
             ids = await off_loop(served.formats[body["model"]].prompt_ids, messages)
         except ChatFormatError as exc:
             raise ApiError(400, str(exc), "messages", "invalid_value") from None
+        ids, pixels = await off_loop(reader.prompt, ids, images) if reader else (ids, {})
         served.adapter_of(body["model"])  # again: an unload may have begun while the prompt was tokenized
         Generation.fits(served, ids, "messages")
         options = params.fit_to_context(options, len(ids), served.engine.context, body)
-        gen = Generation(served, ids, adapter, options, stop, logprobs=(top or 0) if logprobs else None)
+        gen = Generation(served, ids, adapter, options, stop, logprobs=(top or 0) if logprobs else None,
+                         images=pixels)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(text, reason, start=False):

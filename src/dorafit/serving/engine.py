@@ -10,12 +10,18 @@ Requests wait in a queue; a loop (:meth:`Engine.run`, in one thread) repeats:
    behind a long one goes first. When its prompt is in, its first token is chosen and its row joins the batch.
 3. **Decode**: one forward over all decoding rows (each row's last token at its own position, rows right-aligned
    in one preallocated batch cache, padding masked out), with :func:`dorafit.per_row_adapters` giving every row
-   its adapter. Each row's next token is chosen from its logits (greedy, or sampled with the request's own seeded
-   generator). A row that produced a stop token, reached its token limit or matched a stop string leaves.
+   its adapter. Each row's next token is chosen from its logits (greedy: one ``argmax`` over the batch's greedy
+   rows; sampled: with the request's own seeded generator). A row that produced a stop token, reached its token
+   limit or matched a stop string leaves.
 
 A row's computation does not depend on the other rows beyond float rounding of batched products, so a greedy
 request gets the tokens it would get alone, on every model kind :mod:`dorafit.serving.kv` serves (GQA,
 sliding-window and hybrid layers).
+
+With ``pack_weights`` the linear products of decode forwards of two rows or more run through oneDNN with weights
+packed once (:mod:`dorafit.serving.packed`): faster batched decoding where MKL is slow for a few rows, at the cost
+of one more copy of the weights; one-row decoding and prefill keep the default kernels, which were faster there
+(benchmarks/serving.py, 2026-12-06: one row 24.8 ms packed 37.0 ms, a 48-token prefill 99.8 ms packed 129.3 ms).
 
 Log-probabilities (``Request.logprobs``, ``Request.echo``) are ``log_softmax`` of the model's logits with the
 request's adapter (not of the temperature-scaled ones), for each chosen token and, with ``echo``, for each prompt
@@ -30,6 +36,7 @@ reason ``"error"``; the exception is logged with its traceback and the loop goes
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import queue
@@ -42,6 +49,7 @@ import torch
 
 from ..generation import SamplingOptions, stop_ids
 from ..multi import per_row_adapters
+from . import packed
 from .kv import RowCache, check_supported
 
 log = logging.getLogger("dorafit.serve")
@@ -65,6 +73,8 @@ class Request:
     logprobs: int | None = None  # None: none; k >= 0: each chosen token's log-probability and the k most likely
     echo: bool = False  # score the prompt's tokens too (prompt_logprobs; the first token has none)
     max_new_tokens: int | None = None  # overrides options.max_new_tokens; 0: only score the prompt (with echo)
+    images: dict | None = None  # a vision-language model's image inputs (pixel_values, ...) for the prompt's image
+    #                             tokens, in order: the prompt is prefilled from embeddings (Engine._prompt_inputs)
     # filled by the engine
     scored: list[int] = field(default_factory=list)  # the chosen tokens, a stop token that ended it included
     token_logprobs: list[float] = field(default_factory=list)
@@ -85,6 +95,7 @@ class _Row:
     done: int = 0  # prompt tokens prefilled
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    embeds: torch.Tensor | None = None  # (1, prompt, hidden): a prompt with images, as the model embeds it
 
     @property
     def length(self) -> int:  # tokens in its cache
@@ -95,12 +106,20 @@ class Engine:
     """The batching loop over one model (see the module docstring). ``submit`` is thread-safe."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, context: int | None = None,
-                 prefill_chunk: int = 256):
-        check_supported(model.config)
+                 prefill_chunk: int = 256, pack_weights: bool = False):
+        """``pack_weights``: run the linear products of batched decode steps through oneDNN with weights packed
+        once (:mod:`dorafit.serving.packed`: faster batched decoding on some CPUs, one more copy of the weights)."""
+        text_config = model.config.get_text_config()  # a vision-language model's language model's; else its own
+        check_supported(text_config)
+        if pack_weights and next(model.parameters()).device.type != "cpu":
+            raise ValueError("--pack-weights is for a model on the CPU; leave it out with --device cuda")
+        if pack_weights and not packed.available():
+            raise ValueError("--pack-weights needs a torch build with oneDNN (mkldnn), which this one lacks")
+        self.packed = packed.PackedLinears(model, max_batch_size) if pack_weights else None
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
-        self.context = context or getattr(model.config, "max_position_embeddings", None)
-        self.n_layers = model.config.num_hidden_layers
+        self.context = context or getattr(text_config, "max_position_embeddings", None)
+        self.n_layers = text_config.num_hidden_layers
         self.stops = set(stop_ids(model, tokenizer))
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.device = next(model.parameters()).device
@@ -117,6 +136,7 @@ class Engine:
         self._draining = False
         self._thread: threading.Thread | None = None
         self.calls: queue.Queue = queue.Queue()  # (function, future) to run between steps: call_between_steps
+        self.own_modules: dict[str, dict] = {}  # adapter -> {name: module} it trained in full (load.AdapterLoader)
 
     # ---- control ---------------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -211,9 +231,11 @@ class Engine:
         if self.active:
             self._decode()
 
-    def _forward(self, adapters: list[str | None], **inputs):
-        """The model's forward with row i using adapter ``adapters[i]`` (one place to observe or fault it)."""
-        with per_row_adapters(self.model, adapters):
+    def _forward(self, adapters: list[str | None], pack: bool = False, **inputs):
+        """The model's forward with row i using adapter ``adapters[i]`` (one place to observe or fault it);
+        ``pack``: through the packed weights, if the engine has them."""
+        packing = self.packed if pack and self.packed is not None else contextlib.nullcontext()
+        with per_row_adapters(self.model, adapters), packing:
             return self.model(**inputs, use_cache=True)
 
     def _admit(self) -> None:
@@ -247,9 +269,9 @@ class Engine:
         request = row.request
         try:
             start, end = row.done, min(row.done + self.prefill_chunk, len(request.prompt))
-            ids = torch.tensor([request.prompt[start:end]], device=self.device)
             positions = torch.arange(start, end, device=self.device)[None]
-            out = self._forward([request.adapter], input_ids=ids, position_ids=positions, cache=row.cache,
+            out = self._forward([request.adapter], **self._prompt_inputs(row, start, end), position_ids=positions,
+                                cache=row.cache,
                                 attention_mask=row.cache.attention_mask(end - start, self.device),
                                 logits_to_keep=0 if request.echo else 1)
             row.done = end
@@ -267,6 +289,36 @@ class Engine:
                 self.prefilling.remove(row)
             self._fail([row], exc)
 
+    def _prompt_inputs(self, row: _Row, start: int, end: int) -> dict:
+        """The model inputs of prompt tokens ``start:end``: their ids, or, for a prompt with images, their input
+        embeddings (:meth:`_image_embeds`, computed at the first chunk)."""
+        request = row.request
+        if not request.images:
+            return {"input_ids": torch.tensor([request.prompt[start:end]], device=self.device)}
+        if row.embeds is None:
+            row.embeds = self._image_embeds(request)
+        chunk = row.embeds[:, start:end]
+        if end == len(request.prompt):
+            row.embeds = None  # the last chunk: not kept while the row decodes
+        return {"inputs_embeds": chunk}
+
+    def _image_embeds(self, request: Request) -> torch.Tensor:
+        """The prompt's input embeddings with the image features in place of its image tokens, as the model's own
+        forward merges them (LLaVA: the vision tower's features through the projector, ``masked_scatter`` into the
+        image tokens' places), computed with the request's adapter and the modules it trained in full
+        (``own_modules``: its projector); ``(1, prompt, hidden)``."""
+        ids = torch.tensor([request.prompt], device=self.device)
+        pixels = {k: v.to(self.device) for k, v in request.images.items()}
+        inner = self.model.model  # e.g. LlavaModel: get_image_features and get_placeholder_mask
+        with per_row_adapters(self.model, [request.adapter]):
+            embeds = self.model.get_input_embeddings()(ids)
+        with (per_row_adapters(self.model, [request.adapter] * len(pixels["pixel_values"])),  # a row per image
+              _modules_in_place(self.model, self.own_modules.get(request.adapter, {}))):
+            features = inner.get_image_features(**pixels, return_dict=True).pooler_output
+        features = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)
+        mask = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=features)
+        return embeds.masked_scatter(mask, features)
+
     def _join(self, row: _Row) -> None:
         if self.cache is None:
             self.cache = row.cache
@@ -278,8 +330,8 @@ class Engine:
     def _decode_forward(self, rows: list[_Row], cache: RowCache):
         ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)  # (B, 1)
         positions = torch.tensor([[r.length] for r in rows], device=self.device)
-        return self._forward([r.request.adapter for r in rows], input_ids=ids, position_ids=positions, cache=cache,
-                             attention_mask=cache.attention_mask(1, self.device))
+        return self._forward([r.request.adapter for r in rows], pack=len(rows) > 1, input_ids=ids,
+                             position_ids=positions, cache=cache, attention_mask=cache.attention_mask(1, self.device))
 
     @torch.no_grad()
     def _decode(self) -> None:
@@ -293,10 +345,12 @@ class Engine:
             return
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
+        logits = out.logits[:, -1]  # (B, vocab)
+        tokens, logps = self._batch_choices(rows, logits)
         keep = []
         for i, r in enumerate(rows):
             try:
-                if not self._take(r, out.logits[i, -1]):
+                if not self._take(r, logits[i], tokens[i], logps.get(i)):
                     keep.append(i)
             except Exception as exc:  # noqa: BLE001 - fail this row only
                 self._fail([r], exc)
@@ -329,6 +383,23 @@ class Engine:
             self.cache = None
 
     # ---- choosing tokens and stopping ------------------------------------------------------------------------
+    @staticmethod
+    def _batch_choices(rows: list[_Row], logits: torch.Tensor) -> tuple[list[int | None], dict[int, torch.Tensor]]:
+        """What one operation over the batch gives at once (each row's result is what the same operation on that
+        row alone gives): the greedy rows' tokens (one ``argmax``; None for a sampling row, which draws from its
+        own generator in :meth:`_choose`) and, by row, the ``log_softmax`` of the rows that asked for
+        log-probabilities."""
+        tokens: list[int | None] = [None] * len(rows)
+        greedy = [i for i, r in enumerate(rows) if r.request.options.greedy]
+        if greedy:
+            for i, token in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+                tokens[i] = token
+        scored = [i for i, r in enumerate(rows) if r.request.logprobs is not None]
+        logps = {}
+        if scored:
+            logps = dict(zip(scored, torch.log_softmax(logits[scored].float(), dim=-1)))
+        return tokens, logps
+
     def _choose(self, row: _Row, logits: torch.Tensor) -> int:
         options = row.request.options
         if options.greedy:
@@ -342,14 +413,18 @@ class Engine:
             raise FloatingPointError("the token probabilities are not finite (the model's logits overflowed)")
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
-    def _take(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Choose the row's next token and hand it over; True if the row has finished."""
+    def _take(self, row: _Row, logits: torch.Tensor, token: int | None = None,
+              logp: torch.Tensor | None = None) -> bool:
+        """Choose the row's next token (unless ``token`` is given: already chosen) and hand it over; True if the
+        row has finished. ``logp``: the log-softmax of ``logits`` if already computed."""
         request = row.request
         if request.cancelled:
             return self._finish(row, "cancelled")
-        token = self._choose(row, logits)
+        if token is None:
+            token = self._choose(row, logits)
         if request.logprobs is not None:
-            logp = torch.log_softmax(logits.float(), dim=-1)
+            if logp is None:
+                logp = torch.log_softmax(logits.float(), dim=-1)
             request.scored.append(token)
             request.token_logprobs.append(float(logp[token]))
             request.top_logprobs.append(_top(logp, request.logprobs))
@@ -407,6 +482,19 @@ class Engine:
     def _end(request: Request, reason: str) -> None:
         if request.on_token:
             request.on_token(None, reason)
+
+
+@contextlib.contextmanager
+def _modules_in_place(model, modules: dict):
+    """Inside the block, ``model``'s submodules named in ``modules`` are those modules (then the model's own again)."""
+    shared = {name: model.get_submodule(name) for name in modules}
+    for name, module in modules.items():
+        model.set_submodule(name, module)
+    try:
+        yield
+    finally:
+        for name, module in shared.items():
+            model.set_submodule(name, module)
 
 
 def _top(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:

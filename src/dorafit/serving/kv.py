@@ -107,9 +107,6 @@ class RowCache(Cache):
     def length(self) -> int:
         return self.layers[0].length
 
-    def row_lengths(self) -> list[int]:
-        return [self.length - s for s in self.starts]
-
     def attention_mask(self, new: int, device) -> torch.Tensor:
         """``[rows, length + new]``: 1 on each row's tokens and the ``new`` ones about to be added, 0 on padding."""
         columns = torch.arange(self.length + new, device=device)
@@ -130,11 +127,10 @@ class RowCache(Cache):
 
     def _take_rows(self, into: RowCache, rows: list[int]) -> RowCache:
         drop = min(self.starts[i] for i in rows)
-        index = torch.tensor(rows, device=self.layers[0].keys.device)
         for source, target in zip(self.layers, into.layers):
             used = source.length - drop
-            keys = _resized(source.keys.index_select(0, index)[:, :, drop:source.length], used, used + GROW)
-            values = _resized(source.values.index_select(0, index)[:, :, drop:source.length], used, used + GROW)
+            keys, values = (_gathered(t, rows, drop, source.length, used + GROW)
+                            for t in (source.keys, source.values))
             target.keys, target.values, target.length = keys, values, used
             target.device, target.is_initialized = source.device, True
         into.starts = [self.starts[i] - drop for i in rows]
@@ -149,6 +145,14 @@ class RowCache(Cache):
             mine.values = _stack(mine.values, mine.length, theirs.values, theirs.length, length)
             mine.length = length
         self.starts = [s + shift for s in self.starts] + [s + other_shift for s in other.starts]
+
+
+def _gathered(t: torch.Tensor, rows: list[int], start: int, end: int, capacity: int) -> torch.Tensor:
+    """A buffer of ``capacity`` columns holding columns ``start:end`` of ``t``'s ``rows`` (one copy per row)."""
+    out = t.new_empty(len(rows), t.shape[1], capacity, t.shape[3])
+    for j, i in enumerate(rows):
+        out[j, :, :end - start] = t[i, :, start:end]
+    return out
 
 
 def _stack(a: torch.Tensor, a_len: int, b: torch.Tensor, b_len: int, length: int) -> torch.Tensor:

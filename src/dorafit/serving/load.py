@@ -1,22 +1,29 @@
-"""The served model: a base causal LM with named adapters, each with the chat format it was trained with."""
+"""The served model: a base causal LM or vision-language model with named adapters, each with the chat format it
+was trained with."""
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 from pathlib import Path
 
 import torch
 
 from ..chat_format import ChatFormat
-from ..inject import unload
+from ..adapted import is_adapted
+from ..inject import find_modules, unload
 from ..multi import load_named_adapter
 from ..train import hub, rundir
-from ..train.models import load_causal_lm, resolve_model
+from ..train.models import load_generative_model, resolve_model
 from ..quantize import quantize_model
 from ..train.quantized_load import LoadOptions, loading, quantized_layer_names
 from ..train.setup import stored_config
 from ..train.tasks import by_kind
+from ..train.vlm import language_model_name
+from ..train.vlm.inputs import ImageInputs
 from .api import Served
+from .images import ImageOptions, ImageReader
 from .engine import Engine
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
@@ -62,23 +69,74 @@ def _adapter_source(name: str, path: Path, base_folder: Path, tokenizer, base_fo
                      "(dorafit's or PEFT's)")
 
 
+def _trained_in_full(folder: Path) -> list[str]:
+    """The modules an adapter folder trains in full beside its adapter, as its config names them: dorafit's
+    ``extra_trainable`` (e.g. a VLM's projector trained with ``--head``), PEFT's ``modules_to_save``."""
+    try:
+        meta = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return []  # unreadable: loading it reports that
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else meta
+    names = config.get("extra_trainable") or config.get("modules_to_save") or []
+    return [names] if isinstance(names, str) else list(names)
+
+
 class AdapterLoader:
     """Adds named adapters to the served model and takes them away: at start (``--adapter``) and at run time
-    (:mod:`.adapter_admin`, which calls :meth:`load` and :meth:`unload` in the engine's thread between steps)."""
+    (:mod:`.adapter_admin`, which calls :meth:`load` and :meth:`unload` in the engine's thread between steps).
+
+    Modules an adapter trained in full (a VLM's projector, ``--head multi_modal_projector``) would overwrite the
+    ones the base and every other adapter share, so they are kept as the adapter's own (``own_modules``: adapter
+    name -> {module name: module}), which the engine puts in place while it computes that adapter's image features
+    (:meth:`.Engine._image_embeds`). That is possible only for modules the images alone pass through (the vision
+    tower and the projector, not the language model); an adapter with others is refused: serve it merged."""
 
     def __init__(self, net, base_folder: Path, tokenizer, base_format: ChatFormat, quantize: str | None):
         self.net, self.base_folder, self.tokenizer = net, base_folder, tokenizer
         self.base_format, self.quantize = base_format, quantize
+        self.own_modules: dict[str, dict[str, torch.nn.Module]] = {}
 
     def source(self, name: str, path: Path) -> tuple[Path, ChatFormat]:
         """(adapter folder, chat format) of ``path``, checked against the served base (ValueError if not)."""
-        return _adapter_source(name, path, self.base_folder, self.tokenizer, self.base_format, self.quantize)
+        folder, fmt = _adapter_source(name, path, self.base_folder, self.tokenizer, self.base_format, self.quantize)
+        self._own_module_names(name, path, folder)
+        return folder, fmt
+
+    def _own_module_names(self, name: str, path: Path, folder: Path) -> list[str]:
+        """The full names of the modules the adapter in ``folder`` trained in full; ValueError if one of them is
+        not on the image side of a vision-language model, or holds adapted layers."""
+        trained = _trained_in_full(folder)
+        if not trained:
+            return []
+        language = language_model_name(self.net)
+        vision = language.rpartition(".")[0] if language else ""  # LLaVA: "model" holds the tower and projector
+        try:
+            names = find_modules(self.net, trained, "trained in full")
+        except ValueError:
+            names = []  # the loading reports the mismatch
+        names = [n for n in names if not any(n.startswith(other + ".") for other in names)]
+        for module_name in names:
+            image_side = vision and module_name.startswith(vision + ".") and not (
+                module_name == language or module_name.startswith(language + "."))
+            if not image_side or any(is_adapted(m) for m in self.net.get_submodule(module_name).modules()):
+                raise ValueError(f"--adapter {name}={path} trains {module_name} in full beside its adapter, and "
+                                 "served adapters share the base's modules except a vision-language model's "
+                                 "vision tower and projector; merge it (dorafit merge) and serve the merged folder "
+                                 "with --model")
+        return names
 
     def load(self, name: str, folder: Path) -> None:
-        load_named_adapter(self.net, folder, name)
+        names = self._own_module_names(name, folder, folder)
+        shared = {n: copy.deepcopy(self.net.get_submodule(n)) for n in names}  # as the base has them
+        load_named_adapter(self.net, folder, name)  # copies the adapter's trained modules over the shared ones
+        if names:
+            self.own_modules[name] = {n: self.net.get_submodule(n) for n in names}
+            for module_name, module in shared.items():
+                self.net.set_submodule(module_name, module)
 
     def unload(self, name: str) -> None:
         unload(self.net, name)
+        self.own_modules.pop(name, None)
 
 
 def runs_dtype(adapters: list[str]) -> str:
@@ -91,17 +149,49 @@ def runs_dtype(adapters: list[str]) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
+@torch.no_grad()
+def check_image_prefill(engine: Engine, reader: ImageReader, name: str) -> None:
+    """ValueError unless the engine's prefill of an image prompt from input embeddings (:meth:`Engine._image_embeds`,
+    causal attention, positions 0, 1, ...) gives the logits the model's own forward gives from its ids and pixels,
+    on a one-image prompt: a vision-language model whose image prompts that prefill does not reproduce (e.g. one
+    whose positions follow the image layout, as Qwen2-VL's) is refused rather than served wrong."""
+    from PIL import Image
+
+    from ..generation import SamplingOptions
+    from .engine import Request
+
+    inputs, net = reader.inputs, engine.model
+    text = engine.tokenizer("What is it?", add_special_tokens=False)["input_ids"]
+    image = Image.new("RGB", (64, 48), (200, 120, 40))
+    ids = inputs.prompt([inputs.image_token_id, *text], [image])
+    pixels = inputs.pixels([image], reader.dtype)
+    try:
+        tensor = torch.tensor([ids], device=engine.device)
+        expected = net(input_ids=tensor, **{k: v.to(engine.device) for k, v in pixels.items()}).logits.float()
+        embeds = engine._image_embeds(Request(ids, None, SamplingOptions(), images=pixels))
+        got = net(inputs_embeds=embeds, position_ids=torch.arange(len(ids), device=engine.device)[None]).logits
+    except Exception as exc:  # noqa: BLE001 - an architecture whose image inputs the engine cannot prepare
+        raise ValueError(f"dorafit serve cannot read images for {name} ({type(net).__name__}): {exc}") from None
+    scale = float(expected.abs().max())
+    if not torch.allclose(got.float(), expected, rtol=1e-2, atol=1e-2 * scale):
+        raise ValueError(f"dorafit serve cannot read images for {name} ({type(net).__name__}): its prompts with "
+                         "images prefilled from input embeddings, causally, do not give the model's own outputs; "
+                         "use dorafit generate --image for it")
+
+
 def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: str | None = None,
                  max_batch_size: int = 8, max_new_tokens: int = 256, quantize: str | None = None,
-                 prefill_chunk: int = 256) -> Served:
+                 prefill_chunk: int = 256, images: ImageOptions | None = None,
+                 pack_weights: bool = False) -> Served:
     """``dtype``: the base's (default: the runs', see :func:`runs_dtype`); adapters beside a bfloat16 or float16
-    base stay float32. ``quantize``: the base read straight into quantized layers, shared by every adapter."""
+    base stay float32. ``quantize``: the base read straight into quantized layers, shared by every adapter.
+    ``images``: how a vision-language base reads request images (default: :class:`ImageOptions`' defaults)."""
     base_folder = resolve_model(model)
     dtype = dtype or runs_dtype(adapters)
     if dtype == "auto":
         dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     with loading(LoadOptions(DTYPES[dtype], quantize, torch.device(device))):
-        loaded = load_causal_lm(base_folder)
+        loaded = load_generative_model(base_folder)
     tokenizer = loaded.tokenizer
     base_format = (ChatFormat(tokenizer, "model", tokenizer.chat_template) if tokenizer.chat_template
                    else ChatFormat.choose(tokenizer, "plain"))
@@ -121,5 +211,12 @@ def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: st
         folder, fmt = loader.source(name, path)
         loader.load(name, folder)
         formats[name], sources[name] = fmt, str(path)
-    engine = Engine(net, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
-    return Served(engine, base_name, formats, sources, max_new_tokens, loader)
+    engine = Engine(net, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
+                    pack_weights=pack_weights)
+    engine.own_modules = loader.own_modules  # adapters' own projectors (AdapterLoader), loaded at run time too
+    reader = None
+    if loaded.processor is not None:
+        reader = ImageReader(ImageInputs(loaded.processor), images or ImageOptions(),
+                             next(p.dtype for p in net.parameters() if p.is_floating_point()))
+        check_image_prefill(engine, reader, base_name)
+    return Served(engine, base_name, formats, sources, max_new_tokens, loader, images=reader)

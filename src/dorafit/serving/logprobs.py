@@ -34,13 +34,21 @@ class TokenText:
 
     def piece(self, ids: list[int], i: int, token: int | None = None) -> str:
         """The text token ``token`` (default ``ids[i]``) adds after ``ids[:i]``."""
-        before = ids[max(0, i - CONTEXT):i]
-        token = ids[i] if token is None else token
-        head, whole = self._decode(before), self._decode(before + [token])
-        return whole[len(head):] if whole.startswith(head) else self._decode([token])
+        return self._pieces(ids, i, [ids[i] if token is None else token])[0]
 
     def top(self, ids: list[int], i: int, alternatives: list[tuple[int, float]]) -> list[tuple[str, float]]:
-        return [(self.piece(ids, i, token), logprob) for token, logprob in alternatives]
+        pieces = self._pieces(ids, i, [token for token, _ in alternatives])
+        return [(piece, logprob) for piece, (_, logprob) in zip(pieces, alternatives)]
+
+    def _pieces(self, ids: list[int], i: int, tokens: list[int]) -> list[str]:
+        """The text each of ``tokens`` adds after ``ids[:i]`` (the context before it decoded once for all)."""
+        before = ids[max(0, i - CONTEXT):i]
+        head = self._decode(before)
+        out = []
+        for token in tokens:
+            whole = self._decode(before + [token])
+            out.append(whole[len(head):] if whole.startswith(head) else self._decode([token]))
+        return out
 
 
 def completion_logprobs(text: TokenText, ids: list[int], logprobs: list[float | None],

@@ -52,6 +52,7 @@ def task_type(spec: str) -> type:
 
 def describe_inputs() -> str:
     return ("give a .jsonl/.parquet/.csv file of text,label (classification), a .jsonl/.parquet file of "
-            "instruction/output, messages or conversations records (instruction tuning), either of them as a Hugging "
+            "instruction/output, messages or conversations records (instruction tuning; with an \"images\" list: "
+            "visual instruction tuning), either of them as a Hugging "
             "Face dataset hf:ORG/NAME[:SPLIT], a commonsense-format folder of <task>/train.json, <task>/test.json "
             "(multiple choice), or a folder of class folders of PNG/JPEG images (image classification)")
