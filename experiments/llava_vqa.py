@@ -106,14 +106,14 @@ def stage2_options(args, merged: str, method: str, lr: float, seed: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="paired seeds; 0 is the grid's")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="paired seeds; 0 is the grid's")
     parser.add_argument("--grid", type=float, nargs="+", default=[3e-4, 1e-3], help="stage 2 learning rates")
-    parser.add_argument("--steps", type=int, default=24, help="stage 2 steps")
+    parser.add_argument("--steps", type=int, default=16, help="stage 2 steps")
     parser.add_argument("--stage1-steps", type=int, default=50)
     parser.add_argument("--stage1-lr", type=float, default=1e-3)
     parser.add_argument("--stage1-eval-limit", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval-limit", type=int, default=64, help="questions per held-out set (validation, test)")
+    parser.add_argument("--eval-limit", type=int, default=48, help="questions per held-out set (validation, test)")
     parser.add_argument("--workers", type=int, default=2, help="runs side by side (one torch thread each)")
     args = parser.parse_args()
     if 0 not in args.seeds:
