@@ -22,7 +22,8 @@ def test_model_folder_without_config(tmp_path):
 
 def test_unknown_task_lists_presets(tmp_path, assets):  # noqa: F811
     msg = fails("train", "--model", assets["bert"], "--task", "sst2", "--out", tmp_path / "r")
-    assert "'sst2'" in msg and "not a preset (tweets, bbc, fashion-mnist, bbc-headlines, commonsense)" in msg
+    assert "'sst2'" in msg and ("not a preset (tweets, bbc, fashion-mnist, bbc-headlines, fashion-mnist-captions, "
+                                "fashion-mnist-vqa, commonsense)") in msg
 
 
 def test_unknown_target_lists_layer_names(tmp_path, assets):  # noqa: F811

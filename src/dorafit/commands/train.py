@@ -19,6 +19,8 @@ examples:
   dorafit train --model gemma-3-270m --task bbc-headlines --steps 120 --batch-size 4   # instruction tuning
   dorafit train --model DIR --task chats.jsonl    # Alpaca / messages / ShareGPT records
   dorafit train --model Qwen/Qwen2.5-0.5B --task hf:tatsu-lab/alpaca --targets all-linear   # Hugging Face Hub ids
+  dorafit train --model llava-gemma-270m --task fashion-mnist-captions --targets none --head multi_modal_projector
+  dorafit train --model DIR --task vqa.jsonl --head multi_modal_projector   # LLaVA: records with "images"
 
 time: the demo trains 300 steps in about 9 minutes on a 2-core CPU that another job keeps half busy, with
 --threads 1. torch uses one thread per core by default; when other processes keep the cores busy those threads

@@ -59,8 +59,10 @@ def slow_on_cpu(dtype: torch.dtype) -> bool:
 def needs_input_grad(x: Tensor, dtype: torch.dtype) -> bool:
     """Whether a frozen product of ``x`` in ``dtype`` takes this module's path: inside :class:`FrozenInputGrads`, x
     needs a gradient (grad mode, not inside a ``torch.compile`` trace), on a CPU that multiplies ``dtype`` slowly."""
+    if torch.compiler.is_compiling():  # first: a compiled graph never takes it, and dynamo cannot trace ContextVar.get
+        return False
     return (_ACTIVE.get() and x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"
-            and slow_on_cpu(dtype) and not torch.compiler.is_compiling())
+            and slow_on_cpu(dtype))
 
 
 def blockwise_matmul(g: Tensor, w: Tensor) -> Tensor:

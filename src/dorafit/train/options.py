@@ -52,8 +52,10 @@ class TrainConfig:
     """One training run. The defaults are the embedded demo: MiniLM + DoRA on tweet sentiment."""
 
     # ---- what to train -----------------------------------------------------------------------------------
-    model: str = option("minilm", "a preset (minilm, gemma-3-270m; efficientnet-lite0 for image tasks), a local "
-                        "Hugging Face model folder (for image tasks: an image classifier such as ViT or ConvNeXt), or "
+    model: str = option("minilm", "a preset (minilm, gemma-3-270m; efficientnet-lite0 for image tasks; "
+                        "llava-gemma-270m for image-chat tasks), a local Hugging Face model folder (for image tasks: "
+                        "an image classifier such as ViT or ConvNeXt; for image-chat records: a vision-language model "
+                        "such as LLaVA), or "
                         "a Hugging Face Hub id ORG/NAME[@REVISION] (downloaded into the Hugging Face cache; "
                         "HF_HUB_OFFLINE=1 uses the cache only)",
                         metavar="NAME|DIR|ORG/NAME")
