@@ -90,10 +90,12 @@ def freeze_batch_norm(model: nn.Module) -> None:
     cls = type(model)
     if getattr(cls, "_dorafit_frozen_batch_norm", False):
         return
-    model.__class__ = type(cls.__name__, (_FrozenBatchNorm, cls), {"__module__": cls.__module__})
+    model.__class__ = type(cls.__name__, (FrozenBatchNorm, cls), {"__module__": cls.__module__})
 
 
-class _FrozenBatchNorm:
+class FrozenBatchNorm:
+    """Mixin: ``train()`` leaves every batch-norm layer in eval mode (frozen statistics)."""
+
     _dorafit_frozen_batch_norm = True
 
     def train(self, mode: bool = True):

@@ -10,6 +10,8 @@ the expanded ids and the pixels of one batch list the images in the same order.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..tasks.base import DataError
 from ..tasks.record_images import PLACEHOLDER, load_rgb
 
@@ -36,11 +38,11 @@ class ImageInputs:
         return [{**m, "content": self.text(m["content"])} for m in messages]
 
     def tokens(self, image) -> list[int]:
-        """The tokens that stand for ``image`` in the model's input (computed once per image size)."""
-        image = load_rgb(image)
-        key = image.size
+        """The tokens that stand for ``image`` in the model's input (computed once per image size; an image file's
+        size is read from its header, its pixels only decoded for a size not seen before)."""
+        key = image_size(image)
         if key not in self._tokens_by_size:
-            out = self.processor(text=[self.image_token], images=[image], add_special_tokens=False)
+            out = self.processor(text=[self.image_token], images=[load_rgb(image)], add_special_tokens=False)
             self._tokens_by_size[key] = list(out["input_ids"][0])
         return self._tokens_by_size[key]
 
@@ -80,6 +82,16 @@ class ImageInputs:
     def prompt(self, ids: list[int], images: list) -> list[int]:
         """Prompt tokens with their image tokens expanded (:meth:`expand` without flags)."""
         return self.expand(ids, [False] * len(ids), images)[0]
+
+
+def image_size(image) -> tuple[int, int]:
+    """(width, height) of a PIL image or an image file (from its header)."""
+    if isinstance(image, Path):
+        from PIL import Image
+
+        with Image.open(image) as opened:
+            return opened.size
+    return image.size
 
 
 def with_placeholders(text: str, count: int) -> str:

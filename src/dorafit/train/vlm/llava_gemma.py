@@ -47,9 +47,10 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..vision.registry import FrozenBatchNorm
 
 PRESET = "llava-gemma-270m"
 VISION_MODEL_TYPE = "dorafit_efficientnet_lite"
@@ -75,7 +76,7 @@ class EfficientNetLiteVisionConfig(PreTrainedConfig):
         super().__init__(**kwargs)
 
 
-class EfficientNetLiteVisionModel(PreTrainedModel):
+class EfficientNetLiteVisionModel(FrozenBatchNorm, PreTrainedModel):  # batch norm: frozen ImageNet statistics
     """EfficientNet's feature extractor (stem, MBConv blocks, 1x1 head convolution; no pooling, no classifier):
     pixels (B, 3, S, S) -> ``last_hidden_state`` (B, (S/32)^2, 1280), the final feature map's positions in
     row-major order; ``hidden_states`` = (that,), whatever ``output_hidden_states`` asks, so that Llava's layer
@@ -103,14 +104,6 @@ class EfficientNetLiteVisionModel(PreTrainedModel):
         self.efficientnet = net
         self.patch_size = config.patch_size
         self.post_init()
-
-    def train(self, mode: bool = True):
-        """As ``nn.Module.train``, but the batch-norm layers stay in eval mode (frozen ImageNet statistics)."""
-        super().train(mode)
-        for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-        return self
 
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         maps = self.efficientnet.extract_features(pixel_values)  # (B, C, S/32, S/32)
