@@ -89,7 +89,8 @@ def image_files(paths: list[str]) -> list:
 
     from ..train.tasks import record_images
 
-    return record_images.read_images({"images": paths}, Path.cwd(), "--image", " ".join(paths)) if paths else []
+    paths = [str(Path(p).expanduser().resolve()) for p in paths]  # relative to the current folder
+    return record_images.read_images({"images": paths}, None, "--image", " ".join(paths)) if paths else []
 
 
 def messages_of(record: dict) -> list[dict]:

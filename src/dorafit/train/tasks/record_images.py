@@ -89,10 +89,12 @@ def _image(entry, folder: Path | None, where: str, index: int, line: str):
     if not isinstance(entry, str) or not entry:
         raise DataError(f"{what} must be a path (a string): {clip(line)}")
     path = Path(entry).expanduser()
-    if not path.is_absolute() and folder is not None:
+    relative_to_file = not path.is_absolute() and folder is not None
+    if relative_to_file:
         path = folder / path
     if not path.is_file():
-        raise DataError(f"{what}: {path} does not exist (a relative path in a data file is read from the file's folder)")
+        hint = " (a relative path is read from the data file's folder)" if relative_to_file else ""
+        raise DataError(f"{what}: {path} does not exist{hint}")
     try:
         with Image.open(path) as image:
             image.load()  # decodes every pixel: a truncated or damaged image fails here, not mid-training
