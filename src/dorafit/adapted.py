@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from . import functional as Fn
 from . import norm_cache
 from .layers import LayerOps
-from .magnitude_scale import magnitude_scale
+from .magnitude_scale import magnitude_scale, scale_output
 from .norm_cache import NormCache
 
 LORA_PARAMS = ("lora_A", "lora_B")
@@ -171,6 +171,27 @@ class AdaptedLayer:
         """Whether n carries a gradient to P and Q (``detach_norm=False``, in grad mode)."""
         return not st.detach_norm and torch.is_grad_enabled() and p is not None and p.requires_grad
 
+    def inference_terms(self, holder=None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(P, Q, m / n)`` of an adapter for inference (``m / n`` None unless decomposed; P, Q None for
+        magnitude-only), cached until any tensor they come from is written to, reallocated or moved (W0's, the
+        update's, the magnitude: keyed like the norm, :mod:`dorafit.norm_cache`). An eval forward then runs only
+        its products: recomputing ``P = s B`` and ``m / n`` costs about as much as the rank-r products at one token.
+        """
+        holder = holder if holder is not None else self
+        st, ops = holder.dorafit, self.dorafit.ops
+        tensors = self._update_tensors(holder)
+        inputs = (*ops.cache_tensors(self), *tensors, *((holder.magnitude,) if st.decomposed else ()))
+
+        def compute() -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+            p, q = Fn.update_factors(st.update, tensors, st.scale)
+            return p, q, holder.magnitude / self.weight_norm(p, q, holder) if st.decomposed else None
+
+        return st.caches.lookup("inference", inputs, compute)
+
+    def _uses_inference_terms(self, st: AdapterState) -> bool:
+        """Eval mode without grad, eager, caching allowed: forward takes :meth:`inference_terms`."""
+        return not (self.training or torch.is_grad_enabled() or not st.cache_norm or torch.compiler.is_compiling())
+
     # ---- which adapter ------------------------------------------------------------------------------
     def holder(self, name: str | None):
         """The layer itself or the :class:`AdapterSlot` that carries adapter ``name``; None if this layer has none
@@ -203,6 +224,8 @@ class AdaptedLayer:
     def adapter_forward(self, x: Tensor, holder) -> Tensor:
         """The layer's output with the adapter of ``holder`` (the layer or a slot)."""
         st, ops = holder.dorafit, self.dorafit.ops
+        if self._uses_inference_terms(st):
+            return self._inference_forward(x, holder)
         p, q = self.factors(holder)
         dropout = p is not None and st.dropout and ops.supports_dropout and self.training
         x_adapter = F.dropout(x, st.dropout) if dropout else x
@@ -220,6 +243,15 @@ class AdaptedLayer:
         n = self.weight_norm(p, q, holder, w0_qt)
         y = self._scaled_output(x, x_adapter, p, q, n, holder, pre)
         return ops.finish(self, x, y)
+
+    def _inference_forward(self, x: Tensor, holder) -> Tensor:
+        """:meth:`adapter_forward` in eval mode without grad: the same operations on cached P, Q and m / n."""
+        st, ops = holder.dorafit, self.dorafit.ops
+        p, q, scale = self.inference_terms(holder)
+        if not st.decomposed:
+            return ops.finish(self, x, ops.low_rank(self, x, x, p, q, with_bias=True))
+        pre = self._pre_scale(x, x, p, q)  # this forward's own tensor: the scale overwrites it
+        return ops.finish(self, x, scale_output(pre, scale, getattr(self, "bias", None), ops.channel_dim, inplace=True))
 
     def _scaled_output(self, x: Tensor, x_adapter: Tensor, p: Tensor | None, q: Tensor | None, n: Tensor,
                        holder, pre: Tensor | None = None) -> Tensor:

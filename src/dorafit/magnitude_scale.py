@@ -162,8 +162,16 @@ def magnitude_scale(
     if torch.compiler.is_compiling():
         return magnitude_scale_reference(pre, magnitude, norm, bias, channel_dim)
     if not torch.is_grad_enabled():  # inference: the forward's operations without the autograd function's cost
-        scale, bias_b = _scale_and_bias(pre, magnitude, norm, bias, channel_dim)
-        if bias_b is None:
-            return pre.mul_(scale) if inplace else pre * scale
-        return torch.addcmul(bias_b, pre, scale, out=pre) if inplace else torch.addcmul(bias_b, pre, scale)
+        return scale_output(pre, magnitude / norm, bias, channel_dim, inplace)
     return _MagnitudeScale.apply(pre, magnitude, norm, bias, channel_dim, inplace, recompute, *recompute_inputs)
+
+
+def scale_output(pre: Tensor, scale: Tensor, bias: Tensor | None, channel_dim: int, inplace: bool = False) -> Tensor:
+    """``y = scale * pre + bias`` without autograd (inference), ``scale = m / n`` [out] given: the operations of
+    :func:`magnitude_scale`'s forward, for a caller that keeps ``m / n`` (``AdaptedLayer``'s eval-mode cache)."""
+    shape = _broadcast_shape(pre.dim(), channel_dim)
+    scale = scale.to(pre.dtype).view(shape)
+    if bias is None:
+        return pre.mul_(scale) if inplace else pre * scale
+    bias = bias.to(pre.dtype).view(shape)
+    return torch.addcmul(bias, pre, scale, out=pre) if inplace else torch.addcmul(bias, pre, scale)

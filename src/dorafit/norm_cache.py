@@ -5,6 +5,8 @@ Each adapted layer memoises two [out] vectors (float32, float64 for float64 weig
     ||W0||^2 per output row            W0 is frozen: computed once, used in training and eval
     n = ||W0 + P Q|| per output row    eval mode only (no gradient): see AdaptedLayer.weight_norm
 
+and, for inference (eval mode, no grad, eager), the tuple ``(P, Q, m / n)`` (AdaptedLayer.inference_terms).
+
 Each is keyed by the version counter, storage address, dtype and device of every tensor it is computed
 from, so an optimizer step, any in-place write, a reallocation or a move recomputes it. (Writes through
 ``.data`` bump no version counter: ``model.train()`` / ``model.eval()`` clear the caches for that case.)
@@ -27,13 +29,14 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
 
 from . import functional as Fn
 
+T = TypeVar("T")
 _IDS = itertools.count(1)
 _LIVE: "weakref.WeakValueDictionary[int, NormCache]" = weakref.WeakValueDictionary()
 
@@ -52,13 +55,13 @@ class NormCache:
     def __init__(self) -> None:
         self.id = next(_IDS)
         self.handle = torch.tensor(self.id, dtype=torch.int64)
-        self._entries: dict[str, tuple[tuple, Tensor]] = {}
+        self._entries: dict[str, tuple[tuple, object]] = {}
         _LIVE[self.id] = self
 
     def clear(self) -> None:
         self._entries.clear()
 
-    def lookup(self, name: str, inputs: tuple[Tensor, ...], compute: Callable[[], Tensor]) -> Tensor:
+    def lookup(self, name: str, inputs: tuple[Tensor, ...], compute: Callable[[], T]) -> T:
         """The cached value of ``name`` if ``inputs`` are unchanged since it was computed, else ``compute()``."""
         key = version_key(*inputs)
         hit = self._entries.get(name)
