@@ -1,11 +1,13 @@
 """Where a ``dorafit train`` run's resident memory goes: the run in this process, ``/proc/self/status``'s VmRSS
 sampled every 10 ms, each sample counted in the part of the run under way (load, quantization, adapters, each
-forward, backward, optimizer step, checkpoint, adapter file, evaluation, and "after" each until the next starts).
+forward, backward, optimizer step, checkpoint, adapter file, evaluation, and "after" each until the next starts;
+each call its own part, numbered: "forward 1", "forward 2", ...).
 
     .venv/bin/python benchmarks/memory_phases.py TRAIN_ARGS...   # e.g. --model DIR --task FILE --dtype bfloat16
 
 Prints, as JSON on stderr after the run: the process's peak (VmHWM), the highest VmRSS seen in each part, and
-VmRSS (MiB) with the time (s) at the start and end of each part. tracemalloc does not see torch's allocations;
+VmRSS and VmHWM (MiB) with the time (s) at the start and end of each part (a peak between two samples shows
+as a rise of VmHWM within a part). tracemalloc does not see torch's allocations;
 the resident set does, libraries' code and the allocator's slack included (Linux only).
 """
 
@@ -20,6 +22,7 @@ import time
 PERIOD = 0.01
 phase = ["import"]
 peaks: dict[str, int] = {}
+calls: dict[str, int] = {}
 marks: list = []
 started = time.perf_counter()
 
@@ -42,21 +45,28 @@ def sample() -> None:
         time.sleep(PERIOD)
 
 
+def rss_hwm() -> tuple[int, int]:
+    now = status()
+    return now["VmRSS"], now["VmHWM"]
+
+
 def watch(owner, name: str, label: str) -> None:
     """``owner.name`` counted as part ``label``."""
     original = getattr(owner, name)
 
     @functools.wraps(original)
     def wrapped(*args, **kwargs):
-        if phase[0] == label:  # nested (a model calling its inner model): the outer call counts
+        if phase[0].rsplit(" ", 1)[0] == label:  # nested (a model calling its inner model): the outer call counts
             return original(*args, **kwargs)
-        phase[0] = label
-        marks.append((f"{label} start", status()["VmRSS"], round(time.perf_counter() - started, 1)))
+        calls[label] = calls.get(label, 0) + 1
+        part = f"{label} {calls[label]}"  # each call its own part: "forward 1", "forward 2", ...
+        phase[0] = part
+        marks.append((f"{part} start", *rss_hwm(), round(time.perf_counter() - started, 1)))
         try:
             return original(*args, **kwargs)
         finally:
-            marks.append((f"{label} end", status()["VmRSS"], round(time.perf_counter() - started, 1)))
-            phase[0] = f"{label} after"
+            marks.append((f"{part} end", *rss_hwm(), round(time.perf_counter() - started, 1)))
+            phase[0] = f"{part} after"
 
     setattr(owner, name, wrapped)
 

@@ -1,13 +1,13 @@
 """Atomic file and folder writes, with the permissions the umask gives.
 
-A file is written to a temporary file in the same folder, fsynced, then renamed over the target; a folder
+A file is written into a temporary folder beside it, fsynced, then renamed over the target; a folder
 (:func:`atomic_folder`) is written into a temporary folder beside it, then renamed. A reader (or a run restarted
 after kill -9) sees either the old file or the new one, never half of one. Everything written gets the permissions
 an ordinary ``open(path, "w")`` or ``mkdir`` would give (0666 / 0777 less the umask, :func:`umask_permissions`), not
 the private 0600 / 0700 of temporary files (``mkstemp``, ``mkdtemp``, and transformers' ``save_pretrained``, which
 writes ``model.safetensors`` through one). A failed write (full disk, read-only folder) removes its temporary file and
-raises an OSError whose message names the file and says what to do. Temporary files a killed process left behind
-(``.NAME.*.tmp``) are found by :func:`stale_temporary_files`. A cache folder that several processes may want at once
+raises an OSError whose message names the file and says what to do. Temporary files and folders a killed process left
+behind (``.NAME.*.tmp``) are found by :func:`stale_temporary_files`. A cache folder that several processes may want at once
 is built by :func:`cached_folder`: one builds it, under a lock file, the others wait and use it.
 """
 
@@ -144,34 +144,48 @@ def atomic_write_figure(path: str | os.PathLike, fig) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | list) -> None:
-    """``data`` (bytes, or a list of bytes-like pieces written in order) into a temporary file beside ``path``,
-    synced, then renamed over it."""
+    """``data`` (bytes, or a list of bytes-like pieces written in order) written atomically
+    (:func:`atomic_write_with`)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            for piece in data if isinstance(data, list) else [data]:
+                f.write(piece)
+
+    atomic_write_with(path, write)
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` creates the file ``tmp``, of ``path``'s name in a new temporary folder beside ``path``
+    (``.NAME.*.tmp``: a library that writes through its own temporary file and a rename, as safetensors'
+    ``save_file`` does, leaves that inside it too); the file is then synced and renamed over ``path``, and the
+    folder removed. A failure, or a signal, leaves ``path`` as it was and removes the temporary folder; an OSError
+    becomes one :class:`FileError` line."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
     except OSError as exc:
         raise io_error(exc, path, "write") from None
+    tmp = work / path.name
     try:
-        with os.fdopen(fd, "wb") as f:
-            for piece in data if isinstance(data, list) else [data]:
-                f.write(piece)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         umask_permissions(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        shutil.rmtree(work, ignore_errors=True)
         if isinstance(exc, OSError):
             raise io_error(exc, path, "write") from None
         raise
+    work.rmdir()
     _fsync_dir(path.parent)
 
 
 def stale_temporary_files(folder: Path) -> list[Path]:
-    """Temporary files of :func:`atomic_write_bytes` left in ``folder`` by a process killed while writing."""
-    return sorted(p for p in Path(folder).glob(f".*{TEMP_SUFFIX}") if p.is_file())
+    """Temporary files and folders of atomic writes left in ``folder`` by a process killed while writing."""
+    return sorted(Path(folder).glob(f".*{TEMP_SUFFIX}"))
 
 
 def check_writable(folder: Path) -> None:

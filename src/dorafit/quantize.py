@@ -16,11 +16,11 @@ warning naming it).
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import importlib.util
 import warnings
 from typing import TYPE_CHECKING
+
+from .memory import return_freed_memory
 
 if TYPE_CHECKING:  # torch is imported where it is used: the command line imports this module for KINDS
     import torch
@@ -94,16 +94,6 @@ def _quantized_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype |
     return layer.train(linear.training)
 
 
-def _return_freed_memory() -> None:
-    """Hand the replaced float weights back to the system: glibc keeps freed heap memory for reuse otherwise,
-    and the process would stay as large as the float model."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
 def _shared_weights(model: nn.Module) -> set[int]:
     """ids of parameters that more than one module holds (tied weights)."""
     seen: dict[int, int] = {}
@@ -151,7 +141,7 @@ def quantize_model(model: nn.Module, kind: str, skip: list[str] | tuple[str, ...
             names = [name for name in names if name not in unfit]
     for name in names:
         set_submodule(model, name, quantized_linear(model.get_submodule(name), kind, compute_dtype))
-    _return_freed_memory()
+    return_freed_memory()  # the replaced float weights
     if names:  # as transformers marks a model it loads quantized: PEFT then wraps the layers with its bnb layers
         setattr(model, "is_loaded_in_8bit" if kind == "int8" else "is_loaded_in_4bit", True)
     return names

@@ -29,8 +29,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..files import atomic_write_bytes, io_error
-from ..sealed import SealError, is_sealed, sealed_pieces, unseal
+from ..files import io_error
+from ..sealed import SealError, is_sealed, unseal, write_sealed
 from .distributed import SINGLE, Group
 
 FILE = "checkpoint.safetensors"
@@ -76,9 +76,8 @@ def write(run_dir: Path, params: dict, optim: dict, scheduler_state: dict, step:
     }
     if scaler_state is not None:
         state["scaler"] = scaler_state
-    pieces = sealed_pieces(tensors, {"state": json.dumps(state)})
     path = run_dir / FILE
-    atomic_write_bytes(path, pieces)
+    write_sealed(path, tensors, {"state": json.dumps(state)})
     return path
 
 

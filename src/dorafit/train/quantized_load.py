@@ -218,7 +218,8 @@ def torchao_nf4(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> lis
                          "pip install 'dorafit[quant]'")
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
-    from ..quantize import _return_freed_memory, quantizable_layers
+    from ..memory import return_freed_memory
+    from ..quantize import quantizable_layers
 
     names = []
     for name in quantizable_layers(model, skip):
@@ -228,5 +229,5 @@ def torchao_nf4(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> lis
             continue
         layer.weight = nn.Parameter(to_nf4(layer.weight.detach().contiguous(), NF4_BLOCK, size), requires_grad=False)
         names.append(name)
-    _return_freed_memory()
+    return_freed_memory()
     return names

@@ -124,7 +124,7 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
     for folder in folders:
         if folder.is_dir():
             for path in stale_temporary_files(folder):
-                path.unlink(missing_ok=True)
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
                 removed.append(path)
     for path in run_dir.glob(f".{MODEL}.*"):
         if path.is_dir():

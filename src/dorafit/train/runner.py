@@ -31,6 +31,7 @@ from .. import __version__
 from ..files import atomic_folder, check_writable
 from ..inject import adapter_state_dict, trainable_parameter_count
 from ..io import save_adapter
+from ..memory import return_freed_memory
 from . import checkpoint, distributed, loop, precision, rundir
 from . import quantized_load
 from .distributed import SINGLE, Group
@@ -354,6 +355,7 @@ class Run:
             tensors = group.full_tensors(setup.model, adapter_state_dict(setup.model))
             if group.is_main:
                 save_adapter(setup.model, self.run_dir / rundir.ADAPTER, base_model=str(cfg.model), tensors=tensors)
+        release_optimizer(self.optimizer)  # the checkpoint holds its state; evaluation needs the memory more
         after = self.evaluate("after")
         if not group.is_main:
             return 0
@@ -371,6 +373,14 @@ class Run:
                  + self.task.format_result(after, self.before))
         self.say(f"run folder: {self.run_dir.resolve()}")
         return 0
+
+
+def release_optimizer(optimizer) -> None:
+    """Drop the optimizer's state (AdamW's two moments: twice the trainable parameters, float32) once training is
+    over, so that the evaluation after it does not run on top of it. The state stays in the checkpoint."""
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.state.clear()
+    return_freed_memory()
 
 
 def save_model_folder(model, tokenizer, dest: Path, state_dict: dict | None = None,

@@ -17,7 +17,8 @@ from ..compiling import compile_model
 from ..inject import adapted_modules, apply, get_config
 from ..io import TENSORS_FILE, load_adapter, read_adapter
 from ..peft_format import PEFT_TENSORS_FILE, import_peft
-from ..quantize import _return_freed_memory, quantize_model
+from ..memory import return_freed_memory
+from ..quantize import quantize_model
 from . import hub, precision, rundir
 from .models import PRESETS as MODEL_PRESETS
 from .models import LoadedModel, default_targets, resolve_model
@@ -167,7 +168,7 @@ def quantize_base(model, cfg: TrainConfig) -> list[str]:
         return []
     names = quantized_layer_names(model)
     if names:
-        _return_freed_memory()  # the checkpoint tensors read and quantized: give the heap back (see quantize.py)
+        return_freed_memory()  # the checkpoint tensors read and quantized: give the heap back
     elif quantize_backend(cfg) == "torchao":
         names = torchao_nf4(model, skip=list(cfg.head or []))
     else:

@@ -31,6 +31,7 @@ from . import conversations, records
 from .base import DataError, TaskData, format_metrics, left_pad, limited, seeded_split
 from .lm import causal_lm_loss, label_rows, token_losses
 from .registry import register
+from .rouge import rouge_l
 
 METRICS = ("loss", "perplexity", "rouge_l", "exact_match")
 
@@ -167,16 +168,13 @@ class InstructionTask:
         return texts
 
     def evaluate(self, model, device, limit: int | None, batch_size: int, progress: bool) -> dict:
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         limit = limit if limit is not None else self.data.eval_limit
         per_task, samples = {}, []
         for name, examples in self.data.test_sets().items():
             examples = limited(examples, limit)
             loss, tokens = self.held_out_loss(model, examples, device, batch_size)
             generated = self.generate(model, examples, device, batch_size, progress, name)
-            rouge = [scorer.score(e.reference, g)["rougeL"].fmeasure for e, g in zip(examples, generated)]
+            rouge = [rouge_l(e.reference, g) for e, g in zip(examples, generated)]
             exact = [_normalise(e.reference) == _normalise(g) for e, g in zip(examples, generated)]
             per_task[name] = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "rouge_l": sum(rouge) / len(rouge),
                               "exact_match": sum(exact) / len(exact), "n": len(examples), "response_tokens": tokens}
