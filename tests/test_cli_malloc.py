@@ -1,5 +1,5 @@
-"""The CLI's glibc settings (:func:`dorafit.cli.return_large_blocks`): mallopt with a 256 KiB mapping threshold and
-a 32 MiB trim threshold, unless the user set glibc's own variables; nothing on another C library."""
+"""The CLI's glibc settings (:func:`dorafit.cli.return_large_blocks`): mallopt with a 64 KiB mapping threshold and
+a 4 MiB trim threshold, unless the user set glibc's own variables; nothing on another C library."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_sets_both_thresholds_on_glibc(monkeypatch):
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
     cli.return_large_blocks()
-    assert libc.calls == [(cli.M_MMAP_THRESHOLD, 256 << 10), (cli.M_TRIM_THRESHOLD, 32 << 20)]
+    assert libc.calls == [(cli.M_MMAP_THRESHOLD, 64 << 10), (cli.M_TRIM_THRESHOLD, 4 << 20)]
 
 
 def test_leaves_the_users_settings_and_other_c_libraries_alone(monkeypatch):
