@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import functional as Fn
-from . import norm_cache
+from . import norm_cache, stacked_adapters
 from .layers import LayerOps
 from .magnitude_scale import magnitude_scale
 from .norm_cache import NormCache
@@ -109,6 +109,7 @@ class RowAdapters:
         for i, name in enumerate(self.names):
             positions.setdefault(name, []).append(i)
         self.groups = {name: torch.tensor(index, device=device) for name, index in positions.items()}
+        self.positions: dict = {}  # each row's place in a layer's stacked adapters (dorafit.stacked_adapters)
 
 
 class AdaptedLayer:
@@ -259,6 +260,9 @@ class AdaptedLayer:
         if len(rows.groups) == 1 and not self.training:
             holder = self.holder(next(iter(rows.groups)))
             return self.dorafit.base_class.forward(self, x) if holder is None else self.adapter_forward(x, holder)
+        stacked = stacked_adapters.forward(self, x, rows)  # few tokens (decoding): every adapter in one product
+        if stacked is not None:
+            return stacked
         ops = self.dorafit.ops
         y = ops.base(self, x)  # W0 x for every row
         for name, index in rows.groups.items():
