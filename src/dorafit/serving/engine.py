@@ -259,16 +259,75 @@ class Engine:
 
     @torch.no_grad()
     def _prefill_step(self) -> None:
-        """The next chunk of the prefilling request with the fewest prompt tokens left."""
+        """The next chunk of the prefilling request with the fewest prompt tokens left, together with the next
+        chunks of the same length of other prefilling requests (:meth:`_prefill_group`) in one forward."""
         for row in [r for r in self.prefilling if r.request.cancelled]:
             self.prefilling.remove(row)
             self._end(row.request, "cancelled")
         if not self.prefilling:
             return
-        row = min(self.prefilling, key=lambda r: len(r.request.prompt) - r.done)
+        group = self._prefill_group()
+        if len(group) > 1:
+            try:
+                self._prefill_together(group)
+                return
+            except Exception:  # noqa: BLE001 - their own caches are untouched: prefill each alone, failing only
+                log.debug("a batched prefill failed; prefilling its rows one at a time", exc_info=True)  # culprits
+        for row in group:
+            self._prefill_alone(row)
+
+    def _chunk(self, row: _Row) -> int:
+        """The tokens of ``row``'s next prefill chunk."""
+        return min(self.prefill_chunk, len(row.request.prompt) - row.done)
+
+    def _prefill_group(self) -> list[_Row]:
+        """The rows one prefill step serves: the prefilling row with the fewest prompt tokens left, and, when it
+        can share a forward, the other rows whose next chunk has the same length (fewest tokens left first), as
+        many as keep the step within ``prefill_chunk`` tokens. Rows with images or echo are prefilled alone."""
+        order = sorted(self.prefilling, key=lambda r: len(r.request.prompt) - r.done)
+
+        def shares(row: _Row) -> bool:
+            return not row.request.images and not row.request.echo
+
+        first = order[0]
+        if not shares(first):
+            return [first]
+        tokens = self._chunk(first)
+        group = [first]
+        for row in order[1:]:
+            if (len(group) + 1) * tokens > self.prefill_chunk:
+                break
+            if shares(row) and self._chunk(row) == tokens:
+                group.append(row)
+        return group
+
+    def _prefill_together(self, rows: list[_Row]) -> None:
+        """One forward for the next chunk (all of the same length) of each of ``rows``, each with its adapter: their
+        caches stacked right-aligned into one (:meth:`RowCache.of_rows`, a copy), the new tokens after each row's
+        own, then split back into a cache per row. Each row's keys, values and logits are what its own chunk alone
+        gives (up to the rounding of batched products): its tokens are contiguous and the mask hides the rest."""
+        tokens = self._chunk(rows[0])
+        cache = RowCache.of_rows([r.cache for r in rows])
+        ids = torch.tensor([r.request.prompt[r.done:r.done + tokens] for r in rows], device=self.device)
+        positions = torch.tensor([r.done for r in rows], device=self.device)[:, None] + torch.arange(
+            tokens, device=self.device)[None]
+        out = self._forward([r.request.adapter for r in rows], input_ids=ids, position_ids=positions, cache=cache,
+                            attention_mask=cache.attention_mask(tokens, self.device), logits_to_keep=1)
+        for i, row in enumerate(rows):  # from here on each row goes on alone: one that fails does not stop the others
+            try:
+                row.cache = cache.copy_rows([i])
+                row.done += tokens
+                self._prefilled(row, out.logits[i, -1])
+            except Exception as exc:  # noqa: BLE001 - fail this request, keep serving
+                if row in self.prefilling:
+                    self.prefilling.remove(row)
+                self._fail([row], exc)
+
+    def _prefill_alone(self, row: _Row) -> None:
+        """The next chunk of ``row`` in a forward of its own (into its own cache)."""
         request = row.request
         try:
-            start, end = row.done, min(row.done + self.prefill_chunk, len(request.prompt))
+            start, end = row.done, row.done + self._chunk(row)
             positions = torch.arange(start, end, device=self.device)[None]
             out = self._forward([request.adapter], **self._prompt_inputs(row, start, end), position_ids=positions,
                                 cache=row.cache,
@@ -277,17 +336,22 @@ class Engine:
             row.done = end
             if request.echo:
                 self._score_prompt(row, out.logits[0], start, end)
-            if end < len(request.prompt):
-                return
-            self.prefilling.remove(row)
-            if request.limit == 0:  # only the prompt's log-probabilities were asked for
-                self._end(request, "length")
-            elif not self._take(row, out.logits[0, -1]):
-                self._join(row)
+            self._prefilled(row, out.logits[0, -1])
         except Exception as exc:  # noqa: BLE001 - fail this request, keep serving
             if row in self.prefilling:
                 self.prefilling.remove(row)
             self._fail([row], exc)
+
+    def _prefilled(self, row: _Row, logits: torch.Tensor) -> None:
+        """After a chunk of ``row``: once its whole prompt is in, choose its first token from ``logits`` (the last
+        prompt position's) and move it to the decoding batch (or end it)."""
+        if row.done < len(row.request.prompt):
+            return
+        self.prefilling.remove(row)
+        if row.request.limit == 0:  # only the prompt's log-probabilities were asked for
+            self._end(row.request, "length")
+        elif not self._take(row, logits):
+            self._join(row)
 
     def _prompt_inputs(self, row: _Row, start: int, end: int) -> dict:
         """The model inputs of prompt tokens ``start:end``: their ids, or, for a prompt with images, their input
