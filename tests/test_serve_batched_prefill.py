@@ -60,6 +60,16 @@ def alone(model, prompt: list[int], adapter: str | None) -> list[int]:
     return ids[0, len(prompt):].tolist()
 
 
+def recorded(engine) -> list[list[tuple[int, int]]]:
+    """Each batched prefill's rows as (tokens prefilled before, prompt tokens), recorded as the engine runs."""
+    engine.stops = set()
+    together = []
+    prefill_together = engine._prefill_together
+    engine._prefill_together = lambda rows: (together.append([(r.done, len(r.request.prompt)) for r in rows]),
+                                             prefill_together(rows))[1]
+    return together
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_prompts_prefilled_together_get_the_tokens_they_get_alone(kind):
     from dorafit.generation import SamplingOptions
@@ -67,11 +77,7 @@ def test_prompts_prefilled_together_get_the_tokens_they_get_alone(kind):
 
     model, adapters = llama_with_adapters() if kind == "llama" else gemma3_sliding()
     engine = Engine(model, _Ids(), max_batch_size=8, prefill_chunk=8)
-    engine.stops = set()
-    together = []
-    prefill_together = engine._prefill_together
-    engine._prefill_together = lambda rows: (together.append([(r.done, len(r.request.prompt)) for r in rows]),
-                                             prefill_together(rows))[1]
+    together = recorded(engine)
     g = torch.Generator().manual_seed(1)
 
     def request(n: int, i: int) -> Request:
@@ -99,6 +105,31 @@ def test_prompts_prefilled_together_get_the_tokens_they_get_alone(kind):
     assert [(8, 10), (0, 2), (0, 2)] in together and [(0, 3), (0, 3)] in together and [(0, 4), (0, 4)] in together
     assert all(len(rows) * min(8, rows[0][1] - rows[0][0]) <= 8 for rows in together)  # within prefill_chunk
     assert engine.peak_batch > 1
+
+
+def test_a_step_prefills_within_prefill_chunk_tokens_while_requests_decode():
+    """With no request decoding, one step prefills every waiting prompt of one length (up to max_batch_size of
+    them); while requests decode, it stays within prefill_chunk tokens, as one prompt's chunk did."""
+    from dorafit.generation import SamplingOptions
+    from dorafit.serving.engine import Engine, Request
+
+    model, adapters = llama_with_adapters()
+    engine = Engine(model, _Ids(), max_batch_size=8, prefill_chunk=8)
+    together = recorded(engine)
+    prompts = [[i + 1, i + 2, i + 3, i + 4] for i in range(7)]
+    ended = []
+    requests = [Request(p, adapters[i % 3], SamplingOptions(max_new_tokens=MAX_TOKENS),
+                        on_token=lambda token, reason: ended.append(reason) if reason else None)
+                for i, p in enumerate(prompts)]
+    for r in requests[:4]:
+        engine.submit(r)
+    engine.run(until=lambda: bool(engine.active))
+    assert together == [[(0, 4)] * 4] and len(engine.active) == 4  # 16 tokens in one step: none was decoding
+    for r in requests[4:]:
+        engine.submit(r)
+    engine.run(until=lambda: len(ended) == len(requests))
+    assert together[1:] == [[(0, 4)] * 2]  # then 8 tokens (two prompts), and the last prompt alone
+    assert all(r.error is None for r in requests)
 
 
 def test_a_failed_batched_prefill_prefills_each_row_alone_and_fails_only_the_culprit():

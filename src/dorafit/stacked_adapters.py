@@ -59,23 +59,29 @@ class Stack:
 def forward(layer, x: Tensor, rows) -> Tensor | None:
     """``layer``'s per-row output for the batch ``x`` (row i with adapter ``rows.names[i]``), or None where the
     stacked form does not apply (not a linear family, training mode, more than :data:`MAX_TOKENS` tokens, adapters
-    whose factors differ in dtype)."""
+    whose factors differ in dtype).
+
+    The bookkeeping (the memo's version check, the rows' positions, the scale's gather) runs with torch-function
+    modes off: under ``--pack-weights``' mode (:mod:`dorafit.serving.packed`) each tensor attribute read would
+    otherwise be a Python call; the three products run under the mode as usual."""
     ops = layer.dorafit.ops
-    if layer.training or not isinstance(ops, LinearOps) or x.dim() < 2 or x.numel() > MAX_TOKENS * x.shape[-1]:
-        return None
-    holders = {name: h for name in rows.groups if name is not None and (h := layer.holder(name)) is not None}
-    stack = _stack(layer, holders)
-    if stack is None:
-        return None
-    index, mask = _row_positions(rows, stack, x.device)  # [B]: each row's stack position (S: the base); [B, R]
+    with torch._C.DisableTorchFunction():
+        if layer.training or not isinstance(ops, LinearOps) or x.dim() < 2 or x.numel() > MAX_TOKENS * x.shape[-1]:
+            return None
+        holders = {name: h for name in rows.groups if name is not None and (h := layer.holder(name)) is not None}
+        stack = _stack(layer, holders)
+        if stack is None:
+            return None
+        index, mask = _row_positions(rows, stack, x)  # [B]: each row's stack position (S: the base); M [B, 1.., R]
+        scale = None
+        if stack.scale is not None:  # [B, 1.., out], as the loop rounds m / n
+            scale = stack.scale.index_select(0, index).to(x.dtype).view(len(index), *[1] * (x.dim() - 2), -1)
     y = ops.base(layer, x)  # W0 x for every row (a fresh tensor: updated in place below)
     if stack.q is not None:
-        u = ops.down(layer, x, stack.q)  # [B, ..., R]
-        u = u.mul_(mask.view(mask.shape[0], *[1] * (u.dim() - 2), mask.shape[1]))
+        u = ops.down(layer, x, stack.q).mul_(mask)  # [B, ..., R]: each row's own adapter's columns
         y = y.add_(ops.up(layer, u, stack.p).to(y.dtype))
-    if stack.scale is not None:
-        c = stack.scale.index_select(0, index).to(y.dtype)  # [B, out], as the loop rounds m / n
-        y = y.mul_(c.view(c.shape[0], *[1] * (y.dim() - 2), c.shape[1]))
+    if scale is not None:
+        y = y.mul_(scale)
     return ops.finish(layer, x, ops.add_bias(layer, y))
 
 
@@ -112,13 +118,16 @@ def _build(layer, names: tuple[str, ...], holders: dict) -> Stack | None:
     return Stack(names, q, p, owner, scale, layout)
 
 
-def _row_positions(rows, stack: Stack, device) -> tuple[Tensor, Tensor | None]:
+def _row_positions(rows, stack: Stack, x: Tensor) -> tuple[Tensor, Tensor | None]:
     """Row i's position in the stack ([B]; S, one past the last, for the base or an adapter this layer lacks) and
-    the mask M of the module docstring ([B, R], 1 where column j belongs to row i's adapter), made once per batch
-    and stack layout (kept on ``rows``: every layer with the same adapters and ranks shares them)."""
-    if stack.layout not in rows.positions:
+    the mask M of the module docstring (shaped [B, 1, ..., R] for ``x``'s dimensions, 1 where column j belongs to
+    row i's adapter), made once per batch and stack layout (kept on ``rows``: every layer with the same adapters
+    and ranks shares them)."""
+    key = (stack.layout, x.dim())
+    if key not in rows.positions:
         position = {name: i for i, name in enumerate(stack.names)}
-        index = torch.tensor([position.get(name, len(stack.names)) for name in rows.names], device=device)
-        mask = None if stack.q is None else (index[:, None] == stack.owner[None, :]).to(stack.q.dtype)
-        rows.positions[stack.layout] = index, mask
-    return rows.positions[stack.layout]
+        index = torch.tensor([position.get(name, len(stack.names)) for name in rows.names], device=x.device)
+        shape = (len(rows.names), *[1] * (x.dim() - 2), -1)
+        mask = None if stack.q is None else (index[:, None] == stack.owner[None, :]).to(stack.q.dtype).view(shape)
+        rows.positions[key] = index, mask
+    return rows.positions[key]
