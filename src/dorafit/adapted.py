@@ -249,7 +249,8 @@ class AdaptedLayer:
         ``P (Q x)`` and one per-unit scale ``c = m / n`` (n cached): ``y = c * (W0 x + P Q x) + b`` (DoRA),
         ``W0 x + P Q x + b`` (LoRA, VeRA), ``c * W0 x + b`` (magnitude-only), ``W0 x + b`` (base). When every
         row has the same adapter (a batch of one, say) this is the layer's single-adapter forward, as with that
-        adapter active (:func:`dorafit.set_adapter`): no row gather or scatter."""
+        adapter active (:func:`dorafit.set_adapter`): no row gather or scatter. A linear layer given few tokens
+        (decoding) runs all its adapters at once instead of a loop over them (:mod:`dorafit.stacked_adapters`)."""
         if torch.is_grad_enabled():
             raise RuntimeError("per_row_adapters is for inference only: run the model under torch.no_grad()")
         if not isinstance(rows, RowAdapters):
