@@ -108,8 +108,8 @@ def test_prompts_prefilled_together_get_the_tokens_they_get_alone(kind):
 
 
 def test_a_step_prefills_within_prefill_chunk_tokens_while_requests_decode():
-    """With no request decoding, one step prefills every waiting prompt of one length (up to max_batch_size of
-    them); while requests decode, it stays within prefill_chunk tokens, as one prompt's chunk did."""
+    """With no request decoding, one step prefills every waiting prompt of one length (within 512 tokens); while
+    requests decode, it stays within prefill_chunk tokens, as one prompt's chunk did."""
     from dorafit.generation import SamplingOptions
     from dorafit.serving.engine import Engine, Request
 

@@ -9,9 +9,10 @@ Requests wait in a queue; a loop (:meth:`Engine.run`, in one thread) repeats:
    the requests already decoding keep producing a token per iteration meanwhile; a short prompt that arrives
    behind a long one goes first. Other prefilling requests whose next chunk has the same length share that
    forward (one row each, with its own adapter: :meth:`Engine._prefill_together`), as many as keep the step
-   within ``prefill_chunk`` tokens while requests are decoding, or within ``max_batch_size`` chunks while none
-   is (nothing waits for the step then): eight waiting 48-token prompts are one forward, not eight. When its
-   prompt is in, a request's first token is chosen and its row joins the batch.
+   within ``prefill_chunk`` tokens while requests are decoding, or within :data:`IDLE_PREFILL_TOKENS` (512, or
+   ``prefill_chunk`` if more) while none is (then only a request that arrives meanwhile waits for the step): eight
+   waiting 48-token prompts are one forward, not eight. When its prompt is in, a request's first token is chosen
+   and its row joins the batch.
 3. **Decode**: one forward over all decoding rows (each row's last token at its own position, rows right-aligned
    in one preallocated batch cache, padding masked out), with :func:`dorafit.per_row_adapters` giving every row
    its adapter. Each row's next token is chosen from its logits (greedy: one ``argmax`` over the batch's greedy
@@ -57,6 +58,10 @@ from . import packed
 from .kv import RowCache, check_supported
 
 log = logging.getLogger("dorafit.serve")
+#: the most prompt tokens one prefill step holds while no request is decoding (with prefill_chunk, if larger): a
+#: batch of short prompts reads the weights once instead of once per prompt (8 x 48 tokens in one forward: 0.7 of
+#: the time of eight, benchmarks/serving.py), while a request arriving meanwhile waits for at most this many tokens
+IDLE_PREFILL_TOKENS = 512
 
 
 @dataclass
@@ -287,8 +292,9 @@ class Engine:
     def _prefill_group(self) -> list[_Row]:
         """The rows one prefill step serves: the prefilling row with the fewest prompt tokens left, and, when it
         can share a forward, the other rows whose next chunk has the same length (fewest tokens left first), as
-        many as keep the step within ``prefill_chunk`` tokens while requests are decoding (they wait for the step)
-        and within ``max_batch_size`` chunks when none is. Rows with images or echo are prefilled alone."""
+        many as keep the step within ``prefill_chunk`` tokens while requests are decoding (they wait for the step),
+        within :data:`IDLE_PREFILL_TOKENS` (or ``prefill_chunk`` if more) when none is. Rows with images or echo are
+        prefilled alone."""
         order = sorted(self.prefilling, key=lambda r: len(r.request.prompt) - r.done)
 
         def shares(row: _Row) -> bool:
@@ -298,7 +304,7 @@ class Engine:
         if not shares(first):
             return [first]
         tokens = self._chunk(first)
-        budget = self.prefill_chunk if self.active else self.prefill_chunk * self.max_batch_size
+        budget = self.prefill_chunk if self.active else max(self.prefill_chunk, IDLE_PREFILL_TOKENS)
         group = [first]
         for row in order[1:]:
             if (len(group) + 1) * tokens > budget:
