@@ -331,9 +331,7 @@ class Engine:
                 row.done += tokens
                 self._prefilled(row, out.logits[i, -1])
             except Exception as exc:  # noqa: BLE001 - fail this request, keep serving
-                if row in self.prefilling:
-                    self.prefilling.remove(row)
-                self._fail([row], exc)
+                self._prefill_failed(row, exc)
 
     def _prefill_alone(self, row: _Row) -> None:
         """The next chunk of ``row`` in a forward of its own (into its own cache)."""
@@ -350,9 +348,7 @@ class Engine:
                 self._score_prompt(row, out.logits[0], start, end)
             self._prefilled(row, out.logits[0, -1])
         except Exception as exc:  # noqa: BLE001 - fail this request, keep serving
-            if row in self.prefilling:
-                self.prefilling.remove(row)
-            self._fail([row], exc)
+            self._prefill_failed(row, exc)
 
     def _prefilled(self, row: _Row, logits: torch.Tensor) -> None:
         """After a chunk of ``row``: once its whole prompt is in, choose its first token from ``logits`` (the last
@@ -364,6 +360,11 @@ class Engine:
             self._end(row.request, "length")
         elif not self._take(row, logits):
             self._join(row)
+
+    def _prefill_failed(self, row: _Row, exc: Exception) -> None:
+        if row in self.prefilling:
+            self.prefilling.remove(row)
+        self._fail([row], exc)
 
     def _prompt_inputs(self, row: _Row, start: int, end: int) -> dict:
         """The model inputs of prompt tokens ``start:end``: their ids, or, for a prompt with images, their input
