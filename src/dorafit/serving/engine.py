@@ -7,12 +7,13 @@ Requests wait in a queue; a loop (:meth:`Engine.run`, in one thread) repeats:
 2. **Prefill one chunk**: the prefilling request with the fewest prompt tokens left runs its next
    ``prefill_chunk`` prompt tokens (with its adapter), so a long prompt is prefilled over several iterations and
    the requests already decoding keep producing a token per iteration meanwhile; a short prompt that arrives
-   behind a long one goes first. Other prefilling requests whose next chunk has the same length share that
-   forward (one row each, with its own adapter: :meth:`Engine._prefill_together`), as many as keep the step
-   within ``prefill_chunk`` tokens while requests are decoding, or within :data:`IDLE_PREFILL_TOKENS` (512, or
-   ``prefill_chunk`` if more) while none is (then only a request that arrives meanwhile waits for the step): eight
-   waiting 48-token prompts are one forward, not eight. When its prompt is in, a request's first token is chosen
-   and its row joins the batch.
+   behind a long one goes first. Other prefilling requests with next chunks of about that length share that
+   forward (one row each, with its own adapter, shorter chunks padded: :meth:`Engine._prefill_together`), as many
+   as keep the step within ``prefill_chunk`` tokens while requests are decoding, or within
+   :data:`IDLE_PREFILL_TOKENS` (512, or ``prefill_chunk`` if more) while none is (then only a request that arrives
+   meanwhile waits for the step), with at most :data:`MAX_PADDING` of the forward padding: eight waiting 48-token
+   prompts are one forward, not eight. When its prompt is in, a request's first token is chosen and its row joins
+   the batch.
 3. **Decode**: one forward over all decoding rows (each row's last token at its own position, rows right-aligned
    in one preallocated batch cache, padding masked out), with :func:`dorafit.per_row_adapters` giving every row
    its adapter. Each row's next token is chosen from its logits (greedy: one ``argmax`` over the batch's greedy
@@ -62,6 +63,8 @@ log = logging.getLogger("dorafit.serve")
 #: batch of short prompts reads the weights once instead of once per prompt (8 x 48 tokens in one forward: 0.7 of
 #: the time of eight, benchmarks/serving.py), while a request arriving meanwhile waits for at most this many tokens
 IDLE_PREFILL_TOKENS = 512
+#: the largest share of a batched prefill forward's tokens that may be padding (prompts of different lengths)
+MAX_PADDING = 0.25
 
 
 @dataclass
@@ -291,44 +294,56 @@ class Engine:
 
     def _prefill_group(self) -> list[_Row]:
         """The rows one prefill step serves: the prefilling row with the fewest prompt tokens left, and, when it
-        can share a forward, the other rows whose next chunk has the same length (fewest tokens left first), as
-        many as keep the step within ``prefill_chunk`` tokens while requests are decoding (they wait for the step),
-        within :data:`IDLE_PREFILL_TOKENS` (or ``prefill_chunk`` if more) when none is. Rows with images or echo are
+        can share a forward, the next ones by tokens left while the forward stays within the budget and at most
+        :data:`MAX_PADDING` of it is padding (rows' chunks are right-padded to the longest). The budget, counting
+        padding: ``prefill_chunk`` tokens while requests are decoding (they wait for the step),
+        :data:`IDLE_PREFILL_TOKENS` (or ``prefill_chunk`` if more) when none is. Rows with images or echo are
         prefilled alone."""
         order = sorted(self.prefilling, key=lambda r: len(r.request.prompt) - r.done)
 
         def shares(row: _Row) -> bool:
             return not row.request.images and not row.request.echo
 
-        first = order[0]
-        if not shares(first):
-            return [first]
-        tokens = self._chunk(first)
+        if not shares(order[0]):
+            return order[:1]
         budget = self.prefill_chunk if self.active else max(self.prefill_chunk, IDLE_PREFILL_TOKENS)
-        group = [first]
-        for row in order[1:]:
-            if (len(group) + 1) * tokens > budget:
+        group, tokens = order[:1], self._chunk(order[0])
+        for row in filter(shares, order[1:]):
+            width = self._chunk(row)  # the longest chunk so far: chunks grow with the tokens left
+            padded = (len(group) + 1) * width
+            if padded > budget or padded - tokens - width > MAX_PADDING * padded:
                 break
-            if shares(row) and self._chunk(row) == tokens:
-                group.append(row)
+            group.append(row)
+            tokens += width
         return group
 
     def _prefill_together(self, rows: list[_Row]) -> None:
-        """One forward for the next chunk (all of the same length) of each of ``rows``, each with its adapter: their
-        caches stacked right-aligned into one (:meth:`RowCache.of_rows`, a copy), the new tokens after each row's
-        own, then split back into a cache per row. Each row's keys, values and logits are what its own chunk alone
-        gives (up to the rounding of batched products): its tokens are contiguous and the mask hides the rest."""
-        tokens = self._chunk(rows[0])
+        """One forward for the next chunk of each of ``rows``, each with its adapter: their caches stacked
+        right-aligned into one (:meth:`RowCache.of_rows`, a copy), each row's chunk after its own tokens,
+        right-padded to the longest chunk (the padding masked out: no real token sees it), then split back into a
+        cache per row without the padding. Each row's keys, values and logits are what its own chunk alone gives
+        (up to the rounding of batched products): its tokens are contiguous, so sliding windows see the distances
+        they see alone, and its logits are taken at its own last token."""
+        chunks = [self._chunk(r) for r in rows]
+        width = max(chunks)
         cache = RowCache.of_rows([r.cache for r in rows])
-        ids = torch.tensor([r.request.prompt[r.done:r.done + tokens] for r in rows], device=self.device)
-        positions = torch.tensor([r.done for r in rows], device=self.device)[:, None] + torch.arange(
-            tokens, device=self.device)[None]
+        ids = torch.tensor([r.request.prompt[r.done:r.done + c] + [0] * (width - c) for r, c in zip(rows, chunks)],
+                           device=self.device)
+        columns = torch.arange(width, device=self.device)[None]
+        positions = torch.tensor([r.done for r in rows], device=self.device)[:, None] + columns
+        sizes = torch.tensor(chunks, device=self.device)[:, None]
+        mask = cache.attention_mask(width, self.device)
+        mask[:, cache.length:] *= columns < sizes  # each row's padding
+        last = 1 if width == min(chunks) else sizes - 1  # (rows, 1): each row's last token
         out = self._forward([r.request.adapter for r in rows], input_ids=ids, position_ids=positions, cache=cache,
-                            attention_mask=cache.attention_mask(tokens, self.device), logits_to_keep=1)
-        for i, row in enumerate(rows):  # from here on each row goes on alone: one that fails does not stop the others
+                            attention_mask=mask, logits_to_keep=last)
+        if out.logits.shape[:2] != (len(rows), 1):
+            raise RuntimeError(f"{type(self.model).__name__} did not keep one position per row (logits_to_keep)")
+        for i, (row, c) in enumerate(zip(rows, chunks)):  # from here on each row goes on alone
             try:
                 row.cache = cache.copy_rows([i])
-                row.done += tokens
+                row.cache.rewind(row.cache.length - (width - c))
+                row.done += c
                 self._prefilled(row, out.logits[i, -1])
             except Exception as exc:  # noqa: BLE001 - fail this request, keep serving
                 self._prefill_failed(row, exc)
