@@ -93,8 +93,7 @@ def test_prompts_prefilled_together_get_the_tokens_they_get_alone(kind):
         engine.submit(r)
 
     # a long prompt first (chunks of 8), then, once its first chunk is in, short ones: its last 2 tokens share a
-    # forward with the fresh 2- and 3-token prompts (padded to 3: a quarter of the forward), the 4-token ones
-    # (once those decode: within prefill_chunk) another, the 7-token one alone
+    # forward with all the fresh prompts, padded to 7 tokens (29 padding tokens for 7 added rows)
     first = [request(10, 0)]
     later = [request(n, i) for i, n in enumerate([3, 2, 4, 3, 2, 4, 7], start=1)]
     submit(first[0])
@@ -104,7 +103,7 @@ def test_prompts_prefilled_together_get_the_tokens_they_get_alone(kind):
     engine.run(until=lambda: all(len(out) == MAX_TOKENS + 1 for out in got.values()))
     for r in first + later:
         assert got[r.id] == [*alone(model, r.prompt, r.adapter), "length"], (kind, len(r.prompt), r.adapter)
-    assert together == [[(8, 10), (0, 2), (0, 2), (0, 3), (0, 3)], [(0, 4), (0, 4)]]
+    assert together == [[(8, 10), (0, 2), (0, 2), (0, 3), (0, 3), (0, 4), (0, 4), (0, 7)]]
     assert engine.peak_batch > 1
 
 

@@ -11,9 +11,9 @@ Requests wait in a queue; a loop (:meth:`Engine.run`, in one thread) repeats:
    forward (one row each, with its own adapter, shorter chunks padded: :meth:`Engine._prefill_together`), as many
    as keep the step within ``prefill_chunk`` tokens while requests are decoding, or within
    :data:`IDLE_PREFILL_TOKENS` (512, or ``prefill_chunk`` if more) while none is (then only a request that arrives
-   meanwhile waits for the step), with at most :data:`MAX_PADDING` of the forward padding: eight waiting 48-token
-   prompts are one forward, not eight. When its prompt is in, a request's first token is chosen and its row joins
-   the batch.
+   meanwhile waits for the step), with at most :data:`MAX_PADDING` (16) padding tokens per added row: eight
+   waiting 48-token prompts are one forward, not eight. When its prompt is in, a request's first token is chosen
+   and its row joins the batch.
 3. **Decode**: one forward over all decoding rows (each row's last token at its own position, rows right-aligned
    in one preallocated batch cache, padding masked out), with :func:`dorafit.per_row_adapters` giving every row
    its adapter. Each row's next token is chosen from its logits (greedy: one ``argmax`` over the batch's greedy
@@ -63,8 +63,10 @@ log = logging.getLogger("dorafit.serve")
 #: batch of short prompts reads the weights once instead of once per prompt (8 x 48 tokens in one forward: 0.7 of
 #: the time of eight, benchmarks/serving.py), while a request arriving meanwhile waits for at most this many tokens
 IDLE_PREFILL_TOKENS = 512
-#: the largest share of a batched prefill forward's tokens that may be padding (prompts of different lengths)
-MAX_PADDING = 0.25
+#: the padding tokens a batched prefill forward may hold per row beyond the first (prompts of different lengths):
+#: each such row saves a forward, which on a CPU costs about what 15-20 prompt tokens cost (benchmarks/serving.py,
+#: 2026-12-06: a one-row decode forward 24 ms, a 48-token prefill 95 ms), so padding stays below what it saves
+MAX_PADDING = 16
 
 
 @dataclass
@@ -294,9 +296,9 @@ class Engine:
 
     def _prefill_group(self) -> list[_Row]:
         """The rows one prefill step serves: the prefilling row with the fewest prompt tokens left, and, when it
-        can share a forward, the next ones by tokens left while the forward stays within the budget and at most
-        :data:`MAX_PADDING` of it is padding (rows' chunks are right-padded to the longest). The budget, counting
-        padding: ``prefill_chunk`` tokens while requests are decoding (they wait for the step),
+        can share a forward, the next ones by tokens left while the forward stays within the budget and holds at
+        most :data:`MAX_PADDING` padding tokens per added row (chunks are right-padded to the longest). The budget,
+        counting padding: ``prefill_chunk`` tokens while requests are decoding (they wait for the step),
         :data:`IDLE_PREFILL_TOKENS` (or ``prefill_chunk`` if more) when none is. Rows with images or echo are
         prefilled alone."""
         order = sorted(self.prefilling, key=lambda r: len(r.request.prompt) - r.done)
@@ -311,7 +313,7 @@ class Engine:
         for row in filter(shares, order[1:]):
             width = self._chunk(row)  # the longest chunk so far: chunks grow with the tokens left
             padded = (len(group) + 1) * width
-            if padded > budget or padded - tokens - width > MAX_PADDING * padded:
+            if padded > budget or padded - tokens - width > MAX_PADDING * len(group):
                 break
             group.append(row)
             tokens += width
