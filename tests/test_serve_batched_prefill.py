@@ -132,6 +132,32 @@ def test_a_step_prefills_within_prefill_chunk_tokens_while_requests_decode():
     assert all(r.error is None for r in requests)
 
 
+def test_a_short_prompt_does_not_wait_for_a_long_prompts_chunk():
+    """A short prompt that arrives while a long one is prefilled is prefilled alone, first (as before batched
+    prefill), not padded to the long prompt's next chunk: its first token comes after a forward of its own size."""
+    from dorafit.generation import SamplingOptions
+    from dorafit.serving.engine import Engine, Request
+
+    model, _ = llama_with_adapters()
+    engine = Engine(model, _Ids(), max_batch_size=8, prefill_chunk=8)
+    together = recorded(engine)
+    long = Request(list(range(1, 21)), "dora", SamplingOptions(max_new_tokens=MAX_TOKENS))
+    short = Request([5, 6, 7], "lora", SamplingOptions(max_new_tokens=MAX_TOKENS))
+    got = {}
+    for r in (long, short):
+        got[r.id] = []
+        r.on_token = lambda token, reason, out=got[r.id]: out.append(token if reason is None else reason)
+    engine.submit(long)
+    engine.run(until=lambda: bool(engine.prefilling) and engine.prefilling[0].done == 8)
+    engine.submit(short)
+    engine.run(until=lambda: len(got[short.id]) >= 1)
+    assert [r.request for r in engine.prefilling] == [long] and engine.prefilling[0].done == 8  # not yet served
+    engine.run(until=lambda: all(len(out) == MAX_TOKENS + 1 for out in got.values()))
+    assert together == []
+    for r in (long, short):
+        assert got[r.id] == [*alone(model, r.prompt, r.adapter), "length"]
+
+
 def test_a_failed_batched_prefill_prefills_each_row_alone_and_fails_only_the_culprit():
     from dorafit.generation import SamplingOptions
     from dorafit.serving.engine import Engine, Request

@@ -299,21 +299,27 @@ class Engine:
         can share a forward, the next ones by tokens left while the forward stays within the budget and holds at
         most :data:`MAX_PADDING` padding tokens per added row (chunks are right-padded to the longest). The budget,
         counting padding: ``prefill_chunk`` tokens while requests are decoding (they wait for the step),
-        :data:`IDLE_PREFILL_TOKENS` (or ``prefill_chunk`` if more) when none is. Rows with images or echo are
-        prefilled alone."""
-        order = sorted(self.prefilling, key=lambda r: len(r.request.prompt) - r.done)
+        :data:`IDLE_PREFILL_TOKENS` (or ``prefill_chunk`` if more) when none is. A chunk in the middle of a long
+        prompt joins only chunks of its own length (padding the first row to it would delay that row's first
+        token for a chunk a later step serves as well); rows with images or echo are prefilled alone."""
+
+        def left(row: _Row) -> int:
+            return len(row.request.prompt) - row.done
 
         def shares(row: _Row) -> bool:
             return not row.request.images and not row.request.echo
 
+        order = sorted(self.prefilling, key=left)
         if not shares(order[0]):
             return order[:1]
         budget = self.prefill_chunk if self.active else max(self.prefill_chunk, IDLE_PREFILL_TOKENS)
-        group, tokens = order[:1], self._chunk(order[0])
+        first = tokens = self._chunk(order[0])
+        group = order[:1]
         for row in filter(shares, order[1:]):
             width = self._chunk(row)  # the longest chunk so far: chunks grow with the tokens left
             padded = (len(group) + 1) * width
-            if padded > budget or padded - tokens - width > MAX_PADDING * len(group):
+            if (padded > budget or padded - tokens - width > MAX_PADDING * len(group)
+                    or (width > first and width < left(row))):
                 break
             group.append(row)
             tokens += width
