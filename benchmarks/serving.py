@@ -17,8 +17,8 @@ less). Each for the default engine and for ``--pack-weights`` (``Engine(pack_wei
 with packed weights, :mod:`dorafit.serving.packed`); ``--variants`` picks.
 
 Bound (``bound``): the batched / one-at-a-time ratio the model's forwards alone allow, from the CPU time of one
-prompt's prefill, of the N prompts' prefill in one forward (as the batched engine prefills them: prompts of one
-length together, up to 512 tokens while none is decoding) and of a 1-row and an N-row decode forward
+prompt's prefill, of the N prompts' prefill in one forward (as the batched engine prefills them: prompts of about
+one length together, up to 512 tokens while none is decoding) and of a 1-row and an N-row decode forward
 (see :func:`measure_bound`): what no engine overhead cut can exceed with these kernels.
 
 The model is the LLaMA-shaped random model of ``dorafit bench`` (hidden 1024, intermediate 2816, 4 layers, 16 heads,
@@ -240,8 +240,8 @@ def cpu_ms(fn, repeats: int) -> float:
 def measure_bound(model, k: int, n: int, tokens: int, repeats: int, variants: list[str]) -> dict:
     """The batched / one-at-a-time ratio the model's forwards alone allow (no engine, no KV cache bookkeeping):
     with P the CPU time of one 48-token prompt's prefill, Pn that of the n prompts in one forward (the batched
-    engine prefills waiting prompts of one length together, up to 512 tokens while none is decoding), D1 of a one-row
-    decode forward and Dn of an n-row one (rows with mixed adapters), n requests of ``tokens`` tokens take
+    engine prefills waiting prompts of about one length together, up to 512 tokens while none is decoding), D1 of
+    a one-row decode forward and Dn of an n-row one (rows with mixed adapters), n requests of ``tokens`` tokens take
     n P + n tokens D1 one at a time and Pn + tokens Dn batched (n P + tokens Dn before batched prefill).
     "packed": Dn with packed weights (P, Pn and D1 as the default: the engine packs only decode forwards of two
     rows or more)."""
