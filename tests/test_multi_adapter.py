@@ -142,3 +142,70 @@ def test_rows_that_share_one_adapter_equal_it_active_bit_for_bit(models):
             dorafit.set_adapter(multi, name)
             active = multi(x)
         assert torch.equal(rows, active), name
+
+
+MAGNITUDE_ONLY = dorafit.AdapterConfig(method="dora", r=2, targets=["v_proj"], magnitude_only=["q_proj", "up"])
+
+
+def stacked_builds(monkeypatch) -> list[str]:
+    """The layers whose adapters get stacked (dorafit.stacked_adapters), one entry per build."""
+    from dorafit import stacked_adapters
+
+    builds, build = [], stacked_adapters._build
+    monkeypatch.setattr(stacked_adapters, "_build", lambda layer, *a: (builds.append(layer), build(layer, *a))[1])
+    return builds
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_the_stacked_path_gives_each_row_what_it_gets_alone(models, monkeypatch, dtype, tolerance):
+    """Few tokens (decoding): every linear layer runs its adapters stacked, one product for all rows, whatever the
+    mix of LoRA, DoRA, VeRA, DVoRA, magnitude-only and base rows; the conv layer keeps the per-adapter loop."""
+    base, singles, multi = models
+    singles = {**singles, "mag": copy.deepcopy(base)}
+    dorafit.apply(singles["mag"], MAGNITUDE_ONLY)
+    randomize_adapter(singles["mag"], 9)
+    dorafit.apply(multi, MAGNITUDE_ONLY, name="mag")
+    dorafit.set_adapter_state_dict(multi, dorafit.adapter_state_dict(singles["mag"]), name="mag")
+    base, multi = base.to(dtype).eval(), multi.to(dtype).eval()
+    singles = {name: model.to(dtype).eval() for name, model in singles.items()}
+    builds = stacked_builds(monkeypatch)
+    x = torch.randn(7, 2, 6, dtype=dtype)  # 14 tokens
+    names = ["lora", None, "dora", "vera", "mag", "dvora", "dora"]
+    with torch.no_grad(), dorafit.per_row_adapters(multi, names):
+        mixed = multi(x)
+        again = multi(x)
+    for i, name in enumerate(names):
+        with torch.no_grad():
+            want = (singles[name] if name else base)(x[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], want, rtol=tolerance, atol=tolerance, msg=f"row {i} ({name})")
+    assert torch.equal(mixed, again)
+    assert {id(layer) for layer in builds} == {id(m) for m in (multi.q_proj, multi.v_proj, multi.up)}
+    assert len(builds) == 3  # built once, reused by the second forward
+
+
+def test_the_stacked_adapters_follow_in_place_writes(models, monkeypatch):
+    """An in-place write to an adapter's B or magnitude (an optimizer step, a load) re-stacks that layer."""
+    base, singles, multi = models
+    builds = stacked_builds(monkeypatch)
+    x = torch.randn(4, 2, 6, dtype=torch.float64)
+    names = ["lora", "dora", None, "vera"]
+
+    def check() -> None:
+        with torch.no_grad(), dorafit.per_row_adapters(multi, names):
+            mixed = multi(x)
+        for i, name in enumerate(names):
+            with torch.no_grad():
+                want = (singles[name] if name else base)(x[i:i + 1])
+            torch.testing.assert_close(mixed[i:i + 1], want, rtol=1e-10, atol=1e-10, msg=f"row {i} ({name})")
+
+    check()
+    built = len(builds)
+    with torch.no_grad():
+        for model in (singles["lora"], multi):
+            layer = model.v_proj
+            (layer.holder("lora") or layer).lora_B.mul_(3)
+        for model in (singles["dora"], multi):
+            layer = model.q_proj
+            (layer.holder("dora") or layer).magnitude.add_(0.5)
+    check()
+    assert {id(layer) for layer in builds[built:]} == {id(multi.v_proj), id(multi.q_proj)}

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import functional as Fn
-from . import norm_cache
+from . import norm_cache, stacked_adapters
 from .layers import LayerOps
 from .magnitude_scale import magnitude_scale, scale_output
 from .norm_cache import NormCache
@@ -109,6 +109,7 @@ class RowAdapters:
         for i, name in enumerate(self.names):
             positions.setdefault(name, []).append(i)
         self.groups = {name: torch.tensor(index, device=device) for name, index in positions.items()}
+        self.positions: dict = {}  # each row's place in a layer's stacked adapters (dorafit.stacked_adapters)
 
 
 class AdaptedLayer:
@@ -280,7 +281,8 @@ class AdaptedLayer:
         ``P (Q x)`` and one per-unit scale ``c = m / n`` (n cached): ``y = c * (W0 x + P Q x) + b`` (DoRA),
         ``W0 x + P Q x + b`` (LoRA, VeRA), ``c * W0 x + b`` (magnitude-only), ``W0 x + b`` (base). When every
         row has the same adapter (a batch of one, say) this is the layer's single-adapter forward, as with that
-        adapter active (:func:`dorafit.set_adapter`): no row gather or scatter."""
+        adapter active (:func:`dorafit.set_adapter`): no row gather or scatter. A linear layer given few tokens
+        (decoding) runs all its adapters at once instead of a loop over them (:mod:`dorafit.stacked_adapters`)."""
         if torch.is_grad_enabled():
             raise RuntimeError("per_row_adapters is for inference only: run the model under torch.no_grad()")
         if not isinstance(rows, RowAdapters):
@@ -291,6 +293,9 @@ class AdaptedLayer:
         if len(rows.groups) == 1 and not self.training:
             holder = self.holder(next(iter(rows.groups)))
             return self.dorafit.base_class.forward(self, x) if holder is None else self.adapter_forward(x, holder)
+        stacked = stacked_adapters.forward(self, x, rows)  # few tokens (decoding): every adapter in one product
+        if stacked is not None:
+            return stacked
         ops = self.dorafit.ops
         y = ops.base(self, x)  # W0 x for every row
         for name, index in rows.groups.items():

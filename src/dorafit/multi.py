@@ -10,8 +10,10 @@ Adapters may differ in method (LoRA, DoRA, VeRA, DVoRA, magnitude-only), rank an
 shared, never copied. In a mixed batch every row gets exactly what it would get alone with its adapter active:
 each adapted layer computes ``W0 x`` once for the whole batch, and per adapter one low-rank product over that
 adapter's rows and one per-unit scale ``m / n`` (DoRA's norm cached in eval mode), so K DoRA adapters cost about
-what K LoRA adapters cost (METHOD.md, "DoRA at inference"). Mixed batches are for inference: with gradients
-enabled, or with an adapter merged into the weights, they raise an error that says so.
+what K LoRA adapters cost (METHOD.md, "DoRA at inference"). For few tokens (a decode step) a linear layer runs
+the batch's adapters stacked, in one down- and one up-projection for all rows (:mod:`dorafit.stacked_adapters`).
+Mixed batches are for inference: with gradients enabled, or with an adapter merged into the weights, they raise an
+error that says so.
 """
 
 from __future__ import annotations

@@ -7,7 +7,13 @@ Requests wait in a queue; a loop (:meth:`Engine.run`, in one thread) repeats:
 2. **Prefill one chunk**: the prefilling request with the fewest prompt tokens left runs its next
    ``prefill_chunk`` prompt tokens (with its adapter), so a long prompt is prefilled over several iterations and
    the requests already decoding keep producing a token per iteration meanwhile; a short prompt that arrives
-   behind a long one goes first. When its prompt is in, its first token is chosen and its row joins the batch.
+   behind a long one goes first. Other prefilling requests with next chunks of about that length share that
+   forward (one row each, with its own adapter, shorter chunks padded: :meth:`Engine._prefill_together`), as many
+   as keep the step within ``prefill_chunk`` tokens while requests are decoding, or within
+   :data:`IDLE_PREFILL_TOKENS` (512, or ``prefill_chunk`` if more) while none is (then only a request that arrives
+   meanwhile waits for the step), with at most :data:`MAX_PADDING` (16) padding tokens per added row: eight
+   waiting 48-token prompts are one forward, not eight. When its prompt is in, a request's first token is chosen
+   and its row joins the batch.
 3. **Decode**: one forward over all decoding rows (each row's last token at its own position, rows right-aligned
    in one preallocated batch cache, padding masked out), with :func:`dorafit.per_row_adapters` giving every row
    its adapter. Each row's next token is chosen from its logits (greedy: one ``argmax`` over the batch's greedy
@@ -53,6 +59,14 @@ from . import packed
 from .kv import RowCache, check_supported
 
 log = logging.getLogger("dorafit.serve")
+#: the most prompt tokens one prefill step holds while no request is decoding (with prefill_chunk, if larger): a
+#: batch of short prompts reads the weights once instead of once per prompt (8 x 48 tokens in one forward: 0.7 of
+#: the time of eight, benchmarks/serving.py), while a request arriving meanwhile waits for at most this many tokens
+IDLE_PREFILL_TOKENS = 512
+#: the padding tokens a batched prefill forward may hold per row beyond the first (prompts of different lengths):
+#: each such row saves a forward, which on a CPU costs about what 15-20 prompt tokens cost (benchmarks/serving.py,
+#: 2026-12-06: a one-row decode forward 24 ms, a 48-token prefill 95 ms), so padding stays below what it saves
+MAX_PADDING = 16
 
 
 @dataclass
@@ -259,16 +273,94 @@ class Engine:
 
     @torch.no_grad()
     def _prefill_step(self) -> None:
-        """The next chunk of the prefilling request with the fewest prompt tokens left."""
+        """The next chunk of the prefilling request with the fewest prompt tokens left, together with the next
+        chunks of the same length of other prefilling requests (:meth:`_prefill_group`) in one forward."""
         for row in [r for r in self.prefilling if r.request.cancelled]:
             self.prefilling.remove(row)
             self._end(row.request, "cancelled")
         if not self.prefilling:
             return
-        row = min(self.prefilling, key=lambda r: len(r.request.prompt) - r.done)
+        group = self._prefill_group()
+        if len(group) > 1:
+            try:
+                self._prefill_together(group)
+                return
+            except Exception:  # noqa: BLE001 - their own caches are untouched: prefill each alone, failing only
+                log.debug("a batched prefill failed; prefilling its rows one at a time", exc_info=True)  # culprits
+        for row in group:
+            self._prefill_alone(row)
+
+    def _chunk(self, row: _Row) -> int:
+        """The tokens of ``row``'s next prefill chunk."""
+        return min(self.prefill_chunk, len(row.request.prompt) - row.done)
+
+    def _prefill_group(self) -> list[_Row]:
+        """The rows one prefill step serves: the prefilling row with the fewest prompt tokens left, and, when it
+        can share a forward, the next ones by tokens left while the forward stays within the budget and holds at
+        most :data:`MAX_PADDING` padding tokens per added row (chunks are right-padded to the longest). The budget,
+        counting padding: ``prefill_chunk`` tokens while requests are decoding (they wait for the step),
+        :data:`IDLE_PREFILL_TOKENS` (or ``prefill_chunk`` if more) when none is. A chunk in the middle of a long
+        prompt joins only chunks of its own length (padding the first row to it would delay that row's first
+        token for a chunk a later step serves as well); rows with images or echo are prefilled alone."""
+
+        def left(row: _Row) -> int:
+            return len(row.request.prompt) - row.done
+
+        def shares(row: _Row) -> bool:
+            return not row.request.images and not row.request.echo
+
+        order = sorted(self.prefilling, key=left)
+        if not shares(order[0]):
+            return order[:1]
+        budget = self.prefill_chunk if self.active else max(self.prefill_chunk, IDLE_PREFILL_TOKENS)
+        first = tokens = self._chunk(order[0])
+        group = order[:1]
+        for row in filter(shares, order[1:]):
+            width = self._chunk(row)  # the longest chunk so far: chunks grow with the tokens left
+            padded = (len(group) + 1) * width
+            if (padded > budget or padded - tokens - width > MAX_PADDING * len(group)
+                    or (width > first and width < left(row))):
+                break
+            group.append(row)
+            tokens += width
+        return group
+
+    def _prefill_together(self, rows: list[_Row]) -> None:
+        """One forward for the next chunk of each of ``rows``, each with its adapter: their caches stacked
+        right-aligned into one (:meth:`RowCache.of_rows`, a copy), each row's chunk after its own tokens,
+        right-padded to the longest chunk (the padding masked out: no real token sees it), then split back into a
+        cache per row without the padding. Each row's keys, values and logits are what its own chunk alone gives
+        (up to the rounding of batched products): its tokens are contiguous, so sliding windows see the distances
+        they see alone, and its logits are taken at its own last token."""
+        chunks = [self._chunk(r) for r in rows]
+        width = max(chunks)
+        cache = RowCache.of_rows([r.cache for r in rows])
+        ids = torch.tensor([r.request.prompt[r.done:r.done + c] + [0] * (width - c) for r, c in zip(rows, chunks)],
+                           device=self.device)
+        columns = torch.arange(width, device=self.device)[None]
+        positions = torch.tensor([r.done for r in rows], device=self.device)[:, None] + columns
+        sizes = torch.tensor(chunks, device=self.device)[:, None]
+        mask = cache.attention_mask(width, self.device)
+        mask[:, cache.length:] *= columns < sizes  # each row's padding
+        last = 1 if width == min(chunks) else sizes - 1  # (rows, 1): each row's last token
+        out = self._forward([r.request.adapter for r in rows], input_ids=ids, position_ids=positions, cache=cache,
+                            attention_mask=mask, logits_to_keep=last)
+        if out.logits.shape[:2] != (len(rows), 1):
+            raise RuntimeError(f"{type(self.model).__name__} did not keep one position per row (logits_to_keep)")
+        for i, (row, c) in enumerate(zip(rows, chunks)):  # from here on each row goes on alone
+            try:
+                row.cache = cache.copy_rows([i])
+                row.cache.rewind(row.cache.length - (width - c))
+                row.done += c
+                self._prefilled(row, out.logits[i, -1])
+            except Exception as exc:  # noqa: BLE001 - fail this request, keep serving
+                self._prefill_failed(row, exc)
+
+    def _prefill_alone(self, row: _Row) -> None:
+        """The next chunk of ``row`` in a forward of its own (into its own cache)."""
         request = row.request
         try:
-            start, end = row.done, min(row.done + self.prefill_chunk, len(request.prompt))
+            start, end = row.done, row.done + self._chunk(row)
             positions = torch.arange(start, end, device=self.device)[None]
             out = self._forward([request.adapter], **self._prompt_inputs(row, start, end), position_ids=positions,
                                 cache=row.cache,
@@ -277,17 +369,25 @@ class Engine:
             row.done = end
             if request.echo:
                 self._score_prompt(row, out.logits[0], start, end)
-            if end < len(request.prompt):
-                return
-            self.prefilling.remove(row)
-            if request.limit == 0:  # only the prompt's log-probabilities were asked for
-                self._end(request, "length")
-            elif not self._take(row, out.logits[0, -1]):
-                self._join(row)
+            self._prefilled(row, out.logits[0, -1])
         except Exception as exc:  # noqa: BLE001 - fail this request, keep serving
-            if row in self.prefilling:
-                self.prefilling.remove(row)
-            self._fail([row], exc)
+            self._prefill_failed(row, exc)
+
+    def _prefilled(self, row: _Row, logits: torch.Tensor) -> None:
+        """After a chunk of ``row``: once its whole prompt is in, choose its first token from ``logits`` (the last
+        prompt position's) and move it to the decoding batch (or end it)."""
+        if row.done < len(row.request.prompt):
+            return
+        self.prefilling.remove(row)
+        if row.request.limit == 0:  # only the prompt's log-probabilities were asked for
+            self._end(row.request, "length")
+        elif not self._take(row, logits):
+            self._join(row)
+
+    def _prefill_failed(self, row: _Row, exc: Exception) -> None:
+        if row in self.prefilling:
+            self.prefilling.remove(row)
+        self._fail([row], exc)
 
     def _prompt_inputs(self, row: _Row, start: int, end: int) -> dict:
         """The model inputs of prompt tokens ``start:end``: their ids, or, for a prompt with images, their input

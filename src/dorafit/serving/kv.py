@@ -136,6 +136,30 @@ class RowCache(Cache):
         into.starts = [self.starts[i] - drop for i in rows]
         return into
 
+    @classmethod
+    def of_rows(cls, caches: list[RowCache]) -> RowCache:
+        """A new cache holding the rows of ``caches`` in order, right-aligned to the longest (an empty cache gives
+        a row of padding only); the caches are unchanged."""
+        length = max(c.length for c in caches)
+        out = cls(len(caches[0].layers), starts=[s + length - c.length for c in caches for s in c.starts])
+        if length == 0:
+            return out
+        template = next(c for c in caches if c.length)
+        rows = len(out.starts)
+        for i, layer in enumerate(out.layers):
+            like = template.layers[i]
+            layer.keys, layer.values = (t.new_zeros(rows, t.shape[1], length + GROW, t.shape[3])
+                                        for t in (like.keys, like.values))
+            row = 0
+            for c in caches:
+                n, used = len(c.starts), c.length
+                if used:
+                    layer.keys[row:row + n, :, length - used:length] = c.layers[i].keys[:, :, :used]
+                    layer.values[row:row + n, :, length - used:length] = c.layers[i].values[:, :, :used]
+                row += n
+            layer.length, layer.device, layer.is_initialized = length, like.device, True
+        return out
+
     def join(self, other: RowCache) -> None:
         """Append ``other``'s rows below these, both right-aligned to the longer of the two."""
         length = max(self.length, other.length)
