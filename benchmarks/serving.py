@@ -34,7 +34,7 @@ DoRA decode (``dora_decode``): one request generating T tokens with an unmerged 
 merged into the weights (seconds per token, interleaved repeats).
 
     .venv/bin/python benchmarks/serving.py [--adapters 4] [--tokens 32] [--concurrency 1,4,8] [--threads 2]
-        [--parts memory,throughput,bound,ttft,dora_decode] [--variants default,packed] [--prefill-chunk 256]
+        [--parts memory,throughput,bound,ttft,dora_decode] [--variants default,packed] [--prefill-chunk 64]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from dorafit.bench.models import LLAMA_TARGETS, WorkloadSpec, build_workload  # 
 from dorafit.bench.report import load_average, machine  # noqa: E402
 from dorafit.files import atomic_write_json  # noqa: E402
 from dorafit.generation import SamplingOptions  # noqa: E402
-from dorafit.serving.engine import Engine, Request  # noqa: E402
+from dorafit.serving.engine import Engine, Request, default_prefill_chunk  # noqa: E402
 
 MIB = 2**20
 
@@ -368,7 +368,8 @@ def main() -> int:
     parser.add_argument("--variants", default="default,packed",
                         help="throughput and bound: engines to measure: default, packed (--pack-weights)")
     parser.add_argument("--long-prompt", type=int, default=3000, help="ttft: the long prompt's tokens")
-    parser.add_argument("--prefill-chunk", type=int, default=256, help="ttft: prompt tokens per prefill step")
+    parser.add_argument("--prefill-chunk", type=int, default=default_prefill_chunk(torch.device("cpu")),
+                        help="ttft: prompt tokens per prefill step (default: dorafit serve's on a CPU)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:

@@ -208,3 +208,12 @@ def test_row_cache_of_rows_right_aligns_and_leaves_the_caches_unchanged():
     assert torch.equal(joined.layers[0].values[2, :, :5], parts[2].layers[0].values[0, :, :5])
     assert [p.length for p in parts] == [3, 0, 5] and joined.copy_rows([0]).starts == [0]
     assert RowCache.of_rows([cache(0, 0.0), cache(0, 0.0)]).starts == [0, 0]
+
+
+def test_prefill_chunk_defaults_by_device():
+    from dorafit.serving.engine import Engine, default_prefill_chunk
+
+    model = llama_with_adapters()
+    assert Engine(model, _Ids()).prefill_chunk == 64  # a CPU: a new request waits at most a 64-token chunk
+    assert Engine(model, _Ids(), prefill_chunk=300).prefill_chunk == 300
+    assert default_prefill_chunk(torch.device("cuda")) == 512 and default_prefill_chunk(torch.device("cpu")) == 64

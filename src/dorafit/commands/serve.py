@@ -61,9 +61,10 @@ def register(subparsers) -> None:
     parser.add_argument("--adapter-root", default=None, metavar="DIR",
                         help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter for run, dorafit or "
                         "PEFT adapter folders under DIR (default: the routes do not exist)")
-    parser.add_argument("--prefill-chunk", type=int, default=256,
+    parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="prompt tokens prefilled per step: a long prompt is prefilled in chunks between decode "
-                        "steps, so running requests keep producing tokens (default: 256)")
+                        "steps, so running requests keep producing tokens and a new request waits at most one "
+                        "chunk (default: 64 on a CPU, 512 on a GPU)")
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, metavar="N",
                         help="a vision-language model: the largest request image, width x height in pixels; larger "
                         "ones get a 400 before their pixels are decoded (default: 16777216, 4096 x 4096)")
@@ -99,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
         if not args.shutdown_grace >= 0:
             raise ValueError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
         for name in ("max_batch_size", "max_new_tokens", "prefill_chunk", "max_image_pixels"):
-            if getattr(args, name) < 1:
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be from 0 to 65535, got {args.port}")

@@ -116,12 +116,27 @@ class _Row:
         return self.done + len(self.generated) - (1 if self.generated else 0)
 
 
+#: ``prefill_chunk`` when none is given, by device type: the most a request that arrives during a long prompt's
+#: prefill waits is one chunk. On a CPU a 64-token chunk keeps a short request's time to first token beside a
+#: 3,000-token prefill within about 2x its time alone (2.9x with 128, 5.2x with 256) for about 20% more time
+#: to prefill the long prompt itself (``benchmarks/serving.py --parts ttft``, 2-core AMD EPYC, 2026-12-06); a
+#: GPU computes a 512-token chunk about as fast as a 64-token one.
+DEFAULT_PREFILL_CHUNK = {"cpu": 64}
+DEFAULT_PREFILL_CHUNK_ELSEWHERE = 512
+
+
+def default_prefill_chunk(device: torch.device) -> int:
+    """Prompt tokens per prefill step on ``device`` when ``--prefill-chunk`` is not given."""
+    return DEFAULT_PREFILL_CHUNK.get(device.type, DEFAULT_PREFILL_CHUNK_ELSEWHERE)
+
+
 class Engine:
     """The batching loop over one model (see the module docstring). ``submit`` is thread-safe."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, context: int | None = None,
-                 prefill_chunk: int = 256, pack_weights: bool = False):
-        """``pack_weights``: run the linear products of batched decode steps through oneDNN with weights packed
+                 prefill_chunk: int | None = None, pack_weights: bool = False):
+        """``prefill_chunk``: prompt tokens per prefill step (None: :func:`default_prefill_chunk` of the model's
+        device). ``pack_weights``: run the linear products of batched decode steps through oneDNN with weights packed
         once (:mod:`dorafit.serving.packed`: faster batched decoding on some CPUs, one more copy of the weights)."""
         text_config = model.config.get_text_config()  # a vision-language model's language model's; else its own
         check_supported(text_config)
@@ -131,7 +146,8 @@ class Engine:
             raise ValueError("--pack-weights needs a torch build with oneDNN (mkldnn), which this one lacks")
         self.packed = packed.PackedLinears(model, max_batch_size) if pack_weights else None
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk or default_prefill_chunk(next(model.parameters()).device)
         self.context = context or getattr(text_config, "max_position_embeddings", None)
         self.n_layers = text_config.num_hidden_layers
         self.stops = set(stop_ids(model, tokenizer))

@@ -181,7 +181,7 @@ def check_image_prefill(engine: Engine, reader: ImageReader, name: str) -> None:
 
 def build_served(model: str, adapters: list[str], device: str = "cpu", dtype: str | None = None,
                  max_batch_size: int = 8, max_new_tokens: int = 256, quantize: str | None = None,
-                 prefill_chunk: int = 256, images: ImageOptions | None = None,
+                 prefill_chunk: int | None = None, images: ImageOptions | None = None,
                  pack_weights: bool = False) -> Served:
     """``dtype``: the base's (default: the runs', see :func:`runs_dtype`); adapters beside a bfloat16 or float16
     base stay float32. ``quantize``: the base read straight into quantized layers, shared by every adapter.
