@@ -213,7 +213,7 @@ def test_row_cache_of_rows_right_aligns_and_leaves_the_caches_unchanged():
 def test_prefill_chunk_defaults_by_device():
     from dorafit.serving.engine import Engine, default_prefill_chunk
 
-    model = llama_with_adapters()
+    model = llama_with_adapters()[0]
     assert Engine(model, _Ids()).prefill_chunk == 64  # a CPU: a new request waits at most a 64-token chunk
     assert Engine(model, _Ids(), prefill_chunk=300).prefill_chunk == 300
     assert default_prefill_chunk(torch.device("cuda")) == 512 and default_prefill_chunk(torch.device("cpu")) == 64
