@@ -103,7 +103,8 @@ def _stack(layer, holders: dict) -> Stack | None:
 
 
 def _build(layer, names: tuple[str, ...], holders: dict) -> Stack | None:
-    factors = {name: layer.factors(holders[name]) for name in names}
+    terms = {name: layer.inference_terms(holders[name]) for name in names}  # (P, Q, m / n or None)
+    factors = {name: t[:2] for name, t in terms.items()}
     if len({q.dtype for _, q in factors.values() if q is not None}) > 1:
         return None
     directional = [(i, factors[name]) for i, name in enumerate(names) if factors[name][0] is not None]
@@ -115,8 +116,7 @@ def _build(layer, names: tuple[str, ...], holders: dict) -> Stack | None:
                            for i, f in directional])
     decomposed = [holders[name].dorafit.decomposed for name in names]
     if any(decomposed):
-        c = {name: holders[name].magnitude / layer.weight_norm(*factors[name], holders[name])
-             for name, is_decomposed in zip(names, decomposed) if is_decomposed}
+        c = {name: terms[name][2] for name, is_decomposed in zip(names, decomposed) if is_decomposed}
         ones = torch.ones_like(next(iter(c.values())))
         scale = torch.stack([c.get(name, ones) for name in names] + [ones])
     layout = (names, tuple((i, f[1].shape[0]) for i, f in directional))
