@@ -5,16 +5,12 @@ base, queried with the official ``openai`` client: concurrent requests are batch
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from .cli_support import assets, read_jsonl, run_cli  # noqa: F401 (fixture)
+from .serve_support import start_server, stop_server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -38,22 +34,11 @@ def server(tmp_path_factory, assets):  # noqa: F811
                                runs[name], "--steps", 4, "--lr", 1e-2, "--batch-size", 8, "--seed", 1,
                                "--no-eval-before", "--eval-limit", 1, "--max-new-tokens", 2, *options)
         assert code == 0, err
-    command = [sys.executable, "-m", "dorafit", "serve", "--model", str(assets["chatml_llama"]), "--port", "0",
-               "--max-batch-size", "8", *[a for name in runs for a in ("--adapter", f"{name}={runs[name]}")]]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = None
-    deadline = time.monotonic() + 120
-    while url is None and time.monotonic() < deadline and proc.poll() is None:
-        line = proc.stderr.readline()
-        found = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", line)
-        url = found.group(1) if found else None
-    assert url, f"the server did not start: {proc.stderr.read() if proc.poll() is not None else ''}"
+    proc, url = start_server("--model", assets["chatml_llama"], "--port", 0, "--max-batch-size", 8,
+                             *[a for name in runs for a in ("--adapter", f"{name}={runs[name]}")])
     yield {"url": url, "runs": runs, "base": assets["chatml_llama"].name, "base_dir": assets["chatml_llama"],
            "proc": proc, "root": root}
-    proc.terminate()
-    proc.wait(timeout=30)
-    assert proc.returncode == 0, "clean shutdown on SIGTERM"
+    stop_server(proc)
 
 
 def client(server):

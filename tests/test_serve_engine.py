@@ -11,11 +11,7 @@ Mistral, Gemma-2, Qwen3 and Phi-3 (sliding windows, q/k norms, fused projections
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -27,6 +23,7 @@ import pytest
 import torch
 
 from .cli_support import chat_tokenizer, make_chat_llama
+from .serve_support import start_server, stop_server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -70,25 +67,9 @@ def make_dora_adapter(base: Path, folder: Path) -> Path:
     return folder
 
 
-def start_server(base: Path, *options) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "dorafit", "serve", "--model", str(base), "--port", "0", "--prefill-chunk", "8",
-               "--shutdown-grace", "2", *map(str, options)]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    url, deadline = None, time.monotonic() + 120
-    while url is None and time.monotonic() < deadline and proc.poll() is None:
-        found = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", proc.stderr.readline())
-        url = found.group(1) if found else None
-    assert url, f"the server did not start: {proc.stderr.read() if proc.poll() is not None else ''}"
-    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining its log
-    return proc, url
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    assert proc.returncode == 0 and time.monotonic() - started < 15, "a clean, prompt exit on SIGTERM"
+def start_engine_server(base: Path, *options) -> tuple[subprocess.Popen, str]:
+    return start_server("--model", base, "--port", 0, "--prefill-chunk", 8, "--shutdown-grace", 2, *options,
+                        env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +78,8 @@ def servers(tmp_path_factory):
     llama = make_chat_llama(root / "llama")
     adapter = make_dora_adapter(llama, root / "dora")
     gemma = make_gemma3(root / "gemma3")
-    started = {"llama": start_server(llama, "--adapter", f"dora={adapter}"), "gemma3": start_server(gemma)}
+    started = {"llama": start_engine_server(llama, "--adapter", f"dora={adapter}"),
+               "gemma3": start_engine_server(gemma)}
     yield {"llama": {"dir": llama, "adapter": adapter, "url": started["llama"][1], "proc": started["llama"][0]},
            "gemma3": {"dir": gemma, "adapter": None, "url": started["gemma3"][1], "proc": started["gemma3"][0]}}
     for proc, _ in started.values():
@@ -416,7 +398,7 @@ def test_sigterm_stops_each_server_promptly(servers):
         with ThreadPoolExecutor(2) as pool:
             outcomes = [pool.submit(_outcome, server, stream) for stream in (False, True)]
             time.sleep(1)
-            stop_server(server["proc"])
+            stop_server(server["proc"], within_s=15)
             for outcome in outcomes:
                 assert outcome.result() in ("finished", "shutting down"), outcome.result()
 

@@ -7,12 +7,9 @@ answers equal ``dorafit generate`` / PEFT's own model, with paths outside the ro
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from .cli_support import assets, fails, read_jsonl, run_cli  # noqa: F401 (fixture)
+from .serve_support import start_server, stop_server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -29,18 +27,6 @@ KEY = "test-key-123"
 MAX_BODY_MB = 0.05  # 52,428 bytes
 MAX_TOKENS = 8
 PROMPT = "red cat dog"
-
-
-def launch(command: list[str], env: dict) -> tuple[subprocess.Popen, str]:
-    """A ``dorafit serve`` subprocess and its base URL (…/v1), once it says it is serving."""
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
-    url, deadline = None, time.monotonic() + 120
-    while url is None and time.monotonic() < deadline and proc.poll() is None:
-        found = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", proc.stderr.readline())
-        url = found.group(1) if found else None
-    assert url, f"the server did not start: {proc.stderr.read() if proc.poll() is not None else ''}"
-    return proc, url
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +48,10 @@ def server(tmp_path_factory, assets):  # noqa: F811
     (root / "file_out").mkdir()
     for f in (outside / "peft_dora").iterdir():  # a folder whose files lead outside
         (root / "file_out" / f.name).symlink_to(f)
-    command = [sys.executable, "-m", "dorafit", "serve", "--model", str(base), "--port", "0", "--max-body-mb",
-               str(MAX_BODY_MB), "--adapter-root", str(root)]
-    proc, url = launch(command, {"DORAFIT_API_KEY": KEY})
+    proc, url = start_server("--model", base, "--port", 0, "--max-body-mb", MAX_BODY_MB, "--adapter-root", root,
+                             env={"DORAFIT_API_KEY": KEY})
     yield {"url": url, "root": root, "outside": outside, "base": base.name, "base_dir": base, "proc": proc}
-    proc.terminate()
-    proc.wait(timeout=30)
-    assert proc.returncode == 0, "clean shutdown on SIGTERM"
+    stop_server(proc)
 
 
 def make_peft_dora(base, folder):

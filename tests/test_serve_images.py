@@ -10,18 +10,14 @@ import functools
 import http.server
 import io
 import json
-import os
-import re
-import subprocess
-import sys
 import threading
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from .cli_support import fails, run_cli
+from .serve_support import start_server, stop_server
 from .vlm_support import color_image, make_image_chat, make_tiny_llava
 
 openai = pytest.importorskip("openai")
@@ -49,20 +45,10 @@ def server(tmp_path_factory):
         assert code == 0, err
     images = {name: color_image(root / "images" / f"{name}.png", name, seed=7) for name in ("red", "blue", "green")}
     adapters = [a for name, run in runs.items() for a in ("--adapter", f"{name}={run}")]
-    command = [sys.executable, "-m", "dorafit", "serve", "--model", str(llava), "--port", "0", "--threads", "1",
-               "--max-image-pixels", str(MAX_PIXELS), *adapters]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    url = None
-    deadline = time.monotonic() + 120
-    while url is None and time.monotonic() < deadline and proc.poll() is None:
-        found = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", proc.stderr.readline())
-        url = found.group(1) if found else None
-    assert url, f"the server did not start: {proc.stderr.read() if proc.poll() is not None else ''}"
+    proc, url = start_server("--model", llava, "--port", 0, "--threads", 1, "--max-image-pixels", MAX_PIXELS,
+                             *adapters, env={"OMP_NUM_THREADS": "1"})
     yield {"url": url, "runs": runs, "llava": llava, "images": images, "root": root}
-    proc.terminate()
-    proc.wait(timeout=30)
-    assert proc.returncode == 0, "clean shutdown on SIGTERM"
+    stop_server(proc)
 
 
 def client(server):
