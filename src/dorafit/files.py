@@ -5,10 +5,10 @@ A file is written into a temporary folder beside it, fsynced, then renamed over 
 after kill -9) sees either the old file or the new one, never half of one. Everything written gets the permissions
 an ordinary ``open(path, "w")`` or ``mkdir`` would give (0666 / 0777 less the umask, :func:`umask_permissions`), not
 the private 0600 / 0700 of temporary files (``mkstemp``, ``mkdtemp``, and transformers' ``save_pretrained``, which
-writes ``model.safetensors`` through one). A failed write (full disk, read-only folder) removes its temporary file and
-raises an OSError whose message names the file and says what to do. Temporary files and folders a killed process left
-behind (``.NAME.*.tmp``) are found by :func:`stale_temporary_files`. A cache folder that several processes may want at once
-is built by :func:`cached_folder`: one builds it, under a lock file, the others wait and use it.
+writes ``model.safetensors`` through one). A failed write (full disk, read-only folder) removes its temporary folder
+and raises an OSError whose message names the file and says what to do. Temporary files and folders a killed process
+left behind (``.NAME.*.tmp``) are found by :func:`stale_temporary_files`. A cache folder that several processes may
+want at once is built by :func:`cached_folder`: one builds it, under a lock file, the others wait and use it.
 """
 
 from __future__ import annotations
