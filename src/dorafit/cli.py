@@ -64,7 +64,7 @@ def return_large_blocks() -> None:
     load or a training step left behind, and blocks freed between live ones stay as holes (adding DoRA, 17 MiB of
     adapter tensors, to the 110 nf4 layers of a TinyLlama-shaped model grew the process by 59 MiB with a 1 MiB
     threshold, by 21 MiB with 256 KiB; a one-step bfloat16 run of that model peaked 20 MiB lower with 64 KiB and
-    a 4 MiB trim threshold than with 256 KiB and 32 MiB, and stepped no slower). A user's own
+    a 4 MiB trim threshold than with 256 KiB and 32 MiB: docs/quantized.md). A user's own
     ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` are left as they are."""
     if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
         return

@@ -28,8 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Largest temporary (in elements) used when a low-precision weight is upcast to float32 chunk by chunk
-# (a few per layer per evaluation: a smaller chunk costs no measurable time).
+# Largest temporary (in elements) used when a low-precision weight is upcast to float32 chunk by chunk.
 _UPCAST_CHUNK_ELEMENTS = 1 << 20  # 4 MiB in float32: a small transient beside the model
 
 

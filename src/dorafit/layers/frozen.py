@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-#: most elements of a low-precision weight upcast to float32 at once by :func:`blockwise_matmul` (4 MiB; smaller
-#: blocks also ran faster than 16 MiB ones here: 8 against 14 ms for a 5632 x 2048 weight)
+#: most elements of a low-precision weight upcast to float32 at once by :func:`blockwise_matmul` (4 MiB: a small
+#: transient beside the model; see docs/quantized.md for the memory it saved)
 ROW_BLOCK_ELEMENTS = 1 << 20
 #: whether this thread is inside :class:`FrozenInputGrads`
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("dorafit_frozen_input_grads", default=False)
