@@ -61,7 +61,7 @@ def test_training_lowers_the_loss_and_adapts_only_the_language_model(vlm, dora_r
 
 def test_merge_export_and_generation_agree(vlm, dora_run, tmp_path):
     code, out, err = run_cli("merge", dora_run, "--out", tmp_path / "merged")
-    assert code == 0, err and "predicts what the adapted model predicts" in out
+    assert code == 0 and "predicts what the adapted model predicts" in out, err + out
     assert (tmp_path / "merged" / "processor_config.json").is_file()
     image = color_image(tmp_path / "q.png", "blue", 99)
     answers = []
@@ -73,7 +73,7 @@ def test_merge_export_and_generation_agree(vlm, dora_run, tmp_path):
     assert answers[0] == answers[1] and answers[0].strip()
 
     code, out, err = run_cli("export", dora_run, "--out", tmp_path / "peft")
-    assert code == 0, err and "PEFT's outputs equal dorafit's" in out
+    assert code == 0 and "PEFT's outputs equal dorafit's" in out, err + out
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
@@ -101,7 +101,7 @@ def test_the_image_changes_the_answer_logits(vlm, dora_run, tmp_path):
 
 def test_stage_one_trains_only_the_projector(vlm, tmp_path):
     out = train(vlm, tmp_path / "align", "--targets", "none", "--head", "multi_modal_projector", method="lora", steps=3)
-    assert "0 modules" not in out or "multi_modal_projector" in out
+    assert "multi_modal_projector" in out, out  # the run's description names what trains
     tensors = load_file(tmp_path / "align" / "adapter" / "adapter.safetensors")
     assert tensors and all("multi_modal_projector" in k for k in tensors)
     code, out, err = run_cli("merge", tmp_path / "align", "--out", tmp_path / "aligned")
