@@ -6,6 +6,7 @@ alone; bad image parts get a 400 naming the part and the server stays up; remote
 from __future__ import annotations
 
 import base64
+import textwrap
 import functools
 import http.server
 import io
@@ -84,6 +85,10 @@ def health(server) -> dict:
 
 def test_an_image_chat_request_answers_what_dorafit_generate_writes(server):
     api = client(server)
+    red = server["images"]["red"]
+    wrapped = "\n".join(textwrap.wrap(base64.b64encode(red.read_bytes()).decode(), 76))  # as GNU base64 writes it
+    assert ask(api, "a", [image_part("data:image/png;base64," + wrapped), {"type": "text", "text": QUESTION}]) == \
+        ask(api, "a", [image_part(data_url(red)), {"type": "text", "text": QUESTION}])
     for model, source in (("a", server["runs"]["a"]), ("head", server["runs"]["head"]), ("llava", server["llava"])):
         answers = {}
         for colour in ("red", "blue"):

@@ -145,6 +145,50 @@ def test_a_long_conversation_drops_its_oldest_images_whole(vlm, dora_run):
     assert encoded.images == images[3 - len(encoded.images):]  # the oldest went first
 
 
+def test_a_chat_prompt_drops_images_its_context_no_longer_holds(dora_run, tmp_path):
+    gen = load_generator(str(dora_run), "cpu")
+    images = [color_image(tmp_path / f"old{i}.png", "red", i) for i in range(2)]
+    messages = [{"role": "user", "content": "<image>\nWhat colour is it?"},
+                {"role": "assistant", "content": "word " * 40},
+                {"role": "user", "content": "<image>\nAnd this one?"}]
+    ids, shown = gen.prompt_shown(messages, images, room=30)
+    assert shown == images[1:] and gen.images.count(ids) == 4  # the first image went with the oldest text
+    with pytest.raises(ValueError, match="does not fit the model's context with its 2 image"):
+        gen.prompt(messages, images, room=30)  # generate: an image is never dropped silently
+    ids, shown = gen.prompt_shown(messages, images)
+    assert shown == images and gen.images.count(ids) == 8
+
+
+def test_images_are_read_as_the_processor_expects(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dorafit.train.tasks.record_images import load_rgb
+
+    gray = np.full((8, 8), 40000, dtype=np.uint16)  # 16-bit: 40000 / 65535 of white
+    Image.fromarray(gray).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    assert np.asarray(load_rgb(tmp_path / "g16.png")).mean() == pytest.approx(40000 / 257, abs=1)
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)  # black, fully transparent: white after compositing
+    rgba[:4, :, 3] = 255  # the top half opaque black
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    pixels = np.asarray(load_rgb(tmp_path / "a.png"))
+    assert pixels.shape == (8, 8, 3) and (pixels[:4] == 0).all() and (pixels[4:] == 255).all()
+
+
+def test_generate_names_bad_images_and_placeholder_counts(dora_run, tmp_path, monkeypatch):
+    from PIL import Image
+
+    image = color_image(tmp_path / "x.png", "red", 3)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "<image> and <image> which?", "images": [str(image)]}) + "\n")
+    msg = fails("generate", dora_run, "--prompts", prompts)
+    assert "2 <image> placeholder(s) but 1 image(s)" in msg
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # the 16 x 16 image is then a decompression bomb
+    msg = fails("generate", dora_run, "--image", image, "--prompt", "which?")
+    assert "not a readable image" in msg and "decompression bomb" in msg
+
+
 def test_chat_shows_images(dora_run, tmp_path):
     from dorafit.commands.chat import chat
     from dorafit.generation import SamplingOptions

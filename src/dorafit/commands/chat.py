@@ -67,13 +67,17 @@ def chat(gen, options, system: str | None, read_line, write, images: list | None
         if not line.strip():
             continue
         try:
-            turn = {"role": "user", "content": with_placeholders(line.rstrip("\n"), len(pending))}
-            ids = gen.prompt(messages + [turn], shown + pending, room)
+            text = line.rstrip("\n")
+            turn = {"role": "user", "content": with_placeholders(text, len(pending)) if gen.images is not None else text}
+            ids, kept = gen.prompt_shown(messages + [turn], shown + pending, room)  # the oldest images may go
+            if pending and kept[-len(pending):] != pending:
+                raise ValueError("this line and its image(s) do not fit the model's context; lower "
+                                 "--max-new-tokens or /reset")
         except ValueError as exc:
             write(f"error: {exc}\n")
             continue
         messages.append(turn)
-        shown, pending = shown + pending, []
+        shown, pending = kept, []
         ids = generate_ids(gen.model, gen.tokenizer, [ids], options, streamer=streamer,
                            inputs=gen.image_inputs(shown))[0]  # the streamer ends the answer's line
         messages.append({"role": "assistant", "content": gen.tokenizer.decode(ids, skip_special_tokens=True).strip()})

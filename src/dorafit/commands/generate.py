@@ -16,9 +16,6 @@ import argparse
 
 from .common import add_compute_arguments, use_threads
 
-PLACEHOLDER = "<image>"
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """What ``generate`` and ``chat`` share: the model, the device and how tokens are chosen."""
     from ..fields import add_arguments
@@ -105,19 +102,17 @@ def messages_of(record: dict) -> list[dict]:
 def prompt_tokens(gen, record: dict, raw: bool, room: int | None) -> list[int]:
     """A request's prompt tokens: rendered by the chat format, or its text as it is (``--raw``, or no template);
     its images' tokens in place (:meth:`Generator.prompt`)."""
-    from ..train.vlm.inputs import with_placeholders
+    from ..train.vlm.inputs import messages_with_placeholders, with_placeholders
 
     images = record.get(IMAGES, [])
+    vlm = gen.images is not None  # one <image> per image, or none (they go first); a text model reads it as text
     if raw or gen.format is None:
         text = record.get("prompt") or record.get("instruction") or ""
         if not text:
             raise ValueError("--raw (or a model without a chat template) needs a \"prompt\" text, not messages")
-        return gen.prompt(None, images, room, text=with_placeholders(text, len(images)))
+        return gen.prompt(None, images, room, text=with_placeholders(text, len(images)) if vlm else text)
     messages = messages_of(record)
-    if images and not any(PLACEHOLDER in m.get("content", "") for m in messages):
-        messages = [*messages[:-1], {**messages[-1], "content": with_placeholders(messages[-1]["content"],
-                                                                                  len(images))}]
-    return gen.prompt(messages, images, room)
+    return gen.prompt(messages_with_placeholders(messages, len(images)) if vlm else messages, images, room)
 
 
 def context_room(model, max_new_tokens: int) -> int | None:

@@ -26,6 +26,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+from ..train.tasks.record_images import image_errors, to_rgb
 from .errors import ApiError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -119,7 +120,7 @@ class ImageReader:
             if not comma or not header.endswith(";base64"):
                 raise _bad(part.param, "a data: URL must be data:image/...;base64,<base64 data>")
             try:
-                return base64.b64decode(payload, validate=True)
+                return base64.b64decode("".join(payload.split()), validate=True)  # base64's line breaks allowed
             except (binascii.Error, ValueError):
                 raise _bad(part.param, "the data: URL's data is not valid base64") from None
         if url.startswith(("http://", "https://")):
@@ -145,7 +146,7 @@ class ImageReader:
         return data
 
     def _decode(self, data: bytes, param: str):
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         try:
             with Image.open(io.BytesIO(data)) as image:
@@ -154,6 +155,6 @@ class ImageReader:
                     raise _bad(param, f"the image is {width} x {height} pixels, more than this server's limit of "
                                       f"{self.options.max_pixels} (--max-image-pixels)")
                 image.load()  # every pixel decoded: a truncated image fails here
-                return image.convert("RGB")
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+                return to_rgb(image)
+        except image_errors() as exc:
             raise _bad(param, f"not a readable image ({exc})") from None

@@ -55,7 +55,19 @@ class Generator:
                text: str | None = None) -> list[int]:
         """The prompt tokens of ``messages`` rendered by the chat format (or of ``text`` as it is), at most
         ``room`` of them (the oldest cut), each ``<image>`` placeholder expanded into ``images``' tokens (one
-        per placeholder, in order; an error if they differ in number or the model reads no images)."""
+        per placeholder, in order; an error if they differ in number, if the cut would lose an image, or if the
+        model reads no images)."""
+        ids, shown = self.prompt_shown(messages, images, room, text)
+        if len(shown) != len(images):
+            raise ValueError(f"the prompt does not fit the model's context with its {len(images)} image(s); "
+                             "shorten it or lower --max-new-tokens")
+        return ids
+
+    def prompt_shown(self, messages: list[dict] | None, images: list = (), room: int | None = None,
+                     text: str | None = None) -> tuple[list[int], list]:
+        """(:meth:`prompt`'s tokens, the images they show): where the cut removed the oldest images' placeholders,
+        those images are left out, as training does with a conversation too long for ``--max-length`` (a chat
+        whose early turns no longer fit)."""
         images = list(images)
         if images and self.images is None:
             raise ValueError(f"{self.source} reads text only; images need a vision-language model (a run of an "
@@ -69,11 +81,9 @@ class Generator:
         else:
             ids = self.format.prompt_ids(self.images.messages(messages) if self.images else messages, budget)
         if self.images is None:
-            return ids
-        if self.images.count(ids) != len(images):
-            raise ValueError(f"the prompt does not fit the model's context with its {len(images)} image(s); "
-                             "shorten it or lower --max-new-tokens")
-        return self.images.prompt(ids, images)
+            return ids, []
+        shown = self.images.shown(ids, images)
+        return self.images.prompt(ids, shown), shown
 
     def image_inputs(self, images: list) -> dict:
         """The model inputs of ``images`` (pixels in the model's dtype); {} for none."""

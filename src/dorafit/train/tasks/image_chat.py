@@ -68,7 +68,7 @@ class ImageChatTask(InstructionTask):
             raise DataError(f"{example.source}: {exc}") from None
         if encoded is None:
             return None
-        images = self._shown(encoded.ids, example.images)
+        images = self.inputs.shown(encoded.ids, example.images)
         start = encoded.response_start + self.inputs.extra_tokens(images)
         encoded.ids, encoded.trained = self.inputs.expand(encoded.ids, encoded.trained, images)
         encoded.response_start, encoded.images = start, images
@@ -78,13 +78,8 @@ class ImageChatTask(InstructionTask):
         budget = max(1, self.max_length - self.max_new_tokens)
         ids = self.format.prompt_ids(self.inputs.messages(example.prompt), budget - self.inputs.extra_tokens(
             example.images))
-        images = self._shown(ids, example.images)
+        images = self.inputs.shown(ids, example.images)
         return self.inputs.prompt(ids, images), images
-
-    def _shown(self, ids: list[int], images: list) -> list:
-        """The images whose tokens ``ids`` still holds: the last ones (a prompt is cut from its start)."""
-        shown = self.inputs.count(ids)
-        return images[len(images) - shown:] if shown else []
 
     def image_inputs(self, images: list) -> dict[str, Tensor]:
         return self.inputs.pixels(images, self.dtype)

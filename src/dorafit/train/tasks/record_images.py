@@ -54,13 +54,33 @@ def check_count(messages: list[dict], images: list, where: str, line: str) -> No
 
 
 def load_rgb(image):
-    """An RGB ``PIL.Image`` of an entry :func:`read_images` returned."""
+    """An RGB ``PIL.Image`` of an entry :func:`read_images` returned (see :func:`to_rgb`)."""
     from PIL import Image
 
     if isinstance(image, Path):
         with Image.open(image) as opened:
-            return opened.convert("RGB")
-    return image.convert("RGB")
+            return to_rgb(opened)
+    return to_rgb(image)
+
+
+def to_rgb(image):
+    """An RGB copy of a ``PIL.Image`` as a vision processor expects it: 16-bit (and 32-bit integer) grayscale
+    scaled to 8 bits (a plain ``convert("RGB")`` clips it, turning most of the picture white), transparency
+    composited onto white (transformers' ``convert_to_rgb``, what its image processors do)."""
+    from PIL import Image
+    from transformers.image_transforms import convert_to_rgb
+
+    if image.mode.startswith("I"):
+        image = image.convert("I").point(lambda value: value * (1 / 257)).convert("L")
+    return Image.fromarray(convert_to_rgb(image, return_numpy=True))
+
+
+def image_errors() -> tuple:
+    """What Pillow raises for data that is not a readable image: an unknown format, damaged or truncated data,
+    more pixels than its decompression-bomb limit."""
+    from PIL import Image, UnidentifiedImageError
+
+    return UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError
 
 
 def _is_pil(value) -> bool:
@@ -72,7 +92,7 @@ def _is_pil(value) -> bool:
 
 
 def _image(entry, folder: Path | None, where: str, index: int, line: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     what = f"{where}: image {index}"
     if _is_pil(entry):
@@ -82,7 +102,7 @@ def _image(entry, folder: Path | None, where: str, index: int, line: str):
             with Image.open(io.BytesIO(entry["bytes"])) as image:
                 image.load()
                 return image.copy()
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+        except image_errors() as exc:
             raise DataError(f"{what}: its bytes are not a readable image ({exc})") from None
     if isinstance(entry, dict) and isinstance(entry.get("path"), str):
         entry = entry["path"]
@@ -98,6 +118,6 @@ def _image(entry, folder: Path | None, where: str, index: int, line: str):
     try:
         with Image.open(path) as image:
             image.load()  # decodes every pixel: a truncated or damaged image fails here, not mid-training
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except image_errors() as exc:
         raise DataError(f"{what}: {path} is not a readable image ({exc}); replace or remove it") from None
     return path.resolve()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..tasks.base import DataError
-from ..tasks.record_images import PLACEHOLDER, load_rgb
+from ..tasks.record_images import PLACEHOLDER, load_rgb, placeholders
 
 
 class ImageInputs:
@@ -52,6 +52,15 @@ class ImageInputs:
 
     def count(self, ids: list[int]) -> int:
         return sum(1 for i in ids if i == self.image_token_id)
+
+    def shown(self, ids: list[int], images: list) -> list:
+        """The images whose tokens ``ids`` still holds, a prompt cut from its start having lost the others' (the
+        last ones); an error if ``ids`` holds more image tokens than there are images."""
+        shown = self.count(ids)
+        if shown > len(images):
+            raise ValueError(f"the prompt holds {shown} image token(s) ({self.image_token!r}) but {len(images)} "
+                             f"image(s) are given; put one {PLACEHOLDER} where each image goes")
+        return images[len(images) - shown:] if shown else []
 
     def expand(self, ids: list[int], flags: list[bool], images: list) -> tuple[list[int], list[bool]]:
         """``ids`` (and per-token ``flags``) with the k-th image token replaced by the k-th image's tokens (their
@@ -100,7 +109,21 @@ def with_placeholders(text: str, count: int) -> str:
     found = text.count(PLACEHOLDER)
     if found == 0:
         return PLACEHOLDER * count + ("\n" if count else "") + text
+    _check_count(found, count)
+    return text
+
+
+def messages_with_placeholders(messages: list[dict], count: int) -> list[dict]:
+    """:func:`with_placeholders` for a conversation: ``count`` placeholders in front of its last turn unless its
+    turns place them; an error if they hold some, but not one per image."""
+    found = placeholders(messages)
+    if found == 0:
+        return [*messages[:-1], {**messages[-1], "content": with_placeholders(messages[-1]["content"], count)}]
+    _check_count(found, count)
+    return messages
+
+
+def _check_count(found: int, count: int) -> None:
     if found != count:
         raise ValueError(f"the prompt holds {found} {PLACEHOLDER} placeholder(s) but {count} image(s) are given; "
                          f"put one {PLACEHOLDER} where each image goes, or none (the images then come first)")
-    return text
