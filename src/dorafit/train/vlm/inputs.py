@@ -16,6 +16,10 @@ from ..tasks.base import DataError
 from ..tasks.record_images import PLACEHOLDER, load_rgb, placeholders
 
 
+#: image sizes whose token expansion :meth:`ImageInputs.tokens` keeps at once
+MAX_SIZES = 1024
+
+
 class ImageInputs:
     """How one processor turns images into tokens and pixels."""
 
@@ -42,6 +46,8 @@ class ImageInputs:
         size is read from its header, its pixels only decoded for a size not seen before)."""
         key = image_size(image)
         if key not in self._tokens_by_size:
+            if len(self._tokens_by_size) >= MAX_SIZES:  # a server meets endless sizes: keep the memo bounded
+                self._tokens_by_size.clear()
             out = self.processor(text=[self.image_token], images=[load_rgb(image)], add_special_tokens=False)
             self._tokens_by_size[key] = list(out["input_ids"][0])
         return self._tokens_by_size[key]
